@@ -1,0 +1,1 @@
+"""condgen.client: Python client for the condgen gRPC API, with DataFrame output."""

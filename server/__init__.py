@@ -1,0 +1,1 @@
+"""condgen.server: the batched gRPC inference server (ONNX Runtime, no torch)."""

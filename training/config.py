@@ -1,0 +1,207 @@
+"""Training configuration in the shape of Gretel's GPT-X config.
+
+A config file (YAML or JSON) looks like Gretel's blueprints, so one written for that
+service works here unchanged:
+
+    schema_version: "1.0"
+    name: banking77-generator
+    models:
+      - gpt_x:
+          data_source: ../shared/data/banking77/train.csv
+          pretrained_model: smollm2-135m
+          params:            # Gretel's newer layout; the same keys may sit in gpt_x directly
+            batch_size: 8
+            steps: 300       # or epochs
+            weight_decay: 0.01
+            warmup_steps: 20
+            lr_scheduler: cosine
+            learning_rate: 0.0005
+            max_tokens: 128  # tokens per packed training block
+          seed: 42
+
+Unknown or mistyped fields are errors that name the field and its closest valid name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                 "constant_with_warmup", "inverse_sqrt")
+TOP_LEVEL_KEYS = ("schema_version", "name", "models")
+# Blocks of Gretel configs that describe features condgen handles elsewhere or not at all.
+IGNORED_BLOCKS = ("peft_params", "generate")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the field."""
+
+
+@dataclass
+class TrainingConfig:
+    """Settings of one fine-tuning run (the `gpt_x` block, flattened)."""
+
+    name: str = "condgen"
+    data_source: str | None = None
+    pretrained_model: str = "smollm2-135m"
+    text_column: str | None = None
+    label_column: str | None = None
+    batch_size: int = 8
+    epochs: float | None = None
+    steps: int | None = 300
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    lr_scheduler: str = "cosine"
+    learning_rate: float = 5e-4
+    seed: int = 42
+    max_tokens: int = 128
+    gradient_accumulation_steps: int = 1
+    validation_fraction: float = 0.05
+    eval_steps: int = 50
+    save_steps: int = 50
+    logging_steps: int = 10
+    separator: str = ","
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.steps is None and self.epochs is None:
+            raise ConfigError("set either `steps` or `epochs`")
+        positive = {"batch_size": self.batch_size, "max_tokens": self.max_tokens,
+                    "gradient_accumulation_steps": self.gradient_accumulation_steps,
+                    "eval_steps": self.eval_steps, "save_steps": self.save_steps,
+                    "logging_steps": self.logging_steps}
+        if self.steps is not None:
+            positive["steps"] = self.steps
+        if self.epochs is not None:
+            positive["epochs"] = self.epochs
+        for key, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"`{key}` must be positive, got {value}")
+        if not 0 < self.learning_rate < 1:
+            raise ConfigError(f"`learning_rate` must be between 0 and 1, got {self.learning_rate}")
+        if self.weight_decay < 0 or self.warmup_steps < 0:
+            raise ConfigError("`weight_decay` and `warmup_steps` must not be negative")
+        if not 0 <= self.validation_fraction < 0.5:
+            raise ConfigError(f"`validation_fraction` must be in [0, 0.5), got {self.validation_fraction}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ConfigError(f"`lr_scheduler` {self.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}")
+
+    def with_overrides(self, **overrides: Any) -> "TrainingConfig":
+        """A copy with the non-None overrides applied (CLI flags win over the file)."""
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        if "steps" in changes:
+            changes.setdefault("epochs", None)
+        if "epochs" in changes and "steps" not in changes:
+            changes["steps"] = None
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _field_types() -> dict[str, type | tuple]:
+    kinds = {}
+    for f in fields(TrainingConfig):
+        text = str(f.type)
+        if "float" in text:
+            kinds[f.name] = (int, float)
+        elif "int" in text:
+            kinds[f.name] = int
+        else:
+            kinds[f.name] = str
+    return kinds
+
+
+def _unknown(key: str, valid, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    hint = f"; did you mean `{close[0]}`?" if close else f"; valid fields: {', '.join(sorted(valid))}"
+    return ConfigError(f"unknown field `{key}` in {where}{hint}")
+
+
+def _check_value(key: str, value: Any, kinds: dict) -> Any:
+    if value is None:
+        return None
+    expected = kinds[key]
+    if isinstance(value, bool) or not isinstance(value, expected):
+        names = expected.__name__ if isinstance(expected, type) else "number"
+        raise ConfigError(f"field `{key}` must be a {names}, got {value!r}")
+    return value
+
+
+def _flatten_gpt_x(block: dict) -> dict:
+    """Merge the `params` sub-block into gpt_x; map Gretel names to ours; drop ignored blocks."""
+    kinds = _field_types()
+    flat: dict[str, Any] = {}
+    for key, value in block.items():
+        if key == "params":
+            if not isinstance(value, dict):
+                raise ConfigError("`params` must be a mapping")
+            for inner, inner_value in value.items():
+                if inner not in kinds:
+                    raise _unknown(inner, kinds, "models[0].gpt_x.params")
+                flat[inner] = _check_value(inner, inner_value, kinds)
+        elif key == "column_name":
+            flat["text_column"] = _check_value("text_column", value, kinds)
+        elif key == "privacy_params":
+            if isinstance(value, dict) and value.get("dp"):
+                raise ConfigError("`privacy_params.dp: true` (differentially private training) "
+                                  "is not supported by condgen; set it to false")
+        elif key in IGNORED_BLOCKS:
+            continue
+        elif key in kinds:
+            flat[key] = _check_value(key, value, kinds)
+        else:
+            raise _unknown(key, list(kinds) + ["params", "column_name", "privacy_params",
+                                               *IGNORED_BLOCKS], "models[0].gpt_x")
+    return flat
+
+
+def parse_config(raw: Any) -> TrainingConfig:
+    """Build a TrainingConfig from a parsed YAML/JSON document."""
+    if not isinstance(raw, dict):
+        raise ConfigError("the config must be a mapping with a `models:` list")
+    for key in raw:
+        if key not in TOP_LEVEL_KEYS:
+            raise _unknown(key, TOP_LEVEL_KEYS, "the top level")
+    models = raw.get("models")
+    if not isinstance(models, list) or len(models) != 1:
+        raise ConfigError("`models` must be a list with exactly one `gpt_x:` entry")
+    entry = models[0]
+    if not isinstance(entry, dict) or list(entry) != ["gpt_x"]:
+        keys = list(entry) if isinstance(entry, dict) else entry
+        raise ConfigError(f"models[0] must be a `gpt_x:` block, got {keys!r}")
+    block = entry["gpt_x"] or {}
+    if not isinstance(block, dict):
+        raise ConfigError("`gpt_x` must be a mapping")
+    flat = _flatten_gpt_x(block)
+    if "name" in raw:
+        flat["name"] = str(raw["name"])
+    if "epochs" in flat and flat["epochs"] is not None and "steps" not in flat:
+        flat["steps"] = None
+    try:
+        return TrainingConfig(**flat)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def load_config(path: str | Path | None) -> TrainingConfig:
+    """Read a YAML or JSON config file; None gives the defaults."""
+    if path is None:
+        return TrainingConfig()
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from exc
+    return parse_config(raw)

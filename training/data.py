@@ -1,0 +1,134 @@
+"""Labelled data in: CSV files (any label/text column names) or `hf:NAME` datasets.
+
+Rows become `condgen.codec.LabelledText` records; `pack_blocks` turns their encoded lines
+into fixed-size token blocks for causal-LM training (no padding wasted on short lines).
+"""
+from __future__ import annotations
+
+import csv
+import random
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from condgen.codec import CodecError, LabelledText, check_label, encode_line, fold_text
+
+LABEL_COLUMN_GUESSES = ("intent", "category", "label", "class")
+TEXT_COLUMN_GUESSES = ("text", "utterance", "sentence", "query")
+
+
+class DataError(ValueError):
+    """Training data that cannot be read or used; the message says how to fix it."""
+
+
+def _pick_column(available: Sequence[str], wanted: str | None, guesses: Sequence[str], role: str) -> str:
+    if wanted is not None:
+        if wanted not in available:
+            raise DataError(f"{role} column {wanted!r} not found; the data has columns {list(available)}")
+        return wanted
+    for guess in guesses:
+        if guess in available:
+            return guess
+    raise DataError(f"cannot tell which column holds the {role}; the data has columns "
+                    f"{list(available)}: pass --{role}-column")
+
+
+def _to_records(rows: Iterable[dict], text_column: str, label_column: str, separator: str) -> list[LabelledText]:
+    records = []
+    for number, row in enumerate(rows, start=2):
+        label, text = row.get(label_column), row.get(text_column)
+        if label is None or text is None:
+            raise DataError(f"row {number}: missing {label_column!r} or {text_column!r} value")
+        try:
+            intent = check_label(str(label), separator)
+        except CodecError as exc:
+            raise DataError(f"row {number}: {exc}") from exc
+        folded = fold_text(str(text))
+        if folded:
+            records.append(LabelledText(intent, folded))
+    if not records:
+        raise DataError("the data holds no records with a non-empty text")
+    return records
+
+
+def read_csv_records(path: str | Path, text_column: str | None = None, label_column: str | None = None,
+                     separator: str = ",") -> list[LabelledText]:
+    """Read a CSV with a header row; columns are guessed when not given."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        columns = reader.fieldnames or []
+        text_col = _pick_column(columns, text_column, TEXT_COLUMN_GUESSES, "text")
+        label_col = _pick_column(columns, label_column, LABEL_COLUMN_GUESSES, "label")
+        return _to_records(reader, text_col, label_col, separator)
+
+
+def read_hf_records(name: str, text_column: str | None = None, label_column: str | None = None,
+                    separator: str = ",", split: str = "train") -> list[LabelledText]:
+    """Read a Hugging Face dataset (`hf:PolyAI/banking77`); needs `datasets` and a reachable hub."""
+    try:
+        import datasets
+    except ImportError as exc:
+        raise DataError("hf: data sources need the `datasets` package: pip install 'condgen[datasets]'") from exc
+    try:
+        dataset = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # network, missing dataset: say which
+        raise DataError(f"cannot load dataset {name!r} split {split!r}: {exc}") from exc
+    columns = list(dataset.column_names)
+    text_col = _pick_column(columns, text_column, TEXT_COLUMN_GUESSES, "text")
+    label_col = _pick_column(columns, label_column, LABEL_COLUMN_GUESSES, "label")
+    feature = dataset.features[label_col]
+    to_name: Callable = feature.int2str if hasattr(feature, "int2str") else str
+    rows = ({text_col: row[text_col], label_col: to_name(row[label_col])} for row in dataset)
+    return _to_records(rows, text_col, label_col, separator)
+
+
+def load_records(source: str, text_column: str | None = None, label_column: str | None = None,
+                 separator: str = ",", split: str = "train") -> list[LabelledText]:
+    """Records from a CSV path or an `hf:NAME` dataset id."""
+    if source.startswith("hf:"):
+        return read_hf_records(source[3:], text_column, label_column, separator, split)
+    return read_csv_records(source, text_column, label_column, separator)
+
+
+def split_validation(records: Sequence[LabelledText], fraction: float, seed: int):
+    """Shuffle and hold out `fraction` of the records (at least one when fraction > 0)."""
+    shuffled = list(records)
+    random.Random(seed).shuffle(shuffled)
+    held = 0 if fraction <= 0 else max(1, int(round(len(shuffled) * fraction)))
+    held = min(held, len(shuffled) - 1)
+    return shuffled[held:], shuffled[:held]
+
+
+def examples_by_intent(records: Iterable[LabelledText]) -> dict[str, list[str]]:
+    """Texts per intent, in data order, without repeats: the prompt material of a bundle."""
+    grouped: dict[str, list[str]] = defaultdict(list)
+    seen: set[tuple[str, str]] = set()
+    for record in records:
+        if (record.intent, record.text) not in seen:
+            seen.add((record.intent, record.text))
+            grouped[record.intent].append(record.text)
+    return dict(sorted(grouped.items()))
+
+
+def intent_counts(records: Iterable[LabelledText]) -> dict[str, int]:
+    return dict(sorted(Counter(r.intent for r in records).items()))
+
+
+def encode_lines(records: Iterable[LabelledText], separator: str = ",") -> list[str]:
+    """Each record as one newline-terminated training line."""
+    return [encode_line(r.intent, r.text, separator) + "\n" for r in records]
+
+
+def pack_blocks(token_lists: Iterable[Sequence[int]], block_size: int) -> list[list[int]]:
+    """Concatenate tokenised lines and cut them into full blocks of `block_size` tokens.
+
+    The tail shorter than a block is dropped unless it is the only block.
+    """
+    stream: list[int] = [t for tokens in token_lists for t in tokens]
+    blocks = [stream[i:i + block_size] for i in range(0, len(stream) - block_size + 1, block_size)]
+    if not blocks and stream:
+        blocks = [stream]
+    return blocks

@@ -1,0 +1,136 @@
+"""Export a fine-tuned checkpoint to a servable bundle (ONNX with KV cache + manifest).
+
+optimum exports the model for `text-generation-with-past`; a parity check then runs real
+prompts through both PyTorch and ONNX Runtime (a prefill and one cached decode step) and
+fails the export when the largest logit difference exceeds the tolerance.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from condgen.bundle import EXAMPLES_NAME, TOKENIZER_NAME, Manifest, OnnxInfo, write_manifest
+from condgen.codec import encode_line
+from condgen.training.finetune import read_training_info
+
+log = logging.getLogger(__name__)
+MODEL_FILE = "model.onnx"
+DEFAULT_TOLERANCE = 1e-3
+
+
+class ExportError(RuntimeError):
+    """An export that failed or produced a graph that disagrees with PyTorch."""
+
+
+@dataclass
+class ExportResult:
+    bundle_dir: Path
+    manifest: Manifest
+
+
+def parity_prompts(examples: dict[str, list[str]], separator: str, count: int = 2, shots: int = 6) -> list[str]:
+    """A few real prompts in serving format: examples of one intent, then `intent,`."""
+    rng = random.Random(0)
+    intents = sorted(examples)[:count]
+    prompts = []
+    for intent in intents:
+        texts = rng.sample(examples[intent], min(shots, len(examples[intent])))
+        body = "".join(encode_line(intent, t, separator) + "\n" for t in texts)
+        prompts.append(body + encode_line(intent, "", separator))
+    return prompts
+
+
+def onnx_info(session, opset: int) -> OnnxInfo:
+    inputs = [i.name for i in session.get_inputs()]
+    outputs = [o.name for o in session.get_outputs()]
+    past = [n for n in inputs if n.startswith("past_key_values.")]
+    present = [n for n in outputs if n.startswith("present.")]
+    if not past or len(past) != len(present):
+        raise ExportError(f"the ONNX graph has no usable KV cache inputs/outputs: {inputs} -> {outputs}")
+    past_shape = next(i.shape for i in session.get_inputs() if i.name == past[0])
+    elem = next(i.type for i in session.get_inputs() if i.name == past[0])
+    return OnnxInfo(file=MODEL_FILE, inputs=inputs, outputs=outputs, past_key_names=past,
+                    present_key_names=present, num_layers=len(past) // 2, num_kv_heads=int(past_shape[1]),
+                    head_dim=int(past_shape[3]), dtype="float16" if "float16" in elem else "float32", opset=opset)
+
+
+def _ort_feed(info: OnnxInfo, ids: np.ndarray, mask: np.ndarray, past: dict[str, np.ndarray]) -> dict:
+    past_len = mask.shape[1] - ids.shape[1]
+    feed = {"input_ids": ids, "attention_mask": mask}
+    if "position_ids" in info.inputs:
+        feed["position_ids"] = np.arange(past_len, mask.shape[1], dtype=np.int64)[None, :].repeat(ids.shape[0], 0)
+    feed.update(past)
+    return feed
+
+
+def max_logit_difference(checkpoint: Path, session, info: OnnxInfo, tokenizer, prompts: list[str]) -> float:
+    """Largest |PyTorch - ONNX| logit over each prompt's prefill and one cached decode step."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint)).eval()
+    dtype = np.float16 if info.dtype == "float16" else np.float32
+    worst = 0.0
+    for prompt in prompts:
+        ids = np.array([tokenizer(prompt, add_special_tokens=False)["input_ids"]], dtype=np.int64)
+        prefix, last = ids[:, :-1], ids[:, -1:]
+        empty = {n: np.zeros((1, info.num_kv_heads, 0, info.head_dim), dtype=dtype) for n in info.past_key_names}
+        first = session.run(None, _ort_feed(info, prefix, np.ones_like(prefix), empty))
+        present = dict(zip(info.present_key_names, first[1:]))
+        past = {p: present[q] for p, q in zip(info.past_key_names, info.present_key_names)}
+        step = session.run(None, _ort_feed(info, last, np.ones_like(ids), past))
+        onnx_logits = np.concatenate([first[0], step[0]], axis=1).astype(np.float32)
+        with torch.no_grad():
+            torch_logits = model(torch.from_numpy(ids)).logits.float().numpy()
+        worst = max(worst, float(np.abs(torch_logits - onnx_logits).max()))
+    return worst
+
+
+def export_bundle(checkpoint: str | Path, output: str | Path, tolerance: float = DEFAULT_TOLERANCE,
+                  opset: int | None = None) -> ExportResult:
+    """Export `checkpoint` (the output of `condgen train`) to the bundle folder `output`."""
+    import onnxruntime as ort
+    from optimum.exporters.onnx import main_export
+    from transformers import AutoTokenizer
+
+    checkpoint, output = Path(checkpoint), Path(output)
+    info_json = read_training_info(checkpoint)
+    output.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="condgen-export-") as tmp:
+        log.info("exporting %s to ONNX (text-generation-with-past)", checkpoint)
+        main_export(str(checkpoint), output=tmp, task="text-generation-with-past", opset=opset,
+                    device="cpu", no_post_process=False)
+        for item in Path(tmp).iterdir():
+            if item.name.startswith(MODEL_FILE) or item.name == TOKENIZER_NAME:
+                shutil.move(str(item), output / item.name)
+    shutil.copy(checkpoint / EXAMPLES_NAME, output / EXAMPLES_NAME)
+
+    session = ort.InferenceSession(str(output / MODEL_FILE), providers=["CPUExecutionProvider"])
+    import onnx
+
+    graph_opset = max((o.version for o in onnx.load(str(output / MODEL_FILE), load_external_data=False).opset_import
+                       if o.domain in ("", "ai.onnx")), default=0)
+    info = onnx_info(session, graph_opset)
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+    examples = json.loads((output / EXAMPLES_NAME).read_text())
+    prompts = parity_prompts(examples, info_json["separator"])
+    info.parity_max_abs_diff = max_logit_difference(checkpoint, session, info, tokenizer, prompts)
+    info.parity_tolerance = tolerance
+    print(f"parity: max |logit(PyTorch) - logit(ONNX)| = {info.parity_max_abs_diff:.3e} "
+          f"over {len(prompts)} prompts (tolerance {tolerance:.0e})", flush=True)
+    if info.parity_max_abs_diff > tolerance:
+        raise ExportError(f"ONNX logits differ from PyTorch by {info.parity_max_abs_diff:.3e} "
+                          f"> tolerance {tolerance:.0e}; the export is wrong, not saved as servable")
+    manifest = Manifest(base_model=info_json["base_model"], separator=info_json["separator"],
+                        intents=info_json["intents"], onnx=info, eos_token_id=tokenizer.eos_token_id,
+                        training_config=info_json["config"], training_stats=info_json["stats"],
+                        text_length=info_json["stats"].get("text_length", {}))
+    write_manifest(output, manifest)
+    return ExportResult(output, manifest)

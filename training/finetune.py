@@ -1,0 +1,154 @@
+"""Fine-tune a causal LM on `intent,text` lines with the Hugging Face Trainer.
+
+Lines are tokenised, concatenated and packed into blocks of `max_tokens` tokens; a
+held-out share of the records gives a validation loss. Trainer checkpoints go to
+`OUTPUT/trainer/` so `--resume` continues an interrupted run; the final model, tokenizer,
+the training config and stats (`condgen_training.json`) and the real examples per intent
+(`examples.json`) go to `OUTPUT/`, which is everything `condgen export` needs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from condgen.bundle import EXAMPLES_NAME
+from condgen.training.base_models import load_base_model
+from condgen.training.config import TrainingConfig
+from condgen.training.data import (encode_lines, examples_by_intent, intent_counts, load_records,
+                                   pack_blocks, split_validation)
+
+log = logging.getLogger(__name__)
+TRAINING_INFO_NAME = "condgen_training.json"
+TRAINER_DIR = "trainer"
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    output_dir: Path
+    stats: dict
+
+
+class BlockDataset:
+    """Packed token blocks as a map-style dataset of causal-LM examples."""
+
+    def __init__(self, blocks: list[list[int]]):
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, index: int) -> dict:
+        import torch
+
+        ids = torch.tensor(self.blocks[index], dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def tokenize_blocks(tokenizer, records, config: TrainingConfig) -> list[list[int]]:
+    lines = encode_lines(records, config.separator)
+    encoded = tokenizer(lines, add_special_tokens=False)["input_ids"]
+    return pack_blocks(encoded, config.max_tokens)
+
+
+def text_length_stats(texts: list[str]) -> dict:
+    import numpy as np
+
+    lengths = np.array([len(t) for t in texts])
+    return {"min": int(lengths.min()), "max": int(lengths.max()), "mean": float(lengths.mean()),
+            "p01": float(np.percentile(lengths, 1)), "p99": float(np.percentile(lengths, 99))}
+
+
+def training_arguments(config: TrainingConfig, trainer_dir: Path, has_validation: bool):
+    import torch
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(trainer_dir),
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        max_steps=config.steps if config.steps is not None else -1,
+        num_train_epochs=config.epochs if config.epochs is not None else 1.0,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_steps,
+        lr_scheduler_type=config.lr_scheduler,
+        seed=config.seed,
+        data_seed=config.seed,
+        eval_strategy="steps" if has_validation else "no",
+        eval_steps=config.eval_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=2,
+        logging_steps=config.logging_steps,
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+
+def finetune(config: TrainingConfig, output_dir: str | Path, resume: bool = False) -> TrainResult:
+    """Run one fine-tuning job as configured and save the result to `output_dir`."""
+    from transformers import Trainer, default_data_collator, set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    output_dir = Path(output_dir)
+    trainer_dir = output_dir / TRAINER_DIR
+    if config.data_source is None:
+        raise ValueError("no data: pass --data or set `data_source` in the config")
+    started = time.time()
+    set_seed(config.seed)
+    records = load_records(config.data_source, config.text_column, config.label_column, config.separator)
+    train_records, val_records = split_validation(records, config.validation_fraction, config.seed)
+    log.info("loaded %d records (%d intents); %d for training, %d held out",
+             len(records), len(intent_counts(records)), len(train_records), len(val_records))
+    model, tokenizer = load_base_model(config.pretrained_model)
+    train_blocks = tokenize_blocks(tokenizer, train_records, config)
+    val_blocks = tokenize_blocks(tokenizer, val_records, config) if val_records else []
+    log.info("packed %d training blocks and %d validation blocks of %d tokens",
+             len(train_blocks), len(val_blocks), config.max_tokens)
+
+    last = get_last_checkpoint(str(trainer_dir)) if resume and trainer_dir.is_dir() else None
+    if resume and last is None:
+        log.warning("--resume: no checkpoint in %s, starting from the base model", trainer_dir)
+    trainer = Trainer(model=model, args=training_arguments(config, trainer_dir, bool(val_blocks)),
+                      train_dataset=BlockDataset(train_blocks),
+                      eval_dataset=BlockDataset(val_blocks) if val_blocks else None,
+                      data_collator=default_data_collator)
+    train_output = trainer.train(resume_from_checkpoint=last)
+    eval_loss = trainer.evaluate()["eval_loss"] if val_blocks else None
+    if eval_loss is not None:
+        log.info("validation loss %.4f", eval_loss)
+
+    stats = {
+        "records": len(records), "train_records": len(train_records), "validation_records": len(val_records),
+        "train_blocks": len(train_blocks), "validation_blocks": len(val_blocks),
+        "optimizer_steps": int(trainer.state.global_step), "train_loss": float(train_output.training_loss),
+        "validation_loss": eval_loss, "seconds": round(time.time() - started, 1),
+        "resumed_from": Path(last).name if last else None,
+        "text_length": text_length_stats([r.text for r in records]),
+    }
+    save_checkpoint(output_dir, trainer, tokenizer, config, stats, records)
+    return TrainResult(output_dir, stats)
+
+
+def save_checkpoint(output_dir: Path, trainer, tokenizer, config: TrainingConfig, stats: dict, records) -> None:
+    trainer.save_model(str(output_dir))
+    tokenizer.save_pretrained(str(output_dir))
+    info = {"base_model": config.pretrained_model, "separator": config.separator,
+            "config": config.to_dict(), "stats": stats, "intents": intent_counts(records)}
+    (output_dir / TRAINING_INFO_NAME).write_text(json.dumps(info, indent=2))
+    (output_dir / EXAMPLES_NAME).write_text(json.dumps(examples_by_intent(records), ensure_ascii=False))
+
+
+def read_training_info(checkpoint: str | Path) -> dict:
+    path = Path(checkpoint) / TRAINING_INFO_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{checkpoint} has no {TRAINING_INFO_NAME}: is it the output of `condgen train`?")
+    return json.loads(path.read_text())
