@@ -69,3 +69,11 @@ def decode_line(line: str, separator: str = DEFAULT_SEPARATOR) -> LabelledText:
 def encode_records(records, separator: str = DEFAULT_SEPARATOR) -> str:
     """Encode (intent, text) pairs as newline-terminated lines, ready for a language model."""
     return "".join(encode_line(intent, text, separator) + "\n" for intent, text in records)
+
+
+_NON_WORD = re.compile(r"[^\w\s]+")
+
+
+def normalize_for_match(text: str) -> str:
+    """Fold case, punctuation and spacing so near-identical texts compare equal."""
+    return _WHITESPACE.sub(" ", _NON_WORD.sub(" ", text.casefold())).strip()

@@ -1,0 +1,38 @@
+"""Records -> pandas DataFrame, and DataFrame -> .csv / .parquet / .jsonl by file extension."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+COLUMNS = ["intent", "text"]
+WRITERS = (".csv", ".parquet", ".jsonl")
+
+
+def records_to_frame(records: Iterable) -> "pandas.DataFrame":  # noqa: F821
+    """A DataFrame with columns `intent`, `text` (ready to append to a training set)."""
+    import pandas as pd
+
+    rows = [(r.intent, r.text) for r in records]
+    return pd.DataFrame(rows, columns=COLUMNS).astype("string") if rows else pd.DataFrame(columns=COLUMNS)
+
+
+def check_output_path(path: str | Path) -> Path:
+    """Raise ValueError unless the extension is one we can write."""
+    path = Path(path)
+    if path.suffix.lower() not in WRITERS:
+        raise ValueError(f"cannot write {path.name}: use a .csv, .parquet or .jsonl file name")
+    return path
+
+
+def write_frame(frame, path: str | Path) -> Path:
+    """Write by extension: .csv, .parquet or .jsonl (one JSON object per line)."""
+    path = check_output_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        frame.to_csv(path, index=False)
+    elif suffix == ".parquet":
+        frame.to_parquet(path, index=False)
+    else:
+        frame.to_json(path, orient="records", lines=True, force_ascii=False)
+    return path

@@ -1,0 +1,108 @@
+"""`condgen serve`: load a bundle, start the scheduler and the gRPC server, drain on signals.
+
+Besides condgen.v1.Generator the server offers the standard grpc.health.v1.Health
+service and server reflection. SIGTERM/SIGINT turn health to NOT_SERVING, refuse new
+calls with UNAVAILABLE, let in-flight streams finish within the grace period, then exit.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from condgen.bundle import read_examples, read_manifest
+from condgen.server.engine import Engine, EngineConfig
+from condgen.server.scheduler import Scheduler, SchedulerConfig
+from condgen.server.servicer import GeneratorServicer
+from condgen.server.validation import Defaults, Limits
+from condgen.v1 import generator_pb2 as pb
+from condgen.v1 import generator_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generator"].full_name
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything `condgen serve` takes."""
+
+    bundle: Path
+    host: str = "127.0.0.1"
+    port: int = 50051
+    engine: EngineConfig = EngineConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    limits: Limits = Limits()
+    defaults: Defaults = Defaults()
+    grace_seconds: float = 30.0
+    verify_bundle: bool = True
+
+
+@dataclass
+class RunningServer:
+    """A started server: its port, scheduler task and health servicer."""
+
+    server: grpc.aio.Server
+    port: int
+    scheduler: Scheduler
+    scheduler_task: asyncio.Task
+    health: health.aio.HealthServicer
+    grace_seconds: float
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def stop(self) -> None:
+        """Drain: NOT_SERVING, refuse new work, finish in-flight streams within the grace."""
+        if self.stopped.is_set():
+            return
+        log.info("shutting down: draining for up to %.0f s", self.grace_seconds)
+        await self.health.enter_graceful_shutdown()
+        self.scheduler.stop()
+        await self.server.stop(self.grace_seconds)
+        self.scheduler_task.cancel()
+        await asyncio.gather(self.scheduler_task, return_exceptions=True)
+        self.stopped.set()
+
+
+async def start_server(config: ServeConfig) -> RunningServer:
+    """Load the bundle and start serving; returns once the port is bound."""
+    manifest = read_manifest(config.bundle, verify=config.verify_bundle)
+    engine = Engine(config.bundle, manifest, config.engine)
+    scheduler = Scheduler(engine, read_examples(config.bundle), manifest.separator, config.scheduler)
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+    pb_grpc.add_GeneratorServicer_to_server(
+        GeneratorServicer(scheduler, manifest, config.limits, config.defaults), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = f"{config.host}:{config.port}"
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind {address}: is the port in use?")
+    await server.start()
+    task = asyncio.create_task(scheduler.run(), name="condgen-scheduler")
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving %s (%d intents) on %s:%d with %s", config.bundle, len(manifest.intents),
+             config.host, port, engine.provider)
+    return RunningServer(server, port, scheduler, task, health_servicer, config.grace_seconds)
+
+
+async def serve_forever(config: ServeConfig) -> None:
+    """Serve until SIGTERM or SIGINT, then drain and return."""
+    running = await start_server(config)
+    print(f"condgen server listening on {config.host}:{running.port}", flush=True)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(running.server.wait_for_termination()),
+               running.scheduler_task]
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    await running.stop()

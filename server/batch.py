@@ -1,0 +1,107 @@
+"""`Batch`: all decoding state of the sequences that run together.
+
+Between two forward passes a batch holds, for each row (one sequence):
+  - `next_ids`  (batch, new_len)  tokens to feed next (the prompt at prefill, 1 token after)
+  - `past_mask` (batch, past_len) 1 where the cached position is a real token, 0 = padding
+  - `past`      name -> (batch, kv_heads, past_len, head_dim) cached keys/values, named
+                after the ONNX graph's `past_key_values.*` inputs.
+Rows of different lengths are left-padded, so every row's newest token is in the last
+column. The scheduler only moves rows in and out with `filter`, `concatenate` and `fork`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Batch:
+    seq_ids: list[int]
+    next_ids: np.ndarray
+    past_mask: np.ndarray
+    past: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.seq_ids)
+
+    @property
+    def past_len(self) -> int:
+        return self.past_mask.shape[1]
+
+    @classmethod
+    def for_prompt(cls, seq_id: int, token_ids: list[int], past_names: list[str], kv_heads: int,
+                   head_dim: int, dtype=np.float32) -> "Batch":
+        """A one-row batch ready to prefill `token_ids` with an empty cache."""
+        empty = np.zeros((1, kv_heads, 0, head_dim), dtype=dtype)  # (batch, heads, past_len=0, head_dim)
+        return cls([seq_id], np.array([token_ids], dtype=np.int64), np.zeros((1, 0), dtype=np.int64),
+                   {name: empty for name in past_names})
+
+    def feed(self) -> dict[str, np.ndarray]:
+        """Inputs for the next forward pass."""
+        new_len = self.next_ids.shape[1]
+        mask = np.concatenate([self.past_mask, np.ones((len(self), new_len), dtype=np.int64)], axis=1)
+        # Position of a token = number of real tokens before it in its row.
+        positions = np.cumsum(mask, axis=1)[:, -new_len:] - 1  # (batch, new_len)
+        return {"input_ids": self.next_ids, "attention_mask": mask, "position_ids": positions, **self.past}
+
+    def advance(self, present: dict[str, np.ndarray]) -> None:
+        """Take the forward pass's `present` cache; the fed tokens become past."""
+        new_len = self.next_ids.shape[1]
+        self.past_mask = np.concatenate([self.past_mask, np.ones((len(self), new_len), dtype=np.int64)], axis=1)
+        self.past = present
+        self.next_ids = self.next_ids[:, :0]
+
+    def set_next(self, tokens: np.ndarray) -> None:
+        """Tokens (one per row) to feed at the next step."""
+        self.next_ids = np.asarray(tokens, dtype=np.int64).reshape(len(self), 1)
+
+    def filter(self, keep_ids: list[int]) -> "Batch":
+        """The rows whose sequence id is in `keep_ids` (in batch order), padding trimmed."""
+        keep_set = set(keep_ids)
+        rows = [i for i, seq in enumerate(self.seq_ids) if seq in keep_set]
+        if len(rows) == len(self):
+            return self
+        index = np.array(rows, dtype=np.int64)
+        mask = self.past_mask[index]
+        # Drop leading columns that are padding in every kept row.
+        real = np.flatnonzero(mask.any(axis=0))
+        start = int(real[0]) if real.size else mask.shape[1]
+        past = {name: np.ascontiguousarray(value[index, :, start:]) for name, value in self.past.items()}
+        return Batch([self.seq_ids[i] for i in rows], self.next_ids[index], mask[:, start:], past)
+
+    def fork(self, seq_ids: list[int]) -> "Batch":
+        """Copies of this one-row batch, one per new sequence id (shared prompt prefill)."""
+        if len(self) != 1:
+            raise ValueError("only a one-row batch can be forked")
+        n = len(seq_ids)
+        past = {name: np.repeat(value, n, axis=0) for name, value in self.past.items()}
+        return Batch(list(seq_ids), np.repeat(self.next_ids, n, axis=0), np.repeat(self.past_mask, n, axis=0), past)
+
+    @classmethod
+    def concatenate(cls, batches: list["Batch"]) -> "Batch":
+        """One batch holding all rows; shorter caches are left-padded to the longest."""
+        batches = [b for b in batches if len(b)]
+        if len(batches) == 1:
+            return batches[0]
+        if not batches:
+            raise ValueError("nothing to concatenate")
+        widths = {b.next_ids.shape[1] for b in batches}
+        if len(widths) != 1:
+            raise ValueError("batches to concatenate must feed the same number of tokens")
+        past_len = max(b.past_len for b in batches)
+        seq_ids = [s for b in batches for s in b.seq_ids]
+        next_ids = np.concatenate([b.next_ids for b in batches], axis=0)
+        mask = np.concatenate([_left_pad(b.past_mask, past_len, axis=1) for b in batches], axis=0)
+        past = {name: np.concatenate([_left_pad(b.past[name], past_len, axis=2) for b in batches], axis=0)
+                for name in batches[0].past}
+        return cls(seq_ids, next_ids, mask, past)
+
+
+def _left_pad(array: np.ndarray, length: int, axis: int) -> np.ndarray:
+    missing = length - array.shape[axis]
+    if missing == 0:
+        return array
+    widths = [(0, 0)] * array.ndim
+    widths[axis] = (missing, 0)
+    return np.pad(array, widths)

@@ -1,0 +1,109 @@
+"""The inference engine: one ONNX Runtime session over the bundle's graph, with KV cache.
+
+`Engine.forward(batch)` runs one pass for every row of a `Batch` (a prefill or a decode
+step), moves the returned `present.*` cache into the batch and returns the logits of each
+row's last position. CUDA is used through onnxruntime-gpu where present, else the CPU.
+No torch or transformers here.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from condgen.bundle import TOKENIZER_NAME, Manifest
+from condgen.server.batch import Batch
+
+log = logging.getLogger(__name__)
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class EngineError(RuntimeError):
+    """The engine could not be started as asked."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How to run the graph."""
+
+    device: str = "auto"
+    threads: int = 0  # 0: one per core
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise EngineError(f"device {self.device!r} is not one of {', '.join(DEVICES)}")
+
+
+def choose_providers(device: str) -> list[str]:
+    """Execution providers for `device`; `auto` takes CUDA when onnxruntime-gpu sees a GPU."""
+    available = ort.get_available_providers()
+    if device == "cuda" and "CUDAExecutionProvider" not in available:
+        raise EngineError("--device cuda: this onnxruntime has no CUDAExecutionProvider; "
+                          "install onnxruntime-gpu on a machine with an NVIDIA GPU")
+    if device in ("cuda", "auto") and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return options
+
+
+class Engine:
+    """Runs forward passes of the bundle's model over batches."""
+
+    def __init__(self, bundle_dir: str | Path, manifest: Manifest, config: EngineConfig = EngineConfig()):
+        bundle_dir = Path(bundle_dir)
+        self.manifest = manifest
+        self.info = manifest.onnx
+        providers = choose_providers(config.device)
+        self.session = ort.InferenceSession(str(bundle_dir / self.info.file), session_options(config.threads),
+                                            providers=providers)
+        self.provider = self.session.get_providers()[0]
+        self.tokenizer = Tokenizer.from_file(str(bundle_dir / TOKENIZER_NAME))
+        self.dtype = np.float16 if self.info.dtype == "float16" else np.float32
+        self.input_names = set(self.info.inputs)
+        self.output_names = ["logits", *self.info.present_key_names]
+        self.vocab_size = self.session.get_outputs()[0].shape[-1]
+        if not isinstance(self.vocab_size, int):
+            self.vocab_size = self.tokenizer.get_vocab_size()
+        self.newline_tokens = self._tokens_containing("\n")
+        log.info("engine on %s: %d layers, %d KV heads of %d, vocab %d", self.provider, self.info.num_layers,
+                 self.info.num_kv_heads, self.info.head_dim, self.vocab_size)
+
+    def _tokens_containing(self, text: str) -> np.ndarray:
+        """Boolean mask over the vocabulary: tokens whose decoded text contains `text`."""
+        size = self.tokenizer.get_vocab_size()
+        decoded = self.tokenizer.decode_batch([[i] for i in range(size)], skip_special_tokens=False)
+        mask = np.zeros(max(size, self.vocab_size), dtype=bool)
+        mask[:size] = [text in piece for piece in decoded]
+        return mask
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def new_batch(self, seq_id: int, token_ids: list[int]) -> Batch:
+        """A one-row batch that will prefill `token_ids`."""
+        return Batch.for_prompt(seq_id, token_ids, self.info.past_key_names, self.info.num_kv_heads,
+                                self.info.head_dim, self.dtype)
+
+    def forward(self, batch: Batch) -> np.ndarray:
+        """Run `batch.next_ids` through the model; return last-position logits (batch, vocab)."""
+        feed = {k: v for k, v in batch.feed().items() if k in self.input_names}
+        outputs = self.session.run(self.output_names, feed)
+        present = dict(zip(self.info.past_key_names, outputs[1:]))
+        batch.advance(present)
+        return outputs[0][:, -1, :]  # (batch, vocab)

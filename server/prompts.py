@@ -1,0 +1,18 @@
+"""Prompts: k real examples of one intent as training lines, then `intent,` to continue."""
+from __future__ import annotations
+
+import numpy as np
+
+from condgen.codec import encode_line
+
+
+def build_prompt(intent: str, texts: list[str], k: int, rng: np.random.Generator, separator: str) -> str:
+    """`intent,text\\n` for k examples drawn without replacement, then the open line `intent,`."""
+    chosen = rng.choice(len(texts), size=min(k, len(texts)), replace=False) if texts and k else []
+    lines = "".join(encode_line(intent, texts[int(i)], separator) + "\n" for i in chosen)
+    return lines + line_prefix(intent, separator)
+
+
+def line_prefix(intent: str, separator: str) -> str:
+    """The start of every line the model writes for `intent`."""
+    return f"{intent}{separator}"

@@ -1,0 +1,391 @@
+"""Continuous (iteration-level) batching of generation requests.
+
+A request asks for `num_records` records of each of its intents; each intent is a `Job`.
+A job runs in prompt rounds: a round prefills one prompt (k real examples, then
+`intent,`) once and forks its KV cache into n sequences that sample independently.
+Every loop iteration the scheduler (1) admits new rounds while the batch has room,
+(2) runs one forward pass for all running sequences, (3) feeds each sequence its next
+token, cutting the output into lines that are parsed, checked and streamed as records.
+After a line ends, the `intent,` prefix is fed back (forced), so every line the model
+writes is for the round's intent. Sequences leave the batch as soon as they finish, their
+job has enough records or their request was cancelled.
+
+All state lives on the event loop thread; only `Engine.forward` runs in a worker thread.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import time
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from condgen.codec import CodecError, decode_line, normalize_for_match
+from condgen.server.batch import Batch
+from condgen.server.engine import Engine
+from condgen.server.errors import Overloaded, ShuttingDown
+from condgen.server.prompts import build_prompt, line_prefix
+from condgen.server.sampling import SamplingSettings, sample_token, sequence_rng
+
+log = logging.getLogger(__name__)
+REJECTION_REASONS = ("malformed", "wrong_intent", "empty_text", "truncated", "duplicate", "training_copy")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Capacity of the running batch and of the admission queue."""
+
+    max_batch_size: int = 64
+    max_active_requests: int = 256
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """A validated generation request."""
+
+    intents: tuple[str, ...]
+    num_records: int
+    sampling: SamplingSettings = SamplingSettings()
+    seed: int = 0
+    max_new_tokens: int = 128
+    num_prompt_examples: int = 25
+    sequences_per_round: int = 8
+    max_rounds: int = 0  # 0: derived from num_records
+    allow_training_copies: bool = False
+
+    def round_budget(self) -> int:
+        if self.max_rounds:
+            return self.max_rounds
+        return 4 + 4 * math.ceil(self.num_records / self.sequences_per_round)
+
+
+@dataclass(frozen=True)
+class GeneratedRecord:
+    intent: str
+    text: str
+    index: int
+
+
+@dataclass
+class GenerationSummary:
+    records_accepted: int = 0
+    lines_parsed: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    tokens_generated: int = 0
+    elapsed_seconds: float = 0.0
+    rounds: int = 0
+    incomplete_intents: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return not self.incomplete_intents
+
+
+@dataclass
+class Job:
+    """The records still wanted for one intent of one request."""
+
+    intent: str
+    number: int
+    prefix_tokens: list[int]
+    target: int
+    accepted: int = 0
+    rounds: int = 0
+    tokens_per_line: float = 24.0
+    active: set[int] = field(default_factory=set)
+    seen: set[str] = field(default_factory=set)
+
+    @property
+    def satisfied(self) -> bool:
+        return self.accepted >= self.target
+
+
+class RequestState:
+    """One request in flight: its jobs, its output queue and its counters."""
+
+    def __init__(self, request_id: int, spec: GenerationSpec, jobs: list[Job]):
+        self.id = request_id
+        self.spec = spec
+        self.jobs = jobs
+        self.summary = GenerationSummary()
+        self.outbox: asyncio.Queue = asyncio.Queue()
+        self.started = time.monotonic()
+        self.cancelled = False
+        self.finished = False
+
+    def exhausted(self, job: Job) -> bool:
+        return not job.satisfied and not job.active and job.rounds >= self.spec.round_budget()
+
+    def job_done(self, job: Job) -> bool:
+        return job.satisfied or self.exhausted(job)
+
+
+@dataclass
+class Sequence:
+    """One sampling stream forked from a round's prompt."""
+
+    id: int
+    request: RequestState
+    job: Job
+    rng: np.random.Generator
+    line_tokens: list[int]
+    forced: deque = field(default_factory=deque)
+    generated: int = 0
+
+
+class RequestHandle:
+    """What `Scheduler.submit` returns: iterate it for records, then the summary."""
+
+    def __init__(self, scheduler: "Scheduler", state: RequestState):
+        self._scheduler = scheduler
+        self._state = state
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        item = await self._state.outbox.get()
+        if item is None:
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def cancel(self) -> None:
+        self._scheduler.cancel(self._state)
+
+
+class Scheduler:
+    """Owns the running `Batch` and moves sequences in and out of it."""
+
+    def __init__(self, engine: Engine, examples: dict[str, list[str]], separator: str,
+                 config: SchedulerConfig = SchedulerConfig(), training_texts: set[str] | None = None):
+        self.engine = engine
+        self.examples = examples
+        self.separator = separator
+        self.config = config
+        self.training_texts = training_texts if training_texts is not None else {
+            normalize_for_match(t) for texts in examples.values() for t in texts}
+        self.requests: list[RequestState] = []
+        self.sequences: dict[int, Sequence] = {}
+        self.batch: Batch | None = None
+        self._ids = itertools.count()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="condgen-engine")
+        self.steps = 0
+
+    # ---- public API -------------------------------------------------------------------
+    def submit(self, spec: GenerationSpec) -> RequestHandle:
+        if self._stopping:
+            raise ShuttingDown("the server is shutting down; retry on another server")
+        if len(self.requests) >= self.config.max_active_requests:
+            raise Overloaded(f"the server is full ({len(self.requests)} requests in flight, "
+                             f"limit {self.config.max_active_requests}); retry later")
+        jobs = [Job(intent, number, self.engine.encode(line_prefix(intent, self.separator)), spec.num_records)
+                for number, intent in enumerate(spec.intents)]
+        state = RequestState(next(self._ids), spec, jobs)
+        self.requests.append(state)
+        self._wake.set()
+        return RequestHandle(self, state)
+
+    def cancel(self, state: RequestState) -> None:
+        if not state.finished:
+            state.cancelled = True
+            self._wake.set()
+
+    def stats(self) -> dict:
+        return {"running_sequences": len(self.sequences), "active_requests": len(self.requests),
+                "batch_rows": len(self.batch) if self.batch is not None else 0, "steps": self.steps}
+
+    def stop(self) -> None:
+        """Take no new requests; `run` returns once the ones in flight are done."""
+        self._stopping = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        """The batching loop; runs until `stop` and the last request finishes."""
+        loop = asyncio.get_running_loop()
+        try:
+            while not (self._stopping and not self.requests):
+                self._retire_requests()
+                if not self.requests:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                await self._admit_rounds(loop)
+                if self.batch is not None and len(self.batch):
+                    logits = await loop.run_in_executor(self._executor, self.engine.forward, self.batch)
+                    self.steps += 1
+                    self._after_forward(logits)
+                elif not self._any_admissible():
+                    self._retire_requests()
+        except Exception as exc:  # the batch is broken: fail every request, keep nothing half-done
+            log.exception("scheduler loop failed")
+            for state in list(self.requests):
+                self._finish(state, error=exc)
+            raise
+        finally:
+            self._executor.shutdown(wait=False)
+
+    # ---- admission --------------------------------------------------------------------
+    def _room(self) -> int:
+        return self.config.max_batch_size - len(self.sequences)
+
+    def _wants_round(self, state: RequestState, job: Job) -> bool:
+        if state.cancelled or job.satisfied or job.rounds >= state.spec.round_budget():
+            return False
+        lines_per_sequence = max(1.0, state.spec.max_new_tokens / job.tokens_per_line)
+        in_flight = len(job.active) * lines_per_sequence
+        return in_flight < job.target - job.accepted
+
+    def _any_admissible(self) -> bool:
+        return any(self._wants_round(s, j) for s in self.requests for j in s.jobs)
+
+    async def _admit_rounds(self, loop) -> None:
+        new_batches = []
+        for state in list(self.requests):
+            for job in state.jobs:
+                n = min(state.spec.sequences_per_round, job.target - job.accepted)
+                if not self._wants_round(state, job) or n > self._room():
+                    continue
+                new_batches.append(await self._start_round(loop, state, job, n))
+        if new_batches:
+            self.batch = Batch.concatenate(([self.batch] if self.batch is not None else []) + new_batches)
+            self.batch = self.batch.filter([s for s in self.batch.seq_ids if s in self.sequences])
+
+    async def _start_round(self, loop, state: RequestState, job: Job, n: int) -> Batch:
+        """Prefill one prompt for `job` and fork it into n sequences."""
+        spec = state.spec
+        prompt_rng = sequence_rng(spec.seed, job.number, job.rounds, 1 << 20)
+        examples = self.examples[job.intent]
+        prompt = build_prompt(job.intent, examples, spec.num_prompt_examples, prompt_rng, self.separator)
+        prompt_ids = self.engine.encode(prompt)
+        shots = min(spec.num_prompt_examples, len(examples))
+        if shots:
+            job.tokens_per_line = len(prompt_ids) / shots
+        seq_ids = [next(self._ids) for _ in range(n)]
+        single = self.engine.new_batch(seq_ids[0], prompt_ids)
+        logits = await loop.run_in_executor(self._executor, self.engine.forward, single)
+        forked = single.fork(seq_ids)
+        for fork_index, seq_id in enumerate(seq_ids):
+            seq = Sequence(seq_id, state, job, sequence_rng(spec.seed, job.number, job.rounds, fork_index),
+                           list(job.prefix_tokens))
+            self.sequences[seq_id] = seq
+            job.active.add(seq_id)
+        job.rounds += 1
+        state.summary.rounds += 1
+        next_tokens = [self._next_token(self.sequences[s], logits[0]) for s in seq_ids]
+        self._set_next_or_drop(forked, next_tokens)
+        return forked
+
+    # ---- decoding ---------------------------------------------------------------------
+    def _after_forward(self, logits: np.ndarray) -> None:
+        batch = self.batch
+        next_tokens = [self._next_token(self.sequences[s], logits[row]) if s in self.sequences else None
+                       for row, s in enumerate(batch.seq_ids)]
+        self._set_next_or_drop(batch, next_tokens)
+        self.batch = batch.filter([s for s in batch.seq_ids if s in self.sequences])
+
+    def _set_next_or_drop(self, batch: Batch, next_tokens: list[int | None]) -> None:
+        for seq_id, token in zip(batch.seq_ids, next_tokens):
+            if token is None:
+                self._drop_sequence(seq_id)
+        batch.set_next([t if t is not None else 0 for t in next_tokens])
+
+    def _next_token(self, seq: Sequence, row: np.ndarray) -> int | None:
+        """Feed one token to `seq`; None when the sequence is finished."""
+        state, job, spec = seq.request, seq.job, seq.request.spec
+        if state.cancelled or job.satisfied:
+            return None
+        if seq.forced:
+            token = seq.forced.popleft()
+        else:
+            token = sample_token(row, spec.sampling, seq.rng)
+            seq.generated += 1
+            state.summary.tokens_generated += 1
+        seq.line_tokens.append(token)
+        if token == self.engine.manifest.eos_token_id:
+            self._end_line(seq, at_eos=True)
+            return None
+        if self.engine.newline_tokens[token]:
+            self._end_line(seq)
+            if job.satisfied or seq.generated >= spec.max_new_tokens:
+                return None
+            seq.forced.extend(job.prefix_tokens)
+            seq.line_tokens = []
+            return token
+        if seq.generated >= spec.max_new_tokens and not seq.forced:
+            if len(seq.line_tokens) > len(job.prefix_tokens):
+                self._reject(state, "truncated")
+            return None
+        return token
+
+    def _end_line(self, seq: Sequence, at_eos: bool = False) -> None:
+        text = self.engine.decode(seq.line_tokens).split("\n", 1)[0]
+        if at_eos and len(seq.line_tokens) <= len(seq.job.prefix_tokens) + 1:
+            return  # nothing but the prefix before EOS: not a line
+        self._judge_line(seq.request, seq.job, text)
+
+    def _judge_line(self, state: RequestState, job: Job, line: str) -> None:
+        state.summary.lines_parsed += 1
+        try:
+            record = decode_line(line, self.separator)
+        except CodecError:
+            return self._reject(state, "malformed")
+        if record.intent != job.intent:
+            return self._reject(state, "wrong_intent")
+        if not record.text:
+            return self._reject(state, "empty_text")
+        key = normalize_for_match(record.text)
+        if key in job.seen:
+            return self._reject(state, "duplicate")
+        if not state.spec.allow_training_copies and key in self.training_texts:
+            return self._reject(state, "training_copy")
+        if job.satisfied or state.cancelled:
+            return None
+        job.seen.add(key)
+        state.outbox.put_nowait(GeneratedRecord(job.intent, record.text, job.accepted))
+        job.accepted += 1
+        state.summary.records_accepted += 1
+        return None
+
+    @staticmethod
+    def _reject(state: RequestState, reason: str) -> None:
+        state.summary.rejected[reason] += 1
+
+    def _drop_sequence(self, seq_id: int) -> None:
+        seq = self.sequences.pop(seq_id, None)
+        if seq is not None:
+            seq.job.active.discard(seq_id)
+
+    # ---- completion -------------------------------------------------------------------
+    def _retire_requests(self) -> None:
+        for state in list(self.requests):
+            if state.cancelled:
+                self._finish(state)
+            elif all(state.job_done(job) for job in state.jobs):
+                self._finish(state)
+
+    def _finish(self, state: RequestState, error: BaseException | None = None) -> None:
+        for seq_id in [s for s, seq in self.sequences.items() if seq.request is state]:
+            self._drop_sequence(seq_id)
+        if self.batch is not None:
+            self.batch = self.batch.filter([s for s in self.batch.seq_ids if s in self.sequences])
+        if state in self.requests:
+            self.requests.remove(state)
+        state.finished = True
+        if error is not None:
+            state.outbox.put_nowait(error)
+            return
+        summary = state.summary
+        summary.elapsed_seconds = time.monotonic() - state.started
+        summary.incomplete_intents = [j.intent for j in state.jobs if not j.satisfied]
+        if not state.cancelled:
+            state.outbox.put_nowait(summary)
+        state.outbox.put_nowait(None)

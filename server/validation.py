@@ -1,0 +1,101 @@
+"""Request validation at the boundary: every field checked against documented limits.
+
+`Limits` are settings of `condgen serve` (reported by GetModelInfo). A violation raises
+RequestError naming the field, the limit and the value; unknown intents get close matches.
+"""
+from __future__ import annotations
+
+import difflib
+import secrets
+from dataclasses import asdict, dataclass
+
+from condgen.server.errors import RequestError
+from condgen.server.sampling import SamplingSettings
+from condgen.server.scheduler import GenerationSpec
+from condgen.v1 import generator_pb2 as pb
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what one Generate request may ask for."""
+
+    max_intents: int = 100
+    max_records_per_intent: int = 10_000
+    max_prompt_examples: int = 100
+    max_new_tokens: int = 512
+    max_temperature: float = 5.0
+    max_sequences_per_round: int = 64
+    max_rounds: int = 10_000
+    max_intent_chars: int = 200
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Defaults:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 128
+    num_prompt_examples: int = 25
+    sequences_per_round: int = 8
+
+
+def _check_range(name: str, value, low, high) -> None:
+    if not low <= value <= high:
+        raise RequestError(f"`{name}` must be between {low} and {high}, got {value}")
+
+
+def check_intents(intents, known: dict[str, int], limits: Limits) -> tuple[str, ...]:
+    if not intents:
+        raise RequestError("`intents` is empty: name at least one intent (see ListIntents)")
+    if len(intents) > limits.max_intents:
+        raise RequestError(f"`intents` has {len(intents)} entries; the limit is {limits.max_intents}")
+    seen = set()
+    for intent in intents:
+        if len(intent) > limits.max_intent_chars:
+            raise RequestError(f"an intent name is {len(intent)} characters; the limit is {limits.max_intent_chars}")
+        if intent in seen:
+            raise RequestError(f"intent {intent!r} is listed twice in `intents`")
+        seen.add(intent)
+        if intent not in known:
+            close = difflib.get_close_matches(intent, list(known), n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "; see ListIntents"
+            raise RequestError(f"unknown intent {intent!r}{hint}")
+    return tuple(intents)
+
+
+def check_sampling(request: pb.GenerateRequest, limits: Limits, defaults: Defaults) -> tuple[SamplingSettings, int, int]:
+    sampling = request.sampling
+    temperature = sampling.temperature if sampling.HasField("temperature") else defaults.temperature
+    top_p = sampling.top_p if sampling.HasField("top_p") else defaults.top_p
+    top_k = sampling.top_k if sampling.HasField("top_k") else defaults.top_k
+    max_new = sampling.max_new_tokens if sampling.HasField("max_new_tokens") else defaults.max_new_tokens
+    if not temperature == temperature:  # NaN
+        raise RequestError("`sampling.temperature` is NaN")
+    _check_range("sampling.temperature", temperature, 0.0, limits.max_temperature)
+    if not (0.0 < top_p <= 1.0):
+        raise RequestError(f"`sampling.top_p` must be in (0, 1], got {top_p}")
+    _check_range("sampling.max_new_tokens", max_new, 1, limits.max_new_tokens)
+    seed = sampling.seed if sampling.HasField("seed") else secrets.randbits(63)
+    return SamplingSettings(float(temperature), float(top_p), int(top_k)), int(max_new), int(seed)
+
+
+def to_spec(request: pb.GenerateRequest, known: dict[str, int], limits: Limits, defaults: Defaults,
+            max_batch_size: int) -> GenerationSpec:
+    """Validate a GenerateRequest and turn it into the scheduler's GenerationSpec."""
+    intents = check_intents(list(request.intents), known, limits)
+    _check_range("num_records", request.num_records, 1, limits.max_records_per_intent)
+    settings, max_new_tokens, seed = check_sampling(request, limits, defaults)
+    shots = request.num_prompt_examples if request.HasField("num_prompt_examples") else defaults.num_prompt_examples
+    _check_range("num_prompt_examples", shots, 0, limits.max_prompt_examples)
+    spr = request.sequences_per_round if request.HasField("sequences_per_round") else defaults.sequences_per_round
+    _check_range("sequences_per_round", spr, 1, min(limits.max_sequences_per_round, max_batch_size))
+    rounds = request.max_rounds if request.HasField("max_rounds") else 0
+    if request.HasField("max_rounds"):
+        _check_range("max_rounds", rounds, 1, limits.max_rounds)
+    return GenerationSpec(intents=intents, num_records=int(request.num_records), sampling=settings, seed=seed,
+                          max_new_tokens=max_new_tokens, num_prompt_examples=int(shots),
+                          sequences_per_round=int(spr), max_rounds=int(rounds),
+                          allow_training_copies=bool(request.allow_training_copies))
