@@ -106,7 +106,7 @@ def export_bundle(checkpoint: str | Path, output: str | Path, tolerance: float =
     with tempfile.TemporaryDirectory(prefix="condgen-export-") as tmp:
         log.info("exporting %s to ONNX (text-generation-with-past)", checkpoint)
         main_export(str(checkpoint), output=tmp, task="text-generation-with-past", opset=opset,
-                    device="cpu", no_post_process=False)
+                    device="cpu", do_validation=False)
         for item in Path(tmp).iterdir():
             if item.name.startswith(MODEL_FILE) or item.name == TOKENIZER_NAME:
                 shutil.move(str(item), output / item.name)

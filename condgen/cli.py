@@ -1,0 +1,231 @@
+"""The `condgen` command line: train, export, serve, generate, intents, info.
+
+Each subcommand imports only what it needs (serving never imports torch). Known failures
+print one clear `error:` line and exit with status 2 instead of a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A user-facing failure: printed without a traceback."""
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune a causal LM on intent,text lines",
+                       description="Fine-tune a base model on labelled data encoded as `intent,text` lines. "
+                                   "The config file follows Gretel's GPT-X layout (YAML or JSON); flags override it.")
+    p.add_argument("--config", type=Path, help="YAML/JSON config (Gretel GPT-X shape); defaults are used without it")
+    p.add_argument("--data", help="CSV file, or hf:NAME for a Hugging Face dataset (overrides data_source)")
+    p.add_argument("--output", type=Path, required=True, help="checkpoint folder to write")
+    p.add_argument("--base-model", help="smollm2-135m (offline default), a local folder or a hub id")
+    p.add_argument("--text-column", help="column holding the texts (default: guessed, e.g. `text`)")
+    p.add_argument("--label-column", help="column holding the intents (default: guessed, e.g. `intent`, `category`)")
+    p.add_argument("--max-steps", type=int, help="optimiser steps (overrides steps/epochs)")
+    p.add_argument("--epochs", type=float, help="epochs instead of steps")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUTPUT/trainer")
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a checkpoint to a servable ONNX bundle",
+                       description="Export with optimum (KV cache), check ONNX logits against PyTorch, "
+                                   "and write model.onnx, tokenizer.json, examples.json and condgen.json.")
+    p.add_argument("--checkpoint", type=Path, required=True, help="output folder of `condgen train`")
+    p.add_argument("--output", type=Path, required=True, help="bundle folder to write")
+    p.add_argument("--parity-tolerance", type=float, default=1e-3,
+                   help="largest allowed |PyTorch - ONNX| logit difference (default 1e-3)")
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve a bundle over gRPC",
+                       description="Serve condgen.v1.Generator, grpc.health.v1.Health and reflection. "
+                                   "SIGTERM/SIGINT drain in-flight streams, then exit 0.")
+    p.add_argument("--bundle", type=Path, required=True, help="folder written by `condgen export`")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=50051, help="port (0 picks a free one)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto uses CUDA when onnxruntime-gpu sees a GPU")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: one per core)")
+    p.add_argument("--max-batch-size", type=int, default=64, help="sequences decoded together")
+    p.add_argument("--max-active-requests", type=int, default=256,
+                   help="requests in flight; beyond it calls get RESOURCE_EXHAUSTED")
+    p.add_argument("--grace-seconds", type=float, default=30.0, help="drain time on shutdown")
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="ask a server for records and write them to a file",
+                       description="Stream records from a condgen server into .csv, .parquet or .jsonl.")
+    p.add_argument("--target", default="127.0.0.1:50051", help="server address host:port")
+    p.add_argument("--intent", action="append", required=True, help="an intent; repeat for several")
+    p.add_argument("--num-records", type=int, required=True, help="records per intent")
+    p.add_argument("--output", type=Path, required=True, help="file to write: .csv, .parquet or .jsonl")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--prompt-examples", type=int, help="real examples per prompt (server default 25)")
+    p.add_argument("--allow-training-copies", action="store_true", help="keep records that copy a training text")
+    p.add_argument("--timeout", type=float, help="seconds before the call is abandoned")
+
+
+def _add_inspect(sub) -> None:
+    for name, text in (("intents", "list the served intents"), ("info", "show the served model's details"),
+                       ("health", "check the server's gRPC health (exit 0 when SERVING)")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--target", default="127.0.0.1:50051", help="server address host:port")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="condgen", description="Grow a labelled text dataset with synthetic "
+                                     "records from a fine-tuned generator served over gRPC.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_train, _add_export, _add_serve, _add_generate, _add_inspect):
+        add(sub)
+    return parser
+
+
+def cmd_train(args) -> None:
+    from condgen.training.config import load_config
+    from condgen.training.finetune import finetune
+
+    config = load_config(args.config).with_overrides(
+        data_source=args.data, pretrained_model=args.base_model, text_column=args.text_column,
+        label_column=args.label_column, steps=args.max_steps, epochs=args.epochs, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, seed=args.seed)
+    result = finetune(config, args.output, resume=args.resume)
+    print(json.dumps(result.stats, indent=2))
+    print(f"checkpoint written to {result.output_dir}")
+
+
+def cmd_export(args) -> None:
+    from condgen.training.export import export_bundle
+
+    result = export_bundle(args.checkpoint, args.output, tolerance=args.parity_tolerance)
+    print(f"bundle written to {result.bundle_dir} ({len(result.manifest.intents)} intents)")
+
+
+def cmd_serve(args) -> None:
+    import asyncio
+
+    from condgen.server.app import ServeConfig, serve_forever
+    from condgen.server.engine import EngineConfig
+    from condgen.server.scheduler import SchedulerConfig
+
+    config = ServeConfig(bundle=args.bundle, host=args.host, port=args.port,
+                         engine=EngineConfig(device=args.device, threads=args.threads),
+                         scheduler=SchedulerConfig(max_batch_size=args.max_batch_size,
+                                                   max_active_requests=args.max_active_requests),
+                         grace_seconds=args.grace_seconds)
+    asyncio.run(serve_forever(config))
+
+
+def cmd_generate(args) -> None:
+    from tqdm import tqdm
+
+    from condgen.client import Client
+    from condgen.client.frames import check_output_path, records_to_frame, write_frame
+
+    check_output_path(args.output)
+    total = len(args.intent) * args.num_records
+    with Client(args.target, timeout=args.timeout) as client, \
+            tqdm(total=total, unit="rec", desc="generating", file=sys.stderr) as bar:
+        records = list(client.generate(
+            args.intent, args.num_records, on_record=lambda _: bar.update(1), seed=args.seed,
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
+            num_prompt_examples=args.prompt_examples, allow_training_copies=args.allow_training_copies))
+        summary = client.last_summary
+    write_frame(records_to_frame(records), args.output)
+    print(f"wrote {len(records)} records to {args.output}")
+    if summary is not None:
+        rejected = {k.name: v for k, v in summary.rejected.ListFields()}
+        rate = summary.records_accepted / summary.lines_parsed if summary.lines_parsed else 0.0
+        print(f"accepted {summary.records_accepted} of {summary.lines_parsed} lines ({rate:.0%}); "
+              f"rejected {rejected or 'none'}; {summary.tokens_generated} tokens in {summary.elapsed_seconds:.1f} s")
+        if summary.incomplete_intents:
+            print(f"warning: round budget spent before reaching {args.num_records} records for "
+                  f"{', '.join(summary.incomplete_intents)}", file=sys.stderr)
+
+
+def cmd_intents(args) -> None:
+    from condgen.client import Client
+
+    with Client(args.target, timeout=30) as client:
+        for name, count in client.list_intents().items():
+            print(f"{name}\t{count}")
+
+
+def cmd_info(args) -> None:
+    from google.protobuf.json_format import MessageToDict
+
+    from condgen.client import Client
+
+    with Client(args.target, timeout=30) as client:
+        print(json.dumps(MessageToDict(client.model_info()), indent=2))
+
+
+def cmd_health(args) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        except grpc.RpcError as exc:
+            raise CliError(f"{args.target}: {exc.code().name}: {exc.details()}") from exc
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(status)
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        raise CliError(f"{args.target} is {status}")
+
+
+COMMANDS = {"train": cmd_train, "export": cmd_export, "serve": cmd_serve, "generate": cmd_generate,
+            "intents": cmd_intents, "info": cmd_info,
+            "health": cmd_health}
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types whose message is the whole story (no traceback needed)."""
+    from condgen.bundle import BundleError
+    from condgen.codec import CodecError
+
+    kinds: list[type[BaseException]] = [CliError, BundleError, CodecError, FileNotFoundError]
+    for module, names in (("condgen.training.config", ["ConfigError"]), ("condgen.training.data", ["DataError"]),
+                          ("condgen.training.base_models", ["BaseModelError"]),
+                          ("condgen.training.export", ["ExportError"]),
+                          ("condgen.server.engine", ["EngineError"]), ("condgen.client.client", ["GenerateError"])):
+        loaded = sys.modules.get(module)
+        if loaded is not None:
+            kinds.extend(getattr(loaded, n) for n in names)
+    return tuple(kinds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - known kinds get one line, others re-raise
+        if isinstance(exc, user_errors()) or (isinstance(exc, ValueError) and args.command == "generate"):
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

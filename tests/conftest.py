@@ -1,0 +1,155 @@
+"""Shared fixtures: a tiny model overfit on a few banking77 records, its bundle, a live server.
+
+Everything is built once per test session in a temporary folder: a BPE tokenizer and a
+2-layer Llama (seconds on a CPU), fine-tuned with the real `finetune`, exported with the
+real `export_bundle`, served by the real gRPC server on a free loopback port.
+"""
+from __future__ import annotations
+
+import asyncio
+import csv
+import threading
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BANKING77_TRAIN = ROOT.parent / "shared" / "data" / "banking77" / "train.csv"
+TEST_INTENTS = ("card_arrival", "lost_or_stolen_card", "exchange_rate")
+EXAMPLES_PER_INTENT = 6
+
+
+def _short_examples(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"the tests read banking77 from {path}: put ../shared/data beside the checkout")
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    picked = []
+    for intent in TEST_INTENTS:
+        texts = sorted({r["text"] for r in rows if r["category"] == intent and 15 <= len(r["text"]) <= 45})
+        picked += [{"text": t, "category": intent} for t in texts[:EXAMPLES_PER_INTENT]]
+    return picked
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("condgen")
+
+
+@pytest.fixture(scope="session")
+def train_csv(workdir) -> Path:
+    """A banking77-shaped CSV (columns text,category) with a few short examples of 3 intents."""
+    path = workdir / "train.csv"
+    rows = _short_examples(BANKING77_TRAIN)
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["text", "category"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="session")
+def train_records(train_csv):
+    from condgen.training.data import load_records
+
+    return load_records(str(train_csv))
+
+
+@pytest.fixture(scope="session")
+def tiny_base(workdir, train_records) -> Path:
+    from condgen.training.data import encode_lines
+    from condgen.training.tiny import build_tiny_base_model
+
+    return build_tiny_base_model(encode_lines(train_records), workdir / "tiny-base", vocab_size=400)
+
+
+def tiny_config(train_csv: Path, tiny_base: Path, **overrides):
+    from condgen.training.config import TrainingConfig
+
+    settings = dict(data_source=str(train_csv), pretrained_model=str(tiny_base), steps=250, batch_size=4,
+                    max_tokens=64, learning_rate=5e-3, warmup_steps=10, lr_scheduler="linear", weight_decay=0.0,
+                    validation_fraction=0.0, eval_steps=1000, save_steps=1000, logging_steps=50, seed=0)
+    settings.update(overrides)
+    return TrainingConfig(**settings)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(workdir, train_csv, tiny_base) -> Path:
+    """The tiny model overfit on the training lines, so greedy output is parseable."""
+    from condgen.training.finetune import finetune
+
+    return finetune(tiny_config(train_csv, tiny_base), workdir / "checkpoint").output_dir
+
+
+@pytest.fixture(scope="session")
+def bundle(workdir, checkpoint) -> Path:
+    from condgen.training.export import export_bundle
+
+    return export_bundle(checkpoint, workdir / "bundle").bundle_dir
+
+
+class ServerThread:
+    """A real condgen gRPC server on 127.0.0.1:<free port>, run in its own event loop thread."""
+
+    def __init__(self, config):
+        self.config = config
+        self.port: int | None = None
+        self.running = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._main, daemon=True)
+
+    def _main(self) -> None:
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        from condgen.server.app import start_server
+
+        self._loop = asyncio.get_running_loop()
+        try:
+            self.running = await start_server(self.config)
+        except BaseException as exc:  # surfaced to the test by start()
+            self._error = exc
+            self._ready.set()
+            return
+        self.port = self.running.port
+        self._ready.set()
+        await self.running.stopped.wait()
+
+    def start(self) -> "ServerThread":
+        self._thread.start()
+        self._ready.wait(60)
+        if self._error is not None:
+            raise self._error
+        return self
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self._loop is not None and self.running is not None:
+            asyncio.run_coroutine_threadsafe(self.running.stop(), self._loop).result(60)
+        self._thread.join(60)
+
+
+def serve_config(bundle: Path, **overrides):
+    from condgen.server.app import ServeConfig
+
+    return ServeConfig(bundle=bundle, port=0, grace_seconds=5.0, **overrides)
+
+
+@pytest.fixture(scope="session")
+def server(bundle):
+    thread = ServerThread(serve_config(bundle)).start()
+    yield thread
+    thread.stop()
+
+
+@pytest.fixture()
+def client(server):
+    from condgen.client import Client
+
+    with Client(server.target, timeout=120) as c:
+        yield c

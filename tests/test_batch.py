@@ -1,0 +1,76 @@
+"""Batch bookkeeping: feed, advance, filter, fork and concatenate keep rows aligned."""
+import numpy as np
+import pytest
+
+from condgen.server.batch import Batch
+
+NAMES = ["past_key_values.0.key", "past_key_values.0.value"]
+
+
+def fake_forward(batch: Batch) -> None:
+    """Append one cache column per fed token whose value is the token id (as a marker)."""
+    feed = batch.feed()
+    ids = feed["input_ids"]
+    present = {}
+    for name in NAMES:
+        new = np.broadcast_to(ids[:, None, :, None], (len(batch), 2, ids.shape[1], 3)).astype(np.float32)
+        present[name] = np.concatenate([batch.past[name], new], axis=2)
+    batch.advance(present)
+
+
+def prompt_batch(seq_id, tokens):
+    batch = Batch.for_prompt(seq_id, tokens, NAMES, kv_heads=2, head_dim=3)
+    fake_forward(batch)
+    return batch
+
+
+def test_prefill_feed_and_positions():
+    batch = Batch.for_prompt(0, [5, 6, 7], NAMES, kv_heads=2, head_dim=3)
+    feed = batch.feed()
+    assert feed["attention_mask"].tolist() == [[1, 1, 1]]
+    assert feed["position_ids"].tolist() == [[0, 1, 2]]
+    assert feed[NAMES[0]].shape == (1, 2, 0, 3)
+
+
+def test_concatenate_left_pads_and_keeps_positions():
+    short, long = prompt_batch(1, [5, 6]), prompt_batch(2, [7, 8, 9, 10])
+    short.set_next([11])
+    long.set_next([12])
+    merged = Batch.concatenate([short, long])
+    assert merged.seq_ids == [1, 2] and merged.past_len == 4
+    assert merged.past_mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
+    assert merged.past[NAMES[0]][0, 0, :, 0].tolist() == [0, 0, 5, 6]
+    feed = merged.feed()
+    assert feed["position_ids"].tolist() == [[2], [4]]
+    assert feed["attention_mask"].shape == (2, 5)
+
+
+def test_filter_keeps_rows_and_trims_shared_padding():
+    short, long = prompt_batch(1, [5, 6]), prompt_batch(2, [7, 8, 9, 10])
+    for b, t in ((short, 11), (long, 12)):
+        b.set_next([t])
+    merged = Batch.concatenate([short, long])
+    fake_forward(merged)
+    kept = merged.filter([1])
+    assert kept.seq_ids == [1]
+    assert kept.past_mask.tolist() == [[1, 1, 1]]  # the two padding columns are gone
+    assert kept.past[NAMES[1]][0, 0, :, 0].tolist() == [5, 6, 11]
+    assert len(merged.filter([])) == 0
+    assert merged.filter([1, 2]) is merged
+
+
+def test_fork_copies_the_prefill():
+    forked = prompt_batch(1, [5, 6, 7]).fork([10, 11, 12])
+    assert forked.seq_ids == [10, 11, 12]
+    assert forked.past[NAMES[0]].shape == (3, 2, 3, 3)
+    assert np.array_equal(forked.past[NAMES[0]][0], forked.past[NAMES[0]][2])
+    with pytest.raises(ValueError):
+        forked.fork([1])
+
+
+def test_concatenate_refuses_mixed_widths():
+    a = Batch.for_prompt(1, [1, 2], NAMES, 2, 3)
+    b = prompt_batch(2, [3])
+    b.set_next([4])
+    with pytest.raises(ValueError):
+        Batch.concatenate([a, b])

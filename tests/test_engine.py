@@ -1,0 +1,89 @@
+"""The ONNX engine against transformers: greedy tokens match, alone and in a changing batch."""
+import numpy as np
+import pytest
+
+from condgen.bundle import read_manifest
+from condgen.server.batch import Batch
+from condgen.server.engine import Engine
+
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def engine(bundle):
+    return Engine(bundle, read_manifest(bundle))
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return ["card_arrival,When will my card", "exchange_rate,What is the exchange rate for\nexchange_rate,"]
+
+
+def transformers_greedy(checkpoint, prompt_ids):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint)).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=STEPS, do_sample=False,
+                             pad_token_id=model.config.pad_token_id)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def test_greedy_alone_matches_transformers_generate(engine, checkpoint, prompts):
+    for seq_id, prompt in enumerate(prompts):
+        ids = engine.encode(prompt)
+        batch = engine.new_batch(seq_id, ids)
+        tokens = []
+        for _ in range(STEPS):
+            token = int(np.argmax(engine.forward(batch)[0]))
+            tokens.append(token)
+            batch.set_next([token])
+        expected = transformers_greedy(checkpoint, ids)
+        assert tokens[:len(expected)] == expected
+
+
+def test_sequences_joining_and_leaving_a_running_batch_match(engine, checkpoint, prompts):
+    ids = [engine.encode(p) for p in prompts]
+    expected = [transformers_greedy(checkpoint, i) for i in ids]
+    tokens = {0: [], 1: []}
+
+    def step(batch):
+        logits = engine.forward(batch)
+        nxt = [int(np.argmax(row)) for row in logits]
+        for seq, tok in zip(batch.seq_ids, nxt):
+            tokens[seq].append(tok)
+        batch.set_next(nxt)
+
+    running = engine.new_batch(0, ids[0])
+    for _ in range(3):  # sequence 0 runs alone for a while
+        step(running)
+    joining = engine.new_batch(1, ids[1])
+    step(joining)  # prefill of sequence 1
+    running = Batch.concatenate([running, joining])  # different cache lengths: left padding
+    while len(tokens[0]) < STEPS:
+        step(running)
+    running = running.filter([1])  # sequence 0 leaves
+    while len(tokens[1]) < STEPS:
+        step(running)
+    for seq in (0, 1):
+        assert tokens[seq][:len(expected[seq])] == expected[seq]
+
+
+def test_forked_prefill_gives_the_same_next_logits(engine, prompts):
+    ids = engine.encode(prompts[1])
+    alone = engine.new_batch(0, ids)
+    reference = engine.forward(alone)[0]
+    shared = engine.new_batch(1, ids)
+    engine.forward(shared)
+    forked = shared.fork([2, 3, 4])
+    forked.set_next([5, 5, 5])
+    alone.set_next([5])
+    np.testing.assert_allclose(engine.forward(forked), np.repeat(engine.forward(alone), 3, axis=0), atol=1e-5)
+    assert reference.shape == (engine.vocab_size,)
+
+
+def test_newline_tokens_are_found(engine):
+    newline = engine.encode("\n")
+    assert all(engine.newline_tokens[t] for t in newline)
+    assert not engine.newline_tokens[engine.encode("card")[0]]
