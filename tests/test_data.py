@@ -53,6 +53,17 @@ def test_pack_blocks_uses_every_full_block():
     assert pack_blocks([[1, 2]], 4) == [[1, 2]]
 
 
+def test_further_passes_reshuffle_the_lines():
+    lines = [[i, i, i] for i in range(1, 9)]  # 24 tokens: 6 blocks of 4 per pass
+    blocks = pack_blocks(lines, 4, min_blocks=30, seed=1)
+    assert len(blocks) >= 30 and all(len(b) == 4 for b in blocks)
+    assert blocks[:6] == pack_blocks(lines, 4)  # the first pass keeps the given order
+    assert blocks[6:12] != blocks[:6]  # later passes do not repeat it
+    tokens = [t for b in blocks for t in b]
+    assert sorted(set(tokens)) == list(range(1, 9))
+    assert pack_blocks(lines, 4, min_blocks=30, seed=1) == blocks  # seeded: resumable
+
+
 def test_split_and_examples(tmp_path):
     path = write_csv(tmp_path / "g.csv", ["text", "intent"], [[f"t{i}", "a" if i % 2 else "b"] for i in range(20)])
     records = load_records(str(path))

@@ -122,13 +122,31 @@ def encode_lines(records: Iterable[LabelledText], separator: str = ",") -> list[
     return [encode_line(r.intent, r.text, separator) + "\n" for r in records]
 
 
-def pack_blocks(token_lists: Iterable[Sequence[int]], block_size: int) -> list[list[int]]:
+def pack_blocks(token_lists: Sequence[Sequence[int]], block_size: int, min_blocks: int = 0,
+                seed: int = 0) -> list[list[int]]:
     """Concatenate tokenised lines and cut them into full blocks of `block_size` tokens.
 
-    The tail shorter than a block is dropped unless it is the only block.
+    One pass packs the lines in their given order. When `min_blocks` asks for more blocks
+    than one pass gives, further passes pack the lines in a fresh shuffled order (seeded),
+    so that repeated epochs see every line in new neighbourhoods and at new offsets instead
+    of the same block over and over. A pass's tail shorter than a block is carried over
+    into the next pass; with a single short pass, that tail is the only block.
     """
-    stream: list[int] = [t for tokens in token_lists for t in tokens]
-    blocks = [stream[i:i + block_size] for i in range(0, len(stream) - block_size + 1, block_size)]
+    order = list(range(len(token_lists)))
+    rng = random.Random(seed)
+    blocks: list[list[int]] = []
+    stream: list[int] = []
+    passes = 0
+    while passes == 0 or len(blocks) < min_blocks:
+        if passes:
+            rng.shuffle(order)
+        stream.extend(t for i in order for t in token_lists[i])
+        cut = len(stream) - len(stream) % block_size
+        blocks.extend(stream[i:i + block_size] for i in range(0, cut, block_size))
+        stream = stream[cut:]
+        passes += 1
+        if not blocks and passes > 1:
+            break
     if not blocks and stream:
         blocks = [stream]
     return blocks

@@ -1,7 +1,8 @@
 """Fine-tune a causal LM on `intent,text` lines with the Hugging Face Trainer.
 
-Lines are tokenised, concatenated and packed into blocks of `max_tokens` tokens; a
-held-out share of the records gives a validation loss. Trainer checkpoints go to
+Lines are tokenised, concatenated and packed into blocks of `max_tokens` tokens, in a
+fresh order for every pass over the data (`pack_blocks`); `epochs` become the equivalent
+number of optimiser steps. A held-out share of the records gives a validation loss. Trainer checkpoints go to
 `OUTPUT/trainer/` so `--resume` continues an interrupted run; the final model, tokenizer,
 the training config and stats (`condgen_training.json`) and the real examples per intent
 (`examples.json`) go to `OUTPUT/`, which is everything `condgen export` needs.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,10 +51,24 @@ class BlockDataset:
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
-def tokenize_blocks(tokenizer, records, config: TrainingConfig) -> list[list[int]]:
-    lines = encode_lines(records, config.separator)
-    encoded = tokenizer(lines, add_special_tokens=False)["input_ids"]
-    return pack_blocks(encoded, config.max_tokens)
+def tokenize_lines(tokenizer, records, config: TrainingConfig) -> list[list[int]]:
+    return tokenizer(encode_lines(records, config.separator), add_special_tokens=False)["input_ids"]
+
+
+def planned_steps(config: TrainingConfig, blocks_per_pass: int) -> int:
+    """Optimiser steps of the run: `steps`, or `epochs` over the packed data."""
+    if config.steps is not None:
+        return config.steps
+    per_step = config.batch_size * config.gradient_accumulation_steps
+    return max(1, math.ceil(config.epochs * blocks_per_pass / per_step))
+
+
+def training_blocks(tokenizer, records, config: TrainingConfig) -> tuple[list[list[int]], int]:
+    """Enough packed blocks for the whole run (reshuffled per pass), and the step count."""
+    lines = tokenize_lines(tokenizer, records, config)
+    steps = planned_steps(config, len(pack_blocks(lines, config.max_tokens)))
+    needed = steps * config.batch_size * config.gradient_accumulation_steps
+    return pack_blocks(lines, config.max_tokens, min_blocks=needed, seed=config.seed), steps
 
 
 def text_length_stats(texts: list[str]) -> dict:
@@ -63,7 +79,7 @@ def text_length_stats(texts: list[str]) -> dict:
             "p01": float(np.percentile(lengths, 1)), "p99": float(np.percentile(lengths, 99))}
 
 
-def training_arguments(config: TrainingConfig, trainer_dir: Path, has_validation: bool):
+def training_arguments(config: TrainingConfig, trainer_dir: Path, has_validation: bool, steps: int):
     import torch
     from transformers import TrainingArguments
 
@@ -72,8 +88,7 @@ def training_arguments(config: TrainingConfig, trainer_dir: Path, has_validation
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
-        max_steps=config.steps if config.steps is not None else -1,
-        num_train_epochs=config.epochs if config.epochs is not None else 1.0,
+        max_steps=steps,  # the packed data holds exactly enough blocks (one pass of the sampler)
         learning_rate=config.learning_rate,
         weight_decay=config.weight_decay,
         warmup_steps=config.warmup_steps,
@@ -109,15 +124,15 @@ def finetune(config: TrainingConfig, output_dir: str | Path, resume: bool = Fals
     log.info("loaded %d records (%d intents); %d for training, %d held out",
              len(records), len(intent_counts(records)), len(train_records), len(val_records))
     model, tokenizer = load_base_model(config.pretrained_model)
-    train_blocks = tokenize_blocks(tokenizer, train_records, config)
-    val_blocks = tokenize_blocks(tokenizer, val_records, config) if val_records else []
+    train_blocks, steps = training_blocks(tokenizer, train_records, config)
+    val_blocks = pack_blocks(tokenize_lines(tokenizer, val_records, config), config.max_tokens) if val_records else []
     log.info("packed %d training blocks and %d validation blocks of %d tokens",
              len(train_blocks), len(val_blocks), config.max_tokens)
 
     last = get_last_checkpoint(str(trainer_dir)) if resume and trainer_dir.is_dir() else None
     if resume and last is None:
         log.warning("--resume: no checkpoint in %s, starting from the base model", trainer_dir)
-    trainer = Trainer(model=model, args=training_arguments(config, trainer_dir, bool(val_blocks)),
+    trainer = Trainer(model=model, args=training_arguments(config, trainer_dir, bool(val_blocks), steps),
                       train_dataset=BlockDataset(train_blocks),
                       eval_dataset=BlockDataset(val_blocks) if val_blocks else None,
                       data_collator=default_data_collator)
