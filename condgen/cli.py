@@ -59,6 +59,10 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-batch-size", type=int, default=64, help="sequences decoded together")
     p.add_argument("--max-active-requests", type=int, default=256,
                    help="requests in flight; beyond it calls get RESOURCE_EXHAUSTED")
+    p.add_argument("--prefix-cache-tokens", type=int, default=4096,
+                   help="prompt tokens of recent prefills kept for reuse (0 disables the prefix cache)")
+    p.add_argument("--io-binding", choices=("auto", "on", "off"), default="auto",
+                   help="keep the KV cache on the device between steps (auto: on under CUDA)")
     p.add_argument("--grace-seconds", type=float, default=30.0, help="drain time on shutdown")
 
 
@@ -124,9 +128,10 @@ def cmd_serve(args) -> None:
     from condgen.server.scheduler import SchedulerConfig
 
     config = ServeConfig(bundle=args.bundle, host=args.host, port=args.port,
-                         engine=EngineConfig(device=args.device, threads=args.threads),
+                         engine=EngineConfig(device=args.device, threads=args.threads, io_binding=args.io_binding),
                          scheduler=SchedulerConfig(max_batch_size=args.max_batch_size,
-                                                   max_active_requests=args.max_active_requests),
+                                                   max_active_requests=args.max_active_requests,
+                                                   prefix_cache_tokens=args.prefix_cache_tokens),
                          grace_seconds=args.grace_seconds)
     asyncio.run(serve_forever(config))
 

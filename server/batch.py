@@ -7,6 +7,8 @@ Between two forward passes a batch holds, for each row (one sequence):
                 after the ONNX graph's `past_key_values.*` inputs.
 Rows of different lengths are left-padded, so every row's newest token is in the last
 column. The scheduler only moves rows in and out with `filter`, `concatenate` and `fork`.
+With IO binding the cache may live on the device as ONNX Runtime `OrtValue`s between
+steps; it comes to the host only when rows join or leave.
 """
 from __future__ import annotations
 
@@ -56,6 +58,10 @@ class Batch:
         """Tokens (one per row) to feed at the next step."""
         self.next_ids = np.asarray(tokens, dtype=np.int64).reshape(len(self), 1)
 
+    def host_past(self) -> dict[str, np.ndarray]:
+        """The cache as numpy arrays (copied from the device when it lives there)."""
+        return {name: to_host(value) for name, value in self.past.items()}
+
     def filter(self, keep_ids: list[int]) -> "Batch":
         """The rows whose sequence id is in `keep_ids` (in batch order), padding trimmed."""
         keep_set = set(keep_ids)
@@ -64,10 +70,11 @@ class Batch:
             return self
         index = np.array(rows, dtype=np.int64)
         mask = self.past_mask[index]
+        host = self.host_past()
         # Drop leading columns that are padding in every kept row.
         real = np.flatnonzero(mask.any(axis=0))
         start = int(real[0]) if real.size else mask.shape[1]
-        past = {name: np.ascontiguousarray(value[index, :, start:]) for name, value in self.past.items()}
+        past = {name: np.ascontiguousarray(value[index, :, start:]) for name, value in host.items()}
         return Batch([self.seq_ids[i] for i in rows], self.next_ids[index], mask[:, start:], past)
 
     def fork(self, seq_ids: list[int]) -> "Batch":
@@ -75,7 +82,7 @@ class Batch:
         if len(self) != 1:
             raise ValueError("only a one-row batch can be forked")
         n = len(seq_ids)
-        past = {name: np.repeat(value, n, axis=0) for name, value in self.past.items()}
+        past = {name: np.repeat(value, n, axis=0) for name, value in self.host_past().items()}
         return Batch(list(seq_ids), np.repeat(self.next_ids, n, axis=0), np.repeat(self.past_mask, n, axis=0), past)
 
     @classmethod
@@ -93,9 +100,15 @@ class Batch:
         seq_ids = [s for b in batches for s in b.seq_ids]
         next_ids = np.concatenate([b.next_ids for b in batches], axis=0)
         mask = np.concatenate([_left_pad(b.past_mask, past_len, axis=1) for b in batches], axis=0)
-        past = {name: np.concatenate([_left_pad(b.past[name], past_len, axis=2) for b in batches], axis=0)
+        hosts = [b.host_past() for b in batches]
+        past = {name: np.concatenate([_left_pad(h[name], past_len, axis=2) for h in hosts], axis=0)
                 for name in batches[0].past}
         return cls(seq_ids, next_ids, mask, past)
+
+
+def to_host(value) -> np.ndarray:
+    """numpy view of a cache tensor: numpy arrays as they are, OrtValues copied to the host."""
+    return value if isinstance(value, np.ndarray) else value.numpy()
 
 
 def _left_pad(array: np.ndarray, length: int, axis: int) -> np.ndarray:

@@ -3,7 +3,9 @@
 `Engine.forward(batch)` runs one pass for every row of a `Batch` (a prefill or a decode
 step), moves the returned `present.*` cache into the batch and returns the logits of each
 row's last position. CUDA is used through onnxruntime-gpu where present, else the CPU.
-No torch or transformers here.
+With IO binding (on by default under CUDA) the cache outputs stay on the device as
+OrtValues and are bound as the next step's inputs, so only token ids, masks and the
+last logits cross the bus. No torch or transformers here.
 """
 from __future__ import annotations
 
@@ -33,10 +35,13 @@ class EngineConfig:
 
     device: str = "auto"
     threads: int = 0  # 0: one per core
+    io_binding: str = "auto"  # auto: on under CUDA; on; off
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise EngineError(f"device {self.device!r} is not one of {', '.join(DEVICES)}")
+        if self.io_binding not in ("auto", "on", "off"):
+            raise EngineError(f"io_binding {self.io_binding!r} is not one of auto, on, off")
 
 
 def choose_providers(device: str) -> list[str]:
@@ -70,6 +75,8 @@ class Engine:
         self.session = ort.InferenceSession(str(bundle_dir / self.info.file), session_options(config.threads),
                                             providers=providers)
         self.provider = self.session.get_providers()[0]
+        self.device_type = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
+        self.io_binding = config.io_binding == "on" or (config.io_binding == "auto" and self.device_type == "cuda")
         self.tokenizer = Tokenizer.from_file(str(bundle_dir / TOKENIZER_NAME))
         self.dtype = np.float16 if self.info.dtype == "float16" else np.float32
         self.input_names = set(self.info.inputs)
@@ -103,7 +110,25 @@ class Engine:
     def forward(self, batch: Batch) -> np.ndarray:
         """Run `batch.next_ids` through the model; return last-position logits (batch, vocab)."""
         feed = {k: v for k, v in batch.feed().items() if k in self.input_names}
-        outputs = self.session.run(self.output_names, feed)
-        present = dict(zip(self.info.past_key_names, outputs[1:]))
-        batch.advance(present)
-        return outputs[0][:, -1, :]  # (batch, vocab)
+        if self.io_binding:
+            logits, present = self._run_bound(feed)
+        else:
+            outputs = self.session.run(self.output_names, feed)
+            logits, present = outputs[0], outputs[1:]
+        batch.advance(dict(zip(self.info.past_key_names, present)))
+        return np.ascontiguousarray(logits[:, -1, :])  # (batch, vocab); frees the prefill's full logits
+
+    def _run_bound(self, feed: dict) -> tuple[np.ndarray, list]:
+        """One run with IO binding: cache inputs/outputs stay on the device as OrtValues."""
+        binding = self.session.io_binding()
+        for name, value in feed.items():
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            else:
+                binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in self.info.present_key_names:
+            binding.bind_output(name, self.device_type)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        return outputs[0].numpy(), list(outputs[1:])

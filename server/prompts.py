@@ -7,8 +7,12 @@ from condgen.codec import encode_line
 
 
 def build_prompt(intent: str, texts: list[str], k: int, rng: np.random.Generator, separator: str) -> str:
-    """`intent,text\\n` for k examples drawn without replacement, then the open line `intent,`."""
-    chosen = rng.choice(len(texts), size=min(k, len(texts)), replace=False) if texts and k else []
+    """`intent,text\\n` for k examples drawn without replacement, then the open line `intent,`.
+
+    Examples keep their order in the bundle, so an intent with at most k examples always
+    gets the same prompt and its prefill can be reused from the prefix cache.
+    """
+    chosen = np.sort(rng.choice(len(texts), size=min(k, len(texts)), replace=False)) if texts and k else []
     lines = "".join(encode_line(intent, texts[int(i)], separator) + "\n" for i in chosen)
     return lines + line_prefix(intent, separator)
 

@@ -10,6 +10,10 @@ After a line ends, the `intent,` prefix is fed back (forced), so every line the 
 writes is for the round's intent. Sequences leave the batch as soon as they finish, their
 job has enough records or their request was cancelled.
 
+A recently prefilled prompt is taken from the prefix cache instead of being run again.
+The `static` policy (for comparison in benchmarks) batches whole requests at a time: a new
+group of requests starts only when every request of the previous group has finished.
+
 All state lives on the event loop thread; only `Engine.forward` runs in a worker thread.
 """
 from __future__ import annotations
@@ -29,6 +33,7 @@ from condgen.codec import CodecError, decode_line, normalize_for_match
 from condgen.server.batch import Batch
 from condgen.server.engine import Engine
 from condgen.server.errors import Overloaded, ShuttingDown
+from condgen.server.prefix_cache import PrefixCache
 from condgen.server.prompts import build_prompt, line_prefix
 from condgen.server.sampling import SamplingSettings, sample_token, sequence_rng
 
@@ -38,10 +43,18 @@ REJECTION_REASONS = ("malformed", "wrong_intent", "empty_text", "truncated", "du
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Capacity of the running batch and of the admission queue."""
+    """Capacity of the running batch and of the admission queue; the batching policy."""
 
     max_batch_size: int = 64
     max_active_requests: int = 256
+    prefix_cache_tokens: int = 4096
+    policy: str = "continuous"  # or "static": whole requests at a time (a baseline)
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("continuous", "static"):
+            raise ValueError(f"policy {self.policy!r} is not continuous or static")
+        if self.max_batch_size < 1 or self.max_active_requests < 1:
+            raise ValueError("max_batch_size and max_active_requests must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -178,6 +191,8 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._stopping = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="condgen-engine")
+        self.prefix_cache = PrefixCache(config.prefix_cache_tokens)
+        self._cohort: set[int] = set()
         self.steps = 0
 
     # ---- public API -------------------------------------------------------------------
@@ -201,7 +216,8 @@ class Scheduler:
 
     def stats(self) -> dict:
         return {"running_sequences": len(self.sequences), "active_requests": len(self.requests),
-                "batch_rows": len(self.batch) if self.batch is not None else 0, "steps": self.steps}
+                "batch_rows": len(self.batch) if self.batch is not None else 0, "steps": self.steps,
+                "policy": self.config.policy, "prefix_cache": self.prefix_cache.stats()}
 
     def stop(self) -> None:
         """Take no new requests; `run` returns once the ones in flight are done."""
@@ -245,11 +261,22 @@ class Scheduler:
         return in_flight < job.target - job.accepted
 
     def _any_admissible(self) -> bool:
-        return any(self._wants_round(s, j) for s in self.requests for j in s.jobs)
+        return any(self._wants_round(s, j) for s in self._admissible_requests() for j in s.jobs)
+
+    def _admissible_requests(self) -> list[RequestState]:
+        """Requests that may start rounds: all of them, or the current group under `static`."""
+        if self.config.policy == "continuous":
+            return list(self.requests)
+        group = [r for r in self.requests if r.id in self._cohort]
+        if not group and self.requests:
+            widest = max(r.spec.sequences_per_round for r in self.requests)
+            group = self.requests[:max(1, self.config.max_batch_size // widest)]
+            self._cohort = {r.id for r in group}
+        return group
 
     async def _admit_rounds(self, loop) -> None:
         new_batches = []
-        for state in list(self.requests):
+        for state in self._admissible_requests():
             for job in state.jobs:
                 n = min(state.spec.sequences_per_round, job.target - job.accepted)
                 if not self._wants_round(state, job) or n > self._room():
@@ -270,8 +297,13 @@ class Scheduler:
         if shots:
             job.tokens_per_line = len(prompt_ids) / shots
         seq_ids = [next(self._ids) for _ in range(n)]
-        single = self.engine.new_batch(seq_ids[0], prompt_ids)
-        logits = await loop.run_in_executor(self._executor, self.engine.forward, single)
+        cached = self.prefix_cache.lookup(prompt_ids, seq_ids[0])
+        if cached is not None:
+            single, last_logits = cached
+        else:
+            single = self.engine.new_batch(seq_ids[0], prompt_ids)
+            last_logits = (await loop.run_in_executor(self._executor, self.engine.forward, single))[0]
+            self.prefix_cache.store(prompt_ids, single, last_logits)
         forked = single.fork(seq_ids)
         for fork_index, seq_id in enumerate(seq_ids):
             seq = Sequence(seq_id, state, job, sequence_rng(spec.seed, job.number, job.rounds, fork_index),
@@ -280,7 +312,7 @@ class Scheduler:
             job.active.add(seq_id)
         job.rounds += 1
         state.summary.rounds += 1
-        next_tokens = [self._next_token(self.sequences[s], logits[0]) for s in seq_ids]
+        next_tokens = [self._next_token(self.sequences[s], last_logits) for s in seq_ids]
         self._set_next_or_drop(forked, next_tokens)
         return forked
 

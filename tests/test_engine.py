@@ -87,3 +87,23 @@ def test_newline_tokens_are_found(engine):
     newline = engine.encode("\n")
     assert all(engine.newline_tokens[t] for t in newline)
     assert not engine.newline_tokens[engine.encode("card")[0]]
+
+
+def test_io_binding_gives_the_same_logits(bundle, engine, prompts):
+    from condgen.server.engine import EngineConfig
+
+    bound = Engine(bundle, read_manifest(bundle), EngineConfig(io_binding="on"))
+    assert bound.io_binding and not engine.io_binding
+    plain_batch, bound_batch = engine.new_batch(0, engine.encode(prompts[0])), bound.new_batch(0, engine.encode(prompts[0]))
+    for _ in range(3):
+        expected, got = engine.forward(plain_batch), bound.forward(bound_batch)
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+        token = int(np.argmax(expected[0]))
+        plain_batch.set_next([token])
+        bound_batch.set_next([token])
+    # rows leave and join with the cache held as OrtValues
+    other = bound.new_batch(1, bound.encode(prompts[1]))
+    bound.forward(other)
+    other.set_next([3])
+    merged = Batch.concatenate([bound_batch, other])
+    assert bound.forward(merged).shape == (2, bound.vocab_size)

@@ -1,0 +1,78 @@
+"""The continuous-batching scheduler in process: determinism, prefix cache, policies."""
+import asyncio
+
+import pytest
+
+from condgen.bundle import read_examples, read_manifest
+from condgen.server.engine import Engine
+from condgen.server.sampling import SamplingSettings
+from condgen.server.scheduler import GeneratedRecord, GenerationSpec, Scheduler, SchedulerConfig
+
+
+@pytest.fixture(scope="module")
+def engine(bundle):
+    return Engine(bundle, read_manifest(bundle))
+
+
+def spec(intent, n, seed, **kw):
+    return GenerationSpec(intents=(intent,), num_records=n, sampling=SamplingSettings(temperature=1.0), seed=seed,
+                          max_new_tokens=40, num_prompt_examples=4, sequences_per_round=3,
+                          allow_training_copies=True, **kw)
+
+
+async def run_all(engine, bundle, specs, config=SchedulerConfig()):
+    scheduler = Scheduler(engine, read_examples(bundle), ",", config)
+    task = asyncio.create_task(scheduler.run())
+
+    async def collect(s):
+        records, summary = [], None
+        async for item in scheduler.submit(s):
+            if isinstance(item, GeneratedRecord):
+                records.append(item)
+            else:
+                summary = item
+        return records, summary
+
+    results = await asyncio.gather(*[collect(s) for s in specs])
+    stats = scheduler.stats()
+    scheduler.stop()
+    await task
+    return results, stats
+
+
+def test_same_seed_same_records_whatever_shares_the_batch(engine, bundle):
+    target = spec("card_arrival", 5, seed=42)
+    [(alone, _)], _ = asyncio.run(run_all(engine, bundle, [target]))
+    crowd = [spec("exchange_rate", 6, seed=1), target, spec("lost_or_stolen_card", 4, seed=2),
+             spec("card_arrival", 3, seed=3)]
+    results, stats = asyncio.run(run_all(engine, bundle, crowd))
+    assert results[1][0] == alone
+    assert stats["steps"] > 0
+
+
+def test_prefix_cache_reuses_recurring_prompts(engine, bundle):
+    # 6 examples per intent, 4 per prompt: prompts recur only with the same seed and round.
+    specs = [spec("exchange_rate", 2, seed=9), spec("exchange_rate", 2, seed=9)]
+    results, stats = asyncio.run(run_all(engine, bundle, specs))
+    assert results[0][0] == results[1][0]
+    cache = stats["prefix_cache"]
+    assert cache["hits"] >= 1 and cache["entries"] >= 1
+
+
+def test_static_policy_finishes_every_request(engine, bundle):
+    specs = [spec("card_arrival", 2, seed=i) for i in range(4)] + [spec("exchange_rate", 6, seed=7)]
+    results, stats = asyncio.run(run_all(engine, bundle, specs, SchedulerConfig(max_batch_size=6, policy="static")))
+    assert [len(records) for records, _ in results] == [2, 2, 2, 2, 6]
+    assert all(summary.complete for _, summary in results)
+    assert stats["policy"] == "static" and stats["running_sequences"] == 0
+
+
+def test_round_budget_ends_an_impossible_request(engine, bundle):
+    # Greedy decoding repeats itself, so distinct records run out; the budget ends the request.
+    impossible = GenerationSpec(intents=("card_arrival",), num_records=50, sampling=SamplingSettings(temperature=0.0),
+                                seed=0, max_new_tokens=30, num_prompt_examples=6, sequences_per_round=2,
+                                max_rounds=3, allow_training_copies=True)
+    [(records, summary)], _ = asyncio.run(run_all(engine, bundle, [impossible]))
+    assert summary.rounds == 3 and not summary.complete
+    assert summary.incomplete_intents == ["card_arrival"] and len(records) < 50
+    assert summary.rejected["duplicate"] > 0
