@@ -38,7 +38,9 @@ class OnnxInfo:
     dtype: str = "float32"
     opset: int = 0
     parity_max_abs_diff: float = 0.0
+    parity_top1_agreement: float = 1.0
     parity_tolerance: float = 0.0
+    variant: str = "fp32"
 
 
 @dataclass

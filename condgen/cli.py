@@ -43,7 +43,11 @@ def _add_export(sub) -> None:
     p.add_argument("--checkpoint", type=Path, required=True, help="output folder of `condgen train`")
     p.add_argument("--output", type=Path, required=True, help="bundle folder to write")
     p.add_argument("--parity-tolerance", type=float, default=1e-3,
-                   help="largest allowed |PyTorch - ONNX| logit difference (default 1e-3)")
+                   help="largest allowed |PyTorch - ONNX| logit difference for fp32 (default 1e-3)")
+    p.add_argument("--variant", choices=("fp32", "fp16", "int8"), default="fp32",
+                   help="fp32 (default); fp16 for GPUs; int8 (dynamic quantisation) for CPUs")
+    p.add_argument("--min-top1-agreement", type=float, default=0.9,
+                   help="fp16/int8: least share of positions where ONNX and PyTorch pick the same token")
 
 
 def _add_serve(sub) -> None:
@@ -116,7 +120,8 @@ def cmd_train(args) -> None:
 def cmd_export(args) -> None:
     from condgen.training.export import export_bundle
 
-    result = export_bundle(args.checkpoint, args.output, tolerance=args.parity_tolerance)
+    result = export_bundle(args.checkpoint, args.output, tolerance=args.parity_tolerance, variant=args.variant,
+                           min_top1=args.min_top1_agreement)
     print(f"bundle written to {result.bundle_dir} ({len(result.manifest.intents)} intents)")
 
 

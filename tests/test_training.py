@@ -71,3 +71,20 @@ def test_tampered_or_incomplete_bundles_are_refused(tmp_path, bundle):
     (copy / "condgen.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="version 99"):
         read_manifest(copy)
+
+
+@pytest.mark.parametrize("variant", ["int8", "fp16"])
+def test_lighter_variants_export_with_their_parity_figures(workdir, checkpoint, variant):
+    import numpy as np
+
+    from condgen.server.engine import Engine
+    from condgen.training.export import export_bundle
+
+    result = export_bundle(checkpoint, workdir / f"bundle-{variant}", variant=variant, min_top1=0.8)
+    info = read_manifest(result.bundle_dir).onnx
+    assert info.variant == variant and info.parity_top1_agreement >= 0.8
+    assert info.dtype == ("float16" if variant == "fp16" else "float32")
+    engine = Engine(result.bundle_dir, read_manifest(result.bundle_dir))
+    batch = engine.new_batch(0, engine.encode("card_arrival,"))
+    logits = engine.forward(batch)
+    assert logits.shape == (1, engine.vocab_size) and np.isfinite(logits.astype(np.float32)).all()
