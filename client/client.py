@@ -20,11 +20,13 @@ from condgen.v1 import generator_pb2_grpc as pb_grpc
 
 @dataclass(frozen=True)
 class Record:
-    """One synthetic record."""
+    """One synthetic record, with the bundle classifier's view of it."""
 
     intent: str
     text: str
     index: int
+    fidelity: float = 0.0
+    predicted_intent: str = ""
 
 
 class GenerateError(RuntimeError):
@@ -40,7 +42,8 @@ def build_request(intents: Sequence[str], num_records: int, *, temperature: floa
                   top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
                   max_new_tokens: int | None = None, num_prompt_examples: int | None = None,
                   sequences_per_round: int | None = None, max_rounds: int | None = None,
-                  allow_training_copies: bool = False) -> pb.GenerateRequest:
+                  allow_training_copies: bool = False, avoid_recent_duplicates: bool | None = None,
+                  min_fidelity: float | None = None) -> pb.GenerateRequest:
     """A GenerateRequest; None leaves a setting to the server's default."""
     if isinstance(intents, str):
         intents = [intents]
@@ -48,14 +51,15 @@ def build_request(intents: Sequence[str], num_records: int, *, temperature: floa
         temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_new_tokens=max_new_tokens).items()
         if v is not None})
     optional = {k: v for k, v in dict(num_prompt_examples=num_prompt_examples,
-                                      sequences_per_round=sequences_per_round,
-                                      max_rounds=max_rounds).items() if v is not None}
+                                      sequences_per_round=sequences_per_round, max_rounds=max_rounds,
+                                      avoid_recent_duplicates=avoid_recent_duplicates,
+                                      min_fidelity=min_fidelity).items() if v is not None}
     return pb.GenerateRequest(intents=list(intents), num_records=num_records, sampling=sampling,
                               allow_training_copies=allow_training_copies, **optional)
 
 
 def _to_record(message: pb.Record) -> Record:
-    return Record(message.intent, message.text, message.index)
+    return Record(message.intent, message.text, message.index, message.fidelity, message.predicted_intent)
 
 
 class Client:
@@ -95,11 +99,13 @@ class Client:
             raise GenerateError(exc.code(), exc.details()) from exc
 
     def generate_df(self, intents: Sequence[str], num_records: int, *, return_summary: bool = False,
-                    **settings):
-        """All records of one request as a pandas DataFrame with columns `intent`, `text`."""
+                    with_scores: bool = False, **settings):
+        """All records of one request as a pandas DataFrame with columns `intent`, `text`
+        (plus `fidelity`, `predicted_intent` with `with_scores=True`); `return_summary=True`
+        returns (frame, Summary)."""
         from condgen.client.frames import records_to_frame
 
-        frame = records_to_frame(self.generate(intents, num_records, **settings))
+        frame = records_to_frame(self.generate(intents, num_records, **settings), with_scores)
         return (frame, self.last_summary) if return_summary else frame
 
     def list_intents(self) -> dict[str, int]:
@@ -149,11 +155,11 @@ class AsyncClient:
             raise GenerateError(exc.code(), exc.details()) from exc
 
     async def generate_df(self, intents: Sequence[str], num_records: int, *, return_summary: bool = False,
-                          **settings):
+                          with_scores: bool = False, **settings):
         from condgen.client.frames import records_to_frame
 
         records = [r async for r in self.generate(intents, num_records, **settings)]
-        frame = records_to_frame(records)
+        frame = records_to_frame(records, with_scores)
         return (frame, self.last_summary) if return_summary else frame
 
     async def list_intents(self) -> dict[str, int]:

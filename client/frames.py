@@ -5,15 +5,19 @@ from pathlib import Path
 from typing import Iterable
 
 COLUMNS = ["intent", "text"]
+SCORE_COLUMNS = ["fidelity", "predicted_intent"]
 WRITERS = (".csv", ".parquet", ".jsonl")
 
 
-def records_to_frame(records: Iterable) -> "pandas.DataFrame":  # noqa: F821
-    """A DataFrame with columns `intent`, `text` (ready to append to a training set)."""
+def records_to_frame(records: Iterable, with_scores: bool = False) -> "pandas.DataFrame":  # noqa: F821
+    """A DataFrame with columns `intent`, `text` (ready to append to a training set), and
+    `fidelity`, `predicted_intent` when `with_scores`."""
     import pandas as pd
 
-    rows = [(r.intent, r.text) for r in records]
-    return pd.DataFrame(rows, columns=COLUMNS).astype("string") if rows else pd.DataFrame(columns=COLUMNS)
+    columns = COLUMNS + (SCORE_COLUMNS if with_scores else [])
+    rows = [tuple(getattr(r, c) for c in columns) for r in records]
+    frame = pd.DataFrame(rows, columns=columns)
+    return frame.astype({"intent": "string", "text": "string"}) if rows else frame
 
 
 def check_output_path(path: str | Path) -> Path:

@@ -1,4 +1,4 @@
-"""The `condgen` command line: train, export, serve, generate, intents, info.
+"""The `condgen` command line: train, export, serve, generate, intents, info, health, evaluate, bench.
 
 Each subcommand imports only what it needs (serving never imports torch). Known failures
 print one clear `error:` line and exit with status 2 instead of a traceback.
@@ -84,6 +84,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--prompt-examples", type=int, help="real examples per prompt (server default 25)")
     p.add_argument("--allow-training-copies", action="store_true", help="keep records that copy a training text")
+    p.add_argument("--allow-recent-duplicates", action="store_true",
+                   help="keep records the server recently streamed for the same intent")
+    p.add_argument("--min-fidelity", type=float, help="drop records the bundle's classifier scores below this")
     p.add_argument("--timeout", type=float, help="seconds before the call is abandoned")
 
 
@@ -94,13 +97,36 @@ def _add_inspect(sub) -> None:
         p.add_argument("--target", default="127.0.0.1:50051", help="server address host:port")
 
 
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="measure whether synthetic rows improve a classifier",
+                       description="Per seed: sample SHOTS real examples per intent, fine-tune and export a "
+                                   "generator on them alone, generate PER_INTENT records per intent, and compare "
+                                   "a TF-IDF + logistic-regression classifier trained on real vs real + synthetic "
+                                   "rows on the test split. Writes OUTPUT/report.json and OUTPUT/report.md.")
+    p.add_argument("--data", required=True, help="training CSV (or hf:NAME)")
+    p.add_argument("--test", required=True, help="test CSV (or hf:NAME) with the same columns")
+    p.add_argument("--output", type=Path, default=Path("eval_out"))
+    p.add_argument("--shots", type=int, default=10, help="real examples per intent")
+    p.add_argument("--per-intent", type=int, default=20, help="synthetic records per intent")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--base-model", default="smollm2-135m")
+    p.add_argument("--steps", type=int, default=80, help="fine-tuning steps per seed")
+    p.add_argument("--min-fidelity", type=float, default=0.0,
+                   help="drop records the few-shot classifier scores below this")
+    p.add_argument("--text-column")
+    p.add_argument("--label-column")
+    p.add_argument("--quick", action="store_true", help="a small run with a tiny model (for CI)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="condgen", description="Grow a labelled text dataset with synthetic "
                                      "records from a fine-tuned generator served over gRPC.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_train, _add_export, _add_serve, _add_generate, _add_inspect):
+    for add in (_add_train, _add_export, _add_serve, _add_generate, _add_inspect, _add_evaluate):
         add(sub)
+    sub.add_parser("bench", add_help=False, help="benchmark the engine, the server and the batching policies "
+                   "(condgen bench --help)")
     return parser
 
 
@@ -154,7 +180,8 @@ def cmd_generate(args) -> None:
         records = list(client.generate(
             args.intent, args.num_records, on_record=lambda _: bar.update(1), seed=args.seed,
             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
-            num_prompt_examples=args.prompt_examples, allow_training_copies=args.allow_training_copies))
+            num_prompt_examples=args.prompt_examples, allow_training_copies=args.allow_training_copies,
+            avoid_recent_duplicates=False if args.allow_recent_duplicates else None, min_fidelity=args.min_fidelity))
         summary = client.last_summary
     write_frame(records_to_frame(records), args.output)
     print(f"wrote {len(records)} records to {args.output}")
@@ -166,6 +193,22 @@ def cmd_generate(args) -> None:
         if summary.incomplete_intents:
             print(f"warning: round budget spent before reaching {args.num_records} records for "
                   f"{', '.join(summary.incomplete_intents)}", file=sys.stderr)
+
+
+def cmd_evaluate(args) -> None:
+    from condgen.training.evaluate import EvaluateConfig, evaluate
+
+    config = EvaluateConfig(data=args.data, test=args.test, output=args.output, shots=args.shots,
+                            per_intent=args.per_intent, seeds=args.seeds, base_model=args.base_model,
+                            steps=args.steps, min_fidelity=args.min_fidelity, text_column=args.text_column,
+                            label_column=args.label_column, quick=args.quick)
+    if args.quick:
+        config.steps, config.batch_size, config.learning_rate = min(args.steps, 150), 4, 5e-3
+    report = evaluate(config)
+    low, high = report["gain_ci95"]
+    print(f"baseline {report['baseline_acc_mean']:.4f} -> augmented {report['augmented_acc_mean']:.4f}: "
+          f"{report['gain_points']:+.2f} points (95% CI {low:+.2f}..{high:+.2f}); "
+          f"fidelity {report['fidelity_mean']:.3f}; report in {args.output / 'report.md'}")
 
 
 def cmd_intents(args) -> None:
@@ -202,7 +245,7 @@ def cmd_health(args) -> None:
 
 COMMANDS = {"train": cmd_train, "export": cmd_export, "serve": cmd_serve, "generate": cmd_generate,
             "intents": cmd_intents, "info": cmd_info,
-            "health": cmd_health}
+            "health": cmd_health, "evaluate": cmd_evaluate}
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -222,6 +265,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own parser: `condgen bench --help`
+        from condgen.bench.__main__ import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

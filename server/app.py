@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from condgen.bundle import read_examples, read_manifest
 from condgen.server.engine import Engine, EngineConfig
+from condgen.server.records import RecordJudge
 from condgen.server.scheduler import Scheduler, SchedulerConfig
 from condgen.server.servicer import GeneratorServicer
 from condgen.server.validation import Defaults, Limits
@@ -73,7 +74,9 @@ async def start_server(config: ServeConfig) -> RunningServer:
     """Load the bundle and start serving; returns once the port is bound."""
     manifest = read_manifest(config.bundle, verify=config.verify_bundle)
     engine = Engine(config.bundle, manifest, config.engine)
-    scheduler = Scheduler(engine, read_examples(config.bundle), manifest.separator, config.scheduler)
+    examples = read_examples(config.bundle)
+    judge = RecordJudge.for_bundle(config.bundle, manifest, examples)
+    scheduler = Scheduler(engine, examples, manifest.separator, config.scheduler, judge)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
     pb_grpc.add_GeneratorServicer_to_server(

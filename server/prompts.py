@@ -6,15 +6,19 @@ import numpy as np
 from condgen.codec import encode_line
 
 
-def build_prompt(intent: str, texts: list[str], k: int, rng: np.random.Generator, separator: str) -> str:
+def build_prompt(intent: str, texts: list[str], k: int, rng: np.random.Generator,
+                 separator: str) -> tuple[str, list[str]]:
     """`intent,text\\n` for k examples drawn without replacement, then the open line `intent,`.
+
+    Returns the prompt and the example texts it shows.
 
     Examples keep their order in the bundle, so an intent with at most k examples always
     gets the same prompt and its prefill can be reused from the prefix cache.
     """
     chosen = np.sort(rng.choice(len(texts), size=min(k, len(texts)), replace=False)) if texts and k else []
-    lines = "".join(encode_line(intent, texts[int(i)], separator) + "\n" for i in chosen)
-    return lines + line_prefix(intent, separator)
+    shown = [texts[int(i)] for i in chosen]
+    lines = "".join(encode_line(intent, text, separator) + "\n" for text in shown)
+    return lines + line_prefix(intent, separator), shown
 
 
 def line_prefix(intent: str, separator: str) -> str:

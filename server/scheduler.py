@@ -12,7 +12,8 @@ job has enough records or their request was cancelled.
 
 A recently prefilled prompt is taken from the prefix cache instead of being run again.
 The `static` policy (for comparison in benchmarks) batches whole requests at a time: a new
-group of requests starts only when every request of the previous group has finished.
+group of requests starts only when every request of the previous group has finished, and
+each request keeps a fixed set of rows (one round at a time).
 
 All state lives on the event loop thread; only `Engine.forward` runs in a worker thread.
 """
@@ -29,16 +30,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from condgen.codec import CodecError, decode_line, normalize_for_match
+from condgen.codec import normalize_for_match
 from condgen.server.batch import Batch
 from condgen.server.engine import Engine
 from condgen.server.errors import Overloaded, ShuttingDown
 from condgen.server.prefix_cache import PrefixCache
 from condgen.server.prompts import build_prompt, line_prefix
+from condgen.server.records import CopyIndex, JudgeSettings, LengthBounds, RecordJudge
 from condgen.server.sampling import SamplingSettings, sample_token, sequence_rng
 
 log = logging.getLogger(__name__)
-REJECTION_REASONS = ("malformed", "wrong_intent", "empty_text", "truncated", "duplicate", "training_copy")
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,12 @@ class GenerationSpec:
     sequences_per_round: int = 8
     max_rounds: int = 0  # 0: derived from num_records
     allow_training_copies: bool = False
+    avoid_recent_duplicates: bool = True
+    min_fidelity: float = 0.0
+
+    @property
+    def judging(self) -> JudgeSettings:
+        return JudgeSettings(self.allow_training_copies, self.avoid_recent_duplicates, self.min_fidelity)
 
     def round_budget(self) -> int:
         if self.max_rounds:
@@ -82,6 +89,8 @@ class GeneratedRecord:
     intent: str
     text: str
     index: int
+    fidelity: float = 0.0
+    predicted_intent: str = ""
 
 
 @dataclass
@@ -147,6 +156,7 @@ class Sequence:
     job: Job
     rng: np.random.Generator
     line_tokens: list[int]
+    prompt_keys: frozenset[str] = frozenset()
     forced: deque = field(default_factory=deque)
     generated: int = 0
 
@@ -177,13 +187,13 @@ class Scheduler:
     """Owns the running `Batch` and moves sequences in and out of it."""
 
     def __init__(self, engine: Engine, examples: dict[str, list[str]], separator: str,
-                 config: SchedulerConfig = SchedulerConfig(), training_texts: set[str] | None = None):
+                 config: SchedulerConfig = SchedulerConfig(), judge: RecordJudge | None = None):
         self.engine = engine
         self.examples = examples
         self.separator = separator
         self.config = config
-        self.training_texts = training_texts if training_texts is not None else {
-            normalize_for_match(t) for texts in examples.values() for t in texts}
+        self.judge = judge or RecordJudge(separator, LengthBounds(),
+                                          CopyIndex(t for texts in examples.values() for t in texts), None)
         self.requests: list[RequestState] = []
         self.sequences: dict[int, Sequence] = {}
         self.batch: Batch | None = None
@@ -256,6 +266,8 @@ class Scheduler:
     def _wants_round(self, state: RequestState, job: Job) -> bool:
         if state.cancelled or job.satisfied or job.rounds >= state.spec.round_budget():
             return False
+        if self.config.policy == "static":
+            return not job.active  # fixed rows per request: one round at a time
         lines_per_sequence = max(1.0, state.spec.max_new_tokens / job.tokens_per_line)
         in_flight = len(job.active) * lines_per_sequence
         return in_flight < job.target - job.accepted
@@ -291,7 +303,8 @@ class Scheduler:
         spec = state.spec
         prompt_rng = sequence_rng(spec.seed, job.number, job.rounds, 1 << 20)
         examples = self.examples[job.intent]
-        prompt = build_prompt(job.intent, examples, spec.num_prompt_examples, prompt_rng, self.separator)
+        prompt, shown = build_prompt(job.intent, examples, spec.num_prompt_examples, prompt_rng, self.separator)
+        prompt_keys = frozenset(normalize_for_match(t) for t in shown)
         prompt_ids = self.engine.encode(prompt)
         shots = min(spec.num_prompt_examples, len(examples))
         if shots:
@@ -307,7 +320,7 @@ class Scheduler:
         forked = single.fork(seq_ids)
         for fork_index, seq_id in enumerate(seq_ids):
             seq = Sequence(seq_id, state, job, sequence_rng(spec.seed, job.number, job.rounds, fork_index),
-                           list(job.prefix_tokens))
+                           list(job.prefix_tokens), prompt_keys)
             self.sequences[seq_id] = seq
             job.active.add(seq_id)
         job.rounds += 1
@@ -362,27 +375,19 @@ class Scheduler:
         text = self.engine.decode(seq.line_tokens).split("\n", 1)[0]
         if at_eos and len(seq.line_tokens) <= len(seq.job.prefix_tokens) + 1:
             return  # nothing but the prefix before EOS: not a line
-        self._judge_line(seq.request, seq.job, text)
+        self._judge_line(seq, text)
 
-    def _judge_line(self, state: RequestState, job: Job, line: str) -> None:
+    def _judge_line(self, seq: Sequence, line: str) -> None:
+        state, job = seq.request, seq.job
         state.summary.lines_parsed += 1
-        try:
-            record = decode_line(line, self.separator)
-        except CodecError:
-            return self._reject(state, "malformed")
-        if record.intent != job.intent:
-            return self._reject(state, "wrong_intent")
-        if not record.text:
-            return self._reject(state, "empty_text")
-        key = normalize_for_match(record.text)
-        if key in job.seen:
-            return self._reject(state, "duplicate")
-        if not state.spec.allow_training_copies and key in self.training_texts:
-            return self._reject(state, "training_copy")
+        verdict = self.judge.judge(line, job.intent, state.spec.judging, job.seen, seq.prompt_keys)
+        if verdict.reason is not None:
+            return self._reject(state, verdict.reason)
         if job.satisfied or state.cancelled:
             return None
-        job.seen.add(key)
-        state.outbox.put_nowait(GeneratedRecord(job.intent, record.text, job.accepted))
+        self.judge.remember(job.intent, verdict.text, job.seen)
+        state.outbox.put_nowait(GeneratedRecord(job.intent, verdict.text, job.accepted, verdict.fidelity,
+                                                verdict.predicted_intent))
         job.accepted += 1
         state.summary.records_accepted += 1
         return None

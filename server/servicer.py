@@ -40,7 +40,9 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
         try:
             async for item in handle:
                 if isinstance(item, GeneratedRecord):
-                    yield pb.GenerateResponse(record=pb.Record(intent=item.intent, text=item.text, index=item.index))
+                    yield pb.GenerateResponse(record=pb.Record(intent=item.intent, text=item.text, index=item.index,
+                                                               fidelity=item.fidelity,
+                                                               predicted_intent=item.predicted_intent))
                 else:
                     yield pb.GenerateResponse(summary=summary_message(item))
         finally:

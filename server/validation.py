@@ -95,7 +95,12 @@ def to_spec(request: pb.GenerateRequest, known: dict[str, int], limits: Limits, 
     rounds = request.max_rounds if request.HasField("max_rounds") else 0
     if request.HasField("max_rounds"):
         _check_range("max_rounds", rounds, 1, limits.max_rounds)
+    min_fidelity = request.min_fidelity if request.HasField("min_fidelity") else 0.0
+    if not 0.0 <= min_fidelity <= 1.0:
+        raise RequestError(f"`min_fidelity` must be between 0 and 1, got {min_fidelity}")
+    avoid_recent = request.avoid_recent_duplicates if request.HasField("avoid_recent_duplicates") else True
     return GenerationSpec(intents=intents, num_records=int(request.num_records), sampling=settings, seed=seed,
                           max_new_tokens=max_new_tokens, num_prompt_examples=int(shots),
                           sequences_per_round=int(spr), max_rounds=int(rounds),
-                          allow_training_copies=bool(request.allow_training_copies))
+                          allow_training_copies=bool(request.allow_training_copies),
+                          avoid_recent_duplicates=bool(avoid_recent), min_fidelity=float(min_fidelity))

@@ -12,6 +12,7 @@ def test_generate_writes_each_format(server, tmp_path, suffix, capsys):
     out = tmp_path / f"records{suffix}"
     code = main(["generate", "--target", server.target, "--intent", "card_arrival", "--intent", "exchange_rate",
                  "--num-records", "2", "--seed", "5", "--max-new-tokens", "48", "--allow-training-copies",
+                 "--allow-recent-duplicates",
                  "--output", str(out)])
     assert code == 0
     frame = {".csv": pd.read_csv, ".parquet": pd.read_parquet,

@@ -11,8 +11,9 @@ from condgen.client import AsyncClient, GenerateError
 from condgen.v1 import generator_pb2 as pb
 from condgen.v1 import generator_pb2_grpc as pb_grpc
 
+# The overfit model knows few lines: let the tests share them (no cross-request dedup).
 SETTINGS = dict(seed=3, temperature=1.0, max_new_tokens=48, num_prompt_examples=4,
-                allow_training_copies=True)
+                allow_training_copies=True, avoid_recent_duplicates=False)
 
 
 def training_texts(bundle):
@@ -57,6 +58,23 @@ def test_training_copies_are_rejected_by_default(client, bundle):
     assert client.last_summary.rejected.training_copy > 0  # the overfit model mostly recites
 
 
+def test_recent_duplicates_are_rejected_across_requests(client):
+    settings = {**SETTINGS, "avoid_recent_duplicates": True, "seed": 21, "max_rounds": 8}
+    first = {r.text for r in client.generate(["lost_or_stolen_card"], 2, **settings)}
+    second = {r.text for r in client.generate(["lost_or_stolen_card"], 2, **settings)}
+    assert not first & second
+    assert client.last_summary.rejected.duplicate > 0  # the same seed proposed the same lines again
+
+
+def test_records_carry_fidelity_and_min_fidelity_filters(client):
+    records = list(client.generate(["exchange_rate", "card_arrival"], 3, **SETTINGS))
+    assert all(0.0 <= r.fidelity <= 1.0 and r.predicted_intent for r in records)
+    strict = list(client.generate(["exchange_rate"], 2, min_fidelity=0.5, **{**SETTINGS, "seed": 5}))
+    assert all(r.fidelity >= 0.5 for r in strict)
+    frame = client.generate_df(["card_arrival"], 2, with_scores=True, **SETTINGS)
+    assert list(frame.columns) == ["intent", "text", "fidelity", "predicted_intent"]
+
+
 def test_health_reports_serving(server):
     with grpc.insecure_channel(server.target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
@@ -95,6 +113,7 @@ def test_unknown_intent_gets_invalid_argument_with_close_matches(client):
     (dict(intents=["card_arrival"], num_records=1, sampling=pb.SamplingParams(max_new_tokens=100000)),
      "max_new_tokens"),
     (dict(intents=["card_arrival"], num_records=1, sequences_per_round=0), "sequences_per_round"),
+    (dict(intents=["card_arrival"], num_records=1, min_fidelity=1.5), "min_fidelity"),
 ])
 def test_bad_values_get_invalid_argument_naming_the_field(server, request_kwargs, field):
     with grpc.insecure_channel(server.target) as channel:

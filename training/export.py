@@ -137,6 +137,19 @@ def check_parity(parity: Parity, variant: str, tolerance: float, min_top1: float
                           f"{parity.top1_agreement:.1%} of positions (< {min_top1:.0%}); not saved as servable")
 
 
+def write_fidelity_classifier(bundle_dir: Path, examples: dict[str, list[str]]) -> None:
+    """Train the label classifier on the bundle's own training texts and store it as arrays."""
+    from condgen.training.fidelity import fit_classifier, save_classifier
+
+    texts = [t for intent in sorted(examples) for t in examples[intent]]
+    labels = [intent for intent in sorted(examples) for _ in examples[intent]]
+    if len(set(labels)) < 2:
+        log.warning("one intent only: no fidelity classifier in the bundle")
+        return
+    log.info("training the fidelity classifier on %d texts of %d intents", len(texts), len(set(labels)))
+    save_classifier(fit_classifier(texts, labels), bundle_dir)
+
+
 def export_bundle(checkpoint: str | Path, output: str | Path, tolerance: float = DEFAULT_TOLERANCE,
                   opset: int | None = None, variant: str = "fp32", min_top1: float = DEFAULT_MIN_TOP1) -> ExportResult:
     """Export `checkpoint` (the output of `condgen train`) to the bundle folder `output`."""
@@ -176,6 +189,7 @@ def export_bundle(checkpoint: str | Path, output: str | Path, tolerance: float =
     info.parity_tolerance = tolerance
     info.variant = variant
     check_parity(parity, variant, tolerance, min_top1)
+    write_fidelity_classifier(output, examples)
     manifest = Manifest(base_model=info_json["base_model"], separator=info_json["separator"],
                         intents=info_json["intents"], onnx=info, eos_token_id=tokenizer.eos_token_id,
                         training_config=info_json["config"], training_stats=info_json["stats"],

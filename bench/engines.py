@@ -1,0 +1,107 @@
+"""Engine-alone throughput: our ONNX engine vs transformers `generate` vs optimum's ORT model.
+
+Every contender gets the same prompts (one per intent, k real examples each), generates the
+same number of new tokens greedily (EOS ignored) and is timed from prompt to last token,
+prefill included. Tokens per second count generated tokens only.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from condgen.bundle import read_examples, read_manifest
+from condgen.server.batch import Batch
+from condgen.server.engine import Engine, EngineConfig
+from condgen.server.prompts import build_prompt
+
+
+def bench_prompts(bundle: Path, count: int, examples_per_prompt: int, separator: str) -> list[str]:
+    examples = read_examples(bundle)
+    intents = sorted(examples)
+    rng = np.random.default_rng(0)
+    return [build_prompt(intents[i % len(intents)], examples[intents[i % len(intents)]], examples_per_prompt,
+                         rng, separator)[0] for i in range(count)]
+
+
+def engine_greedy(engine: Engine, prompts: list[list[int]], new_tokens: int) -> None:
+    """Prefill each prompt, join them in one batch, decode greedily."""
+    batches = []
+    for seq_id, ids in enumerate(prompts):
+        batch = engine.new_batch(seq_id, ids)
+        batch.set_next([int(np.argmax(engine.forward(batch)[0]))])
+        batches.append(batch)
+    batch = Batch.concatenate(batches)
+    for _ in range(new_tokens - 1):
+        batch.set_next(np.argmax(engine.forward(batch), axis=-1))
+
+
+def timed(fn, tokens: int) -> float:
+    started = time.perf_counter()
+    fn()
+    return tokens / (time.perf_counter() - started)
+
+
+def our_engine(bundle: Path, prompts: list[str], new_tokens: int, device: str) -> tuple[float, str]:
+    engine = Engine(bundle, read_manifest(bundle, verify=False), EngineConfig(device=device))
+    ids = [engine.encode(p) for p in prompts]
+    engine_greedy(engine, ids[:1], 2)  # warm-up
+    return timed(lambda: engine_greedy(engine, ids, new_tokens), len(ids) * new_tokens), engine.provider
+
+
+def hf_generate(model, tokenizer, prompts: list[str], new_tokens: int, device) -> None:
+    import torch
+
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False,
+                        return_token_type_ids=False).to(device)
+    with torch.inference_mode():
+        model.generate(**encoded, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       use_cache=True, pad_token_id=tokenizer.pad_token_id)
+
+
+def _tokenizer(checkpoint: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def transformers_generate(checkpoint: Path, prompts: list[str], new_tokens: int, device: str) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    target = "cuda" if device in ("cuda", "auto") and torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint)).to(target).eval()
+    tokenizer = _tokenizer(checkpoint)
+    hf_generate(model, tokenizer, prompts[:1], 2, target)
+    return timed(lambda: hf_generate(model, tokenizer, prompts, new_tokens, target), len(prompts) * new_tokens)
+
+
+def optimum_generate(checkpoint: Path, bundle: Path, prompts: list[str], new_tokens: int, device: str) -> float:
+    """optimum's ORTModelForCausalLM over the very same model.onnx as our engine."""
+    import onnxruntime as ort
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    cuda = device in ("cuda", "auto") and "CUDAExecutionProvider" in ort.get_available_providers()
+    with tempfile.TemporaryDirectory(prefix="condgen-bench-") as tmp:
+        folder = Path(tmp)
+        for name in ("config.json", "generation_config.json"):
+            if (checkpoint / name).is_file():
+                shutil.copy(checkpoint / name, folder / name)
+        for item in bundle.iterdir():
+            if item.name.startswith("model.onnx"):
+                (folder / item.name).symlink_to(item.resolve())
+        model = ORTModelForCausalLM.from_pretrained(
+            str(folder), use_cache=True, provider="CUDAExecutionProvider" if cuda else "CPUExecutionProvider")
+        tokenizer = _tokenizer(checkpoint)
+        target = "cuda" if cuda else "cpu"
+        hf_generate(model, tokenizer, prompts[:1], 2, target)
+        return timed(lambda: hf_generate(model, tokenizer, prompts, new_tokens, target), len(prompts) * new_tokens)

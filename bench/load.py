@@ -1,0 +1,150 @@
+"""Serving throughput and latency: concurrent gRPC streams vs the same load in process,
+and continuous vs static batching on a mixed workload.
+
+Tokens per second are the `tokens_generated` of every request's Summary over the wall time
+of the whole load. TTFT is the time from a call to its first record; TPOT is a stream's
+time after its first record per token of one of its sequences.
+"""
+from __future__ import annotations
+
+import asyncio
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from condgen.bundle import read_examples, read_manifest
+from condgen.server.engine import Engine, EngineConfig
+from condgen.server.sampling import SamplingSettings
+from condgen.server.scheduler import GeneratedRecord, GenerationSpec, Scheduler, SchedulerConfig
+
+
+@dataclass(frozen=True)
+class StreamLoad:
+    """What each stream asks for."""
+
+    num_records: int = 8
+    sequences_per_round: int = 4
+    max_new_tokens: int = 48
+    prompt_examples: int = 10
+    temperature: float = 0.9
+
+
+@dataclass
+class StreamResult:
+    ttft: float
+    elapsed: float
+    tokens: int
+    records: int
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+class ServerProcess:
+    """`condgen serve` in a child process, so its memory is measured alone."""
+
+    def __init__(self, bundle: Path, device: str, max_batch_size: int):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "condgen.cli", "serve", "--bundle", str(bundle), "--port", "0",
+             "--device", device, "--max-batch-size", str(max_batch_size)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        for line in self.process.stdout:
+            match = re.search(r"listening on (\S+):(\d+)", line)
+            if match:
+                self.target = f"{match.group(1)}:{match.group(2)}"
+                return
+        raise RuntimeError("the benchmark server exited before listening")
+
+    def peak_rss_mb(self) -> float:
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=60)
+
+
+def one_stream(target: str, intent: str, seed: int, load: StreamLoad, out: list, index: int) -> None:
+    from condgen.client import Client
+
+    started = time.perf_counter()
+    first = None
+    records = 0
+    with Client(target, timeout=1800) as client:
+        for _ in client.generate([intent], load.num_records, seed=seed, temperature=load.temperature,
+                                 max_new_tokens=load.max_new_tokens, num_prompt_examples=load.prompt_examples,
+                                 sequences_per_round=load.sequences_per_round):
+            records += 1
+            first = first or time.perf_counter() - started
+        out[index] = StreamResult(first or 0.0, time.perf_counter() - started,
+                                  client.last_summary.tokens_generated, records)
+
+
+def run_streams(target: str, intents: list[str], streams: int, load: StreamLoad) -> tuple[float, list[StreamResult]]:
+    """`streams` concurrent Generate calls; returns tokens/s over the wall time and per-stream results."""
+    results: list = [None] * streams
+    threads = [threading.Thread(target=one_stream, args=(target, intents[i % len(intents)], i, load, results, i))
+               for i in range(streams)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    if any(r is None for r in results):
+        raise RuntimeError("a benchmark stream failed")
+    return sum(r.tokens for r in results) / wall, results
+
+
+def latency_figures(results: list[StreamResult], load: StreamLoad) -> dict:
+    ttfts = [r.ttft * 1000 for r in results]
+    tpots = [(r.elapsed - r.ttft) * 1000 / max(1.0, r.tokens / load.sequences_per_round) for r in results]
+    return {"ttft_p50_ms": statistics.median(ttfts), "ttft_p95_ms": percentile(ttfts, 0.95),
+            "tpot_ms": statistics.median(tpots)}
+
+
+def spec_for(intent: str, seed: int, num_records: int, load: StreamLoad) -> GenerationSpec:
+    return GenerationSpec(intents=(intent,), num_records=num_records, seed=seed,
+                          sampling=SamplingSettings(temperature=load.temperature), max_new_tokens=load.max_new_tokens,
+                          num_prompt_examples=load.prompt_examples, sequences_per_round=load.sequences_per_round)
+
+
+async def _run_in_process(engine: Engine, examples, separator: str, specs: list[GenerationSpec],
+                          config: SchedulerConfig) -> float:
+    scheduler = Scheduler(engine, examples, separator, config)
+    task = asyncio.create_task(scheduler.run())
+
+    async def drain(spec) -> int:
+        tokens = 0
+        async for item in scheduler.submit(spec):
+            if not isinstance(item, GeneratedRecord):
+                tokens = item.tokens_generated
+        return tokens
+
+    started = time.perf_counter()
+    tokens = await asyncio.gather(*[drain(s) for s in specs])
+    wall = time.perf_counter() - started
+    scheduler.stop()
+    await task
+    return sum(tokens) / wall
+
+
+def in_process(bundle: Path, device: str, specs: list[GenerationSpec], config: SchedulerConfig,
+               engine: Engine | None = None) -> float:
+    """Tokens/s of `specs` submitted together straight to a scheduler (no gRPC)."""
+    manifest = read_manifest(bundle, verify=False)
+    engine = engine or Engine(bundle, manifest, EngineConfig(device=device))
+    return asyncio.run(_run_in_process(engine, read_examples(bundle), manifest.separator, specs, config))
+
+
+def mixed_specs(intents: list[str], load: StreamLoad, small: int, large: int, count: int) -> list[GenerationSpec]:
+    """Every fifth request wants `large` records, the others `small`."""
+    return [spec_for(intents[i % len(intents)], 1000 + i, large if i % 5 == 0 else small, load)
+            for i in range(count)]
