@@ -29,11 +29,10 @@ def bench_prompts(bundle: Path, count: int, examples_per_prompt: int, separator:
 
 
 def engine_greedy(engine: Engine, prompts: list[list[int]], new_tokens: int) -> None:
-    """Prefill each prompt, join them in one batch, decode greedily."""
+    """Prefill the prompts (several per pass), join them in one batch, decode greedily."""
     batches = []
-    for seq_id, ids in enumerate(prompts):
-        batch = engine.new_batch(seq_id, ids)
-        batch.set_next([int(np.argmax(engine.forward(batch)[0]))])
+    for batch, logits in engine.prefill(list(range(len(prompts))), prompts):
+        batch.set_next([int(np.argmax(logits))])
         batches.append(batch)
     batch = Batch.concatenate(batches)
     for _ in range(new_tokens - 1):

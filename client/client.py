@@ -62,7 +62,7 @@ def build_request(intents: Sequence[str], num_records: int, *, temperature: floa
                   max_new_tokens: int | None = None, num_prompt_examples: int | None = None,
                   sequences_per_round: int | None = None, max_rounds: int | None = None,
                   allow_training_copies: bool = False, avoid_recent_duplicates: bool | None = None,
-                  min_fidelity: float | None = None) -> pb.GenerateRequest:
+                  min_fidelity: float | None = None, require_predicted_intent: bool = False) -> pb.GenerateRequest:
     """A GenerateRequest; None leaves a setting to the server's default."""
     if isinstance(intents, str):
         intents = [intents]
@@ -74,7 +74,8 @@ def build_request(intents: Sequence[str], num_records: int, *, temperature: floa
                                       avoid_recent_duplicates=avoid_recent_duplicates,
                                       min_fidelity=min_fidelity).items() if v is not None}
     return pb.GenerateRequest(intents=list(intents), num_records=num_records, sampling=sampling,
-                              allow_training_copies=allow_training_copies, **optional)
+                              allow_training_copies=allow_training_copies,
+                              require_predicted_intent=require_predicted_intent, **optional)
 
 
 def _record(message: pb.Record, index: int) -> Record:

@@ -99,6 +99,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--allow-recent-duplicates", action="store_true",
                    help="keep records the server recently streamed for the same intent")
     p.add_argument("--min-fidelity", type=float, help="drop records the bundle's classifier scores below this")
+    p.add_argument("--require-predicted-intent", action="store_true",
+                   help="drop records the bundle's classifier assigns to another intent")
     p.add_argument("--timeout", type=float, help="seconds before the call is abandoned")
 
 
@@ -144,6 +146,10 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--steps", type=int, default=80, help="fine-tuning steps per seed")
     p.add_argument("--min-fidelity", type=float, default=0.0,
                    help="drop records the few-shot classifier scores below this")
+    p.add_argument("--no-agreement-filter", dest="agreement_filter", action="store_false",
+                   help="keep records the few-shot classifier assigns to another intent (kept out by default)")
+    p.add_argument("--reuse-bundles", action="store_true",
+                   help="reuse OUTPUT/seed-N/bundle from an earlier run with the same settings")
     p.add_argument("--text-column")
     p.add_argument("--label-column")
     p.add_argument("--quick", action="store_true", help="a small run with a tiny model (for CI)")
@@ -215,7 +221,8 @@ def cmd_generate(args) -> None:
             args.intent, args.num_records, on_record=lambda _: bar.update(1), seed=args.seed,
             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
             num_prompt_examples=args.prompt_examples, allow_training_copies=args.allow_training_copies,
-            avoid_recent_duplicates=False if args.allow_recent_duplicates else None, min_fidelity=args.min_fidelity))
+            avoid_recent_duplicates=False if args.allow_recent_duplicates else None, min_fidelity=args.min_fidelity,
+            require_predicted_intent=args.require_predicted_intent))
         summary = client.last_summary
     write_frame(records_to_frame(records), args.output)
     print(f"wrote {len(records)} records to {args.output}")
@@ -234,7 +241,8 @@ def cmd_evaluate(args) -> None:
 
     config = EvaluateConfig(data=args.data, test=args.test, output=args.output, shots=args.shots,
                             per_intent=args.per_intent, seeds=args.seeds, base_model=args.base_model,
-                            steps=args.steps, min_fidelity=args.min_fidelity, text_column=args.text_column,
+                            steps=args.steps, min_fidelity=args.min_fidelity, agreement_filter=args.agreement_filter,
+                            reuse_bundles=args.reuse_bundles, text_column=args.text_column,
                             label_column=args.label_column, quick=args.quick)
     if args.quick:
         config.steps, config.batch_size, config.learning_rate = min(args.steps, 150), 4, 5e-3

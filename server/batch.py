@@ -6,7 +6,8 @@ Between two forward passes a batch holds, for each row (one sequence):
   - `past`      name -> (batch, kv_heads, past_len, head_dim) cached keys/values, named
                 after the ONNX graph's `past_key_values.*` inputs.
 Rows of different lengths are left-padded, so every row's newest token is in the last
-column. The scheduler only moves rows in and out with `filter`, `concatenate` and `fork`.
+column. Several prompts can be prefilled in one pass (`for_prompts`): they are left-padded
+too, with `next_mask` marking the padding until the pass has run. The scheduler only moves rows in and out with `filter`, `concatenate` and `fork`.
 With IO binding the cache may live on the device as ONNX Runtime `OrtValue`s between
 steps; it comes to the host only when rows join or leave.
 """
@@ -23,6 +24,7 @@ class Batch:
     next_ids: np.ndarray
     past_mask: np.ndarray
     past: dict[str, np.ndarray]
+    next_mask: np.ndarray | None = None  # (batch, new_len): 0 = padding of a batched prefill
 
     def __len__(self) -> int:
         return len(self.seq_ids)
@@ -32,27 +34,38 @@ class Batch:
         return self.past_mask.shape[1]
 
     @classmethod
-    def for_prompt(cls, seq_id: int, token_ids: list[int], past_names: list[str], kv_heads: int,
-                   head_dim: int, dtype=np.float32) -> "Batch":
-        """A one-row batch ready to prefill `token_ids` with an empty cache."""
-        empty = np.zeros((1, kv_heads, 0, head_dim), dtype=dtype)  # (batch, heads, past_len=0, head_dim)
-        return cls([seq_id], np.array([token_ids], dtype=np.int64), np.zeros((1, 0), dtype=np.int64),
-                   {name: empty for name in past_names})
+    def for_prompts(cls, seq_ids: list[int], prompts: list[list[int]], past_names: list[str], kv_heads: int,
+                    head_dim: int, dtype=np.float32) -> "Batch":
+        """A batch ready to prefill the prompts (left-padded to the longest) with an empty cache."""
+        n, width = len(prompts), max(len(p) for p in prompts)
+        ids = np.zeros((n, width), dtype=np.int64)
+        mask = np.zeros((n, width), dtype=np.int64)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt):] = prompt
+            mask[row, width - len(prompt):] = 1
+        empty = np.zeros((n, kv_heads, 0, head_dim), dtype=dtype)  # (batch, heads, past_len=0, head_dim)
+        return cls(list(seq_ids), ids, np.zeros((n, 0), dtype=np.int64), {name: empty for name in past_names},
+                   None if mask.all() else mask)
+
+    def _new_mask(self) -> np.ndarray:
+        if self.next_mask is not None:
+            return self.next_mask
+        return np.ones(self.next_ids.shape, dtype=np.int64)
 
     def feed(self) -> dict[str, np.ndarray]:
         """Inputs for the next forward pass."""
         new_len = self.next_ids.shape[1]
-        mask = np.concatenate([self.past_mask, np.ones((len(self), new_len), dtype=np.int64)], axis=1)
-        # Position of a token = number of real tokens before it in its row.
-        positions = np.cumsum(mask, axis=1)[:, -new_len:] - 1  # (batch, new_len)
+        mask = np.concatenate([self.past_mask, self._new_mask()], axis=1)
+        # Position of a token = number of real tokens before it in its row (padding: 0).
+        positions = np.maximum(np.cumsum(mask, axis=1)[:, -new_len:] - 1, 0)  # (batch, new_len)
         return {"input_ids": self.next_ids, "attention_mask": mask, "position_ids": positions, **self.past}
 
     def advance(self, present: dict[str, np.ndarray]) -> None:
         """Take the forward pass's `present` cache; the fed tokens become past."""
-        new_len = self.next_ids.shape[1]
-        self.past_mask = np.concatenate([self.past_mask, np.ones((len(self), new_len), dtype=np.int64)], axis=1)
+        self.past_mask = np.concatenate([self.past_mask, self._new_mask()], axis=1)
         self.past = present
         self.next_ids = self.next_ids[:, :0]
+        self.next_mask = None
 
     def set_next(self, tokens: np.ndarray) -> None:
         """Tokens (one per row) to feed at the next step."""

@@ -108,8 +108,29 @@ class Engine:
 
     def new_batch(self, seq_id: int, token_ids: list[int]) -> Batch:
         """A one-row batch that will prefill `token_ids`."""
-        return Batch.for_prompt(seq_id, token_ids, self.info.past_key_names, self.info.num_kv_heads,
-                                self.info.head_dim, self.dtype)
+        return self.prompts_batch([seq_id], [token_ids])
+
+    def prompts_batch(self, seq_ids: list[int], prompts: list[list[int]]) -> Batch:
+        """A batch that prefills several prompts in one pass (left-padded)."""
+        return Batch.for_prompts(seq_ids, prompts, self.info.past_key_names, self.info.num_kv_heads,
+                                 self.info.head_dim, self.dtype)
+
+    def prefill(self, seq_ids: list[int], prompts: list[list[int]],
+                max_tokens: int = 1024) -> list[tuple[Batch, np.ndarray]]:
+        """Prefill prompts, several per pass (at most `max_tokens` padded tokens a pass, which
+        bounds the pass's full-sequence logits); one (one-row batch, last logits) per prompt."""
+        results: list[tuple[Batch, np.ndarray]] = []
+        group: list[int] = []
+        for index in range(len(prompts) + 1):
+            if group and (index == len(prompts) or
+                          (len(group) + 1) * max(len(prompts[i]) for i in group + [index]) > max_tokens):
+                batch = self.prompts_batch([seq_ids[i] for i in group], [prompts[i] for i in group])
+                logits = self.forward(batch)
+                results.extend((batch.filter([seq_ids[i]]), logits[row]) for row, i in enumerate(group))
+                group = []
+            if index < len(prompts):
+                group.append(index)
+        return results
 
     def forward(self, batch: Batch) -> np.ndarray:
         """Run `batch.next_ids` through the model; return last-position logits (batch, vocab)."""

@@ -7,7 +7,8 @@ round asked for; the text is not empty and its length is within the bundle's bou
 does not echo a line of the round's prompt; it repeats no earlier record of the request
 nor (unless the request allows it) a recent record of the server for the same intent; it
 is no exact or near copy of a training text (unless allowed); its fidelity (probability of
-the intent under the bundle's classifier) is at least the request's `min_fidelity`.
+the intent under the bundle's classifier) is at least the request's `min_fidelity` and, if
+the request asks, the classifier's most likely intent is the requested one.
 """
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ class JudgeSettings:
     allow_training_copies: bool = False
     avoid_recent_duplicates: bool = True
     min_fidelity: float = 0.0
+    require_predicted_intent: bool = False
 
 
 class RecentOutput:
@@ -117,7 +119,7 @@ class RecordJudge:
         if not settings.allow_training_copies and self.copies.is_copy(text):
             return Verdict(reason="training_copy")
         fidelity, predicted = self.scorer.score(text, intent) if self.scorer is not None else (1.0, intent)
-        if fidelity < settings.min_fidelity:
+        if fidelity < settings.min_fidelity or (settings.require_predicted_intent and predicted != intent):
             return Verdict(reason="low_fidelity", fidelity=fidelity, predicted_intent=predicted)
         return Verdict(text=text, fidelity=fidelity, predicted_intent=predicted)
 

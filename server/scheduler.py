@@ -73,10 +73,12 @@ class GenerationSpec:
     allow_training_copies: bool = False
     avoid_recent_duplicates: bool = True
     min_fidelity: float = 0.0
+    require_predicted_intent: bool = False
 
     @property
     def judging(self) -> JudgeSettings:
-        return JudgeSettings(self.allow_training_copies, self.avoid_recent_duplicates, self.min_fidelity)
+        return JudgeSettings(self.allow_training_copies, self.avoid_recent_duplicates, self.min_fidelity,
+                             self.require_predicted_intent)
 
     def round_budget(self) -> int:
         if self.max_rounds:
@@ -159,6 +161,16 @@ class Sequence:
     prompt_keys: frozenset[str] = frozenset()
     forced: deque = field(default_factory=deque)
     generated: int = 0
+
+
+@dataclass
+class RoundPlan:
+    """A round about to start: its sequences, its prompt and (once run) its prefill."""
+
+    state: RequestState
+    seq_ids: list[int]
+    prompt_ids: list[int]
+    prefill: tuple[Batch, np.ndarray] | None = None
 
 
 class RequestHandle:
@@ -301,50 +313,75 @@ class Scheduler:
         return group
 
     async def _admit_rounds(self, loop) -> None:
-        new_batches = []
+        """Start every round there is room for; their prompts are prefilled together."""
+        plans = []
         for state in self._admissible_requests():
             for job in state.jobs:
                 n = min(state.spec.sequences_per_round, self.config.max_batch_size, job.target - job.accepted)
                 if state.finished or not self._wants_round(state, job) or n > self._room():
                     continue
                 try:
-                    new_batches.append(await self._start_round(loop, state, job, n))
+                    plans.append(self._plan_round(state, job, n))
                 except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
                     self._fail(state, exc)
+        if not plans:
+            return
+        await self._prefill(loop, [p for p in plans if p.prefill is None])
+        new_batches = [self._fork(plan) for plan in plans if plan.prefill is not None and not plan.state.finished]
         new_batches = [b for b in new_batches if any(s in self.sequences for s in b.seq_ids)]
         if new_batches:
             self.batch = Batch.concatenate(([self.batch] if self.batch is not None else []) + new_batches)
             self.batch = self.batch.filter([s for s in self.batch.seq_ids if s in self.sequences])
 
-    async def _start_round(self, loop, state: RequestState, job: Job, n: int) -> Batch:
-        """Prefill one prompt for `job` and fork it into n sequences."""
+    def _plan_round(self, state: RequestState, job: Job, n: int) -> "RoundPlan":
+        """Draw the round's prompt and register its n sequences; the prefill comes later."""
         spec = state.spec
         prompt_rng = sequence_rng(spec.seed, job.number, job.rounds, 1 << 20)
         examples = self.examples[job.intent]
         prompt, shown = build_prompt(job.intent, examples, spec.num_prompt_examples, prompt_rng, self.separator)
         prompt_keys = frozenset(normalize_for_match(t) for t in shown)
         prompt_ids = self.engine.encode(prompt)
-        shots = min(spec.num_prompt_examples, len(examples))
-        if shots:
-            job.tokens_per_line = len(prompt_ids) / shots
+        if shown:
+            job.tokens_per_line = len(prompt_ids) / len(shown)
         seq_ids = [next(self._ids) for _ in range(n)]
-        cached = self.prefix_cache.lookup(prompt_ids, seq_ids[0])
-        if cached is not None:
-            single, last_logits = cached
-        else:
-            single = self.engine.new_batch(seq_ids[0], prompt_ids)
-            last_logits = (await loop.run_in_executor(self._executor, self.engine.forward, single))[0]
-            self.prefix_cache.store(prompt_ids, single, last_logits)
-        forked = single.fork(seq_ids)
         for fork_index, seq_id in enumerate(seq_ids):
-            seq = Sequence(seq_id, state, job, sequence_rng(spec.seed, job.number, job.rounds, fork_index),
-                           list(job.prefix_tokens), prompt_keys)
-            self.sequences[seq_id] = seq
+            self.sequences[seq_id] = Sequence(seq_id, state, job,
+                                              sequence_rng(spec.seed, job.number, job.rounds, fork_index),
+                                              list(job.prefix_tokens), prompt_keys)
             job.active.add(seq_id)
         job.rounds += 1
         state.summary.rounds += 1
-        next_tokens = [self._next_token(self.sequences[s], last_logits) for s in seq_ids]
-        self._set_next_or_drop(forked, next_tokens)
+        return RoundPlan(state, seq_ids, prompt_ids, self.prefix_cache.lookup(prompt_ids, seq_ids[0]))
+
+    async def _prefill(self, loop, plans: list["RoundPlan"]) -> None:
+        """One engine call prefills every distinct prompt the prefix cache did not have;
+        rounds with the same prompt in this pass share one prefill."""
+        if not plans:
+            return
+        unique: dict[tuple[int, ...], RoundPlan] = {}
+        for plan in plans:
+            unique.setdefault(tuple(plan.prompt_ids), plan)
+        firsts = list(unique.values())
+        try:
+            results = await loop.run_in_executor(self._executor, self.engine.prefill,
+                                                 [p.seq_ids[0] for p in firsts], [p.prompt_ids for p in firsts])
+        except Exception as exc:  # noqa: BLE001 - the requests of these rounds fail, others go on
+            for plan in plans:
+                self._fail(plan.state, exc)
+            return
+        for plan, (batch, logits) in zip(firsts, results):
+            plan.prefill = (batch, logits)
+            self.prefix_cache.store(plan.prompt_ids, batch, logits)
+        for plan in plans:
+            if plan.prefill is None:
+                plan.prefill = unique[tuple(plan.prompt_ids)].prefill
+                self.prefix_cache.hits += 1
+
+    def _fork(self, plan: "RoundPlan") -> Batch:
+        """The round's n sequences share its prefill; each samples its own first token."""
+        single, last_logits = plan.prefill
+        forked = single.fork(plan.seq_ids)
+        self._set_next_or_drop(forked, [self._guarded_next_token(s, last_logits) for s in plan.seq_ids])
         return forked
 
     # ---- decoding ---------------------------------------------------------------------

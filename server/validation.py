@@ -80,4 +80,5 @@ def to_spec(request: pb.GenerateRequest, known: dict[str, int], limits: Limits, 
                           max_new_tokens=max_new_tokens, num_prompt_examples=int(shots),
                           sequences_per_round=int(spr), max_rounds=int(rounds),
                           allow_training_copies=bool(request.allow_training_copies),
-                          avoid_recent_duplicates=bool(avoid_recent), min_fidelity=float(min_fidelity))
+                          avoid_recent_duplicates=bool(avoid_recent), min_fidelity=float(min_fidelity),
+                          require_predicted_intent=bool(request.require_predicted_intent))

@@ -19,13 +19,13 @@ def fake_forward(batch: Batch) -> None:
 
 
 def prompt_batch(seq_id, tokens):
-    batch = Batch.for_prompt(seq_id, tokens, NAMES, kv_heads=2, head_dim=3)
+    batch = Batch.for_prompts([seq_id], [tokens], NAMES, kv_heads=2, head_dim=3)
     fake_forward(batch)
     return batch
 
 
 def test_prefill_feed_and_positions():
-    batch = Batch.for_prompt(0, [5, 6, 7], NAMES, kv_heads=2, head_dim=3)
+    batch = Batch.for_prompts([0], [[5, 6, 7]], NAMES, kv_heads=2, head_dim=3)
     feed = batch.feed()
     assert feed["attention_mask"].tolist() == [[1, 1, 1]]
     assert feed["position_ids"].tolist() == [[0, 1, 2]]
@@ -69,8 +69,20 @@ def test_fork_copies_the_prefill():
 
 
 def test_concatenate_refuses_mixed_widths():
-    a = Batch.for_prompt(1, [1, 2], NAMES, 2, 3)
+    a = Batch.for_prompts([1], [[1, 2]], NAMES, 2, 3)
     b = prompt_batch(2, [3])
     b.set_next([4])
     with pytest.raises(ValueError):
         Batch.concatenate([a, b])
+
+
+def test_batched_prefill_is_left_padded_and_masked():
+    batch = Batch.for_prompts([1, 2], [[5, 6], [7, 8, 9]], NAMES, kv_heads=2, head_dim=3)
+    feed = batch.feed()
+    assert feed["input_ids"].tolist() == [[0, 5, 6], [7, 8, 9]]
+    assert feed["attention_mask"].tolist() == [[0, 1, 1], [1, 1, 1]]
+    assert feed["position_ids"].tolist() == [[0, 0, 1], [0, 1, 2]]
+    fake_forward(batch)
+    assert batch.next_mask is None and batch.past_mask.tolist() == [[0, 1, 1], [1, 1, 1]]
+    alone = batch.filter([1])
+    assert alone.past_mask.tolist() == [[1, 1]] and alone.past[NAMES[0]][0, 0, :, 0].tolist() == [5, 6]

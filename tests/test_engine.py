@@ -107,3 +107,26 @@ def test_io_binding_gives_the_same_logits(bundle, engine, prompts):
     other.set_next([3])
     merged = Batch.concatenate([bound_batch, other])
     assert bound.forward(merged).shape == (2, bound.vocab_size)
+
+
+def test_batched_prefill_matches_separate_prefills(engine, checkpoint, prompts):
+    ids = [engine.encode(p) for p in prompts] + [engine.encode("exchange_rate,")]
+    together = engine.prefill([10, 11, 12], ids, max_tokens=10_000)
+    in_pairs = engine.prefill([20, 21, 22], ids, max_tokens=2 * max(len(i) for i in ids))
+    for (batch, logits), (_, pair_logits), prompt in zip(together, in_pairs, ids):
+        alone = engine.new_batch(0, prompt)
+        np.testing.assert_allclose(logits, engine.forward(alone)[0], atol=1e-4)
+        np.testing.assert_allclose(pair_logits, logits, atol=1e-4)
+        assert batch.past_len == len(prompt)
+    # greedy decoding from the batched prefill still equals transformers
+    batch = Batch.concatenate([b for b, _ in together[:2]])
+    batch.set_next([int(np.argmax(logits)) for _, logits in together[:2]])
+    tokens = [[int(np.argmax(logits))] for _, logits in together[:2]]
+    for _ in range(STEPS - 1):
+        nxt = np.argmax(engine.forward(batch), axis=-1)
+        for row, t in enumerate(nxt):
+            tokens[row].append(int(t))
+        batch.set_next(nxt)
+    for row in range(2):
+        expected = transformers_greedy(checkpoint, ids[row])
+        assert tokens[row][:len(expected)] == expected

@@ -107,3 +107,14 @@ def test_low_fidelity_is_rejected(fitted):
     bad = judge.judge("exchange_rate,my card was stolen today", "exchange_rate",
                       JudgeSettings(min_fidelity=0.4), set(), frozenset())
     assert bad.reason == "low_fidelity" and bad.predicted_intent == "lost_or_stolen_card"
+
+
+def test_agreement_filter_drops_records_the_classifier_gives_to_another_intent(fitted):
+    _, scorer = fitted
+    judge = judge_with(scorer)
+    agree = JudgeSettings(require_predicted_intent=True)
+    line = "exchange_rate,my card was stolen today"
+    assert judge.judge(line, "exchange_rate", JudgeSettings(), set(), frozenset()).reason is None
+    assert judge.judge(line, "exchange_rate", agree, set(), frozenset()).reason == "low_fidelity"
+    kept = judge.judge("exchange_rate,what rate do you use for euro", "exchange_rate", agree, set(), frozenset())
+    assert kept.reason is None and kept.predicted_intent == "exchange_rate"

@@ -3,7 +3,8 @@
 For each seed: sample `shots` real examples per intent from the training data (the
 few-shot set); fine-tune the generator on the few-shot set only, export it (its copy index
 and fidelity classifier see only the few-shot set, so nothing leaks from the rest of the
-training split), generate `per_intent` records per intent in process; train the same
+training split), generate `per_intent` records per intent in process (by default keeping only records the
+few-shot classifier assigns to their intent: agreement filtering); train the same
 TF-IDF + logistic-regression classifier on the few-shot set (baseline) and on the few-shot
 set plus the synthetic rows (augmented), and score both on the test split. A classifier
 trained on the full training split judges the synthetic rows' label fidelity; it is never
@@ -48,6 +49,8 @@ class EvaluateConfig:
     temperature: float = 0.9
     top_p: float = 0.95
     min_fidelity: float = 0.0
+    agreement_filter: bool = True
+    reuse_bundles: bool = False
     text_column: str | None = None
     label_column: str | None = None
     quick: bool = False
@@ -124,7 +127,8 @@ async def _generate(bundle: Path, intents: list[str], config: EvaluateConfig, se
     spec = GenerationSpec(intents=tuple(intents), num_records=config.per_intent, seed=seed,
                           sampling=SamplingSettings(temperature=config.temperature, top_p=config.top_p),
                           max_new_tokens=48 if config.quick else 128, num_prompt_examples=25,
-                          min_fidelity=config.min_fidelity, avoid_recent_duplicates=False)
+                          min_fidelity=config.min_fidelity, avoid_recent_duplicates=False,
+                          require_predicted_intent=config.agreement_filter)
     records, summary = [], None
     from tqdm import tqdm
 
@@ -160,7 +164,11 @@ def run_seed(config: EvaluateConfig, train: list[LabelledText], test: list[Label
     folder = config.output / f"seed-{seed}"
     few_shot = sample_few_shot(train, config.shots, seed)
     few_shot_csv = write_csv(folder / "few_shot.csv", few_shot)
-    bundle = train_generator(config, few_shot_csv, folder)
+    if config.reuse_bundles and (folder / "bundle" / "condgen.json").is_file():
+        log.info("seed %d: reusing %s", seed, folder / "bundle")
+        bundle = folder / "bundle"
+    else:
+        bundle = train_generator(config, few_shot_csv, folder)
     intents = sorted({r.intent for r in few_shot})
     synthetic, summary = asyncio.run(_generate(bundle, intents, config, seed))
     write_csv(folder / "synthetic.csv", synthetic)
