@@ -10,12 +10,14 @@ After a line ends, the `intent,` prefix is fed back (forced), so every line the 
 writes is for the round's intent. Sequences leave the batch as soon as they finish, their
 job has enough records or their request was cancelled.
 
-A recently prefilled prompt is taken from the prefix cache instead of being run again.
+Rounds that start together have their prompts prefilled in one engine pass (left-padded);
+a recently prefilled prompt is taken from the prefix cache instead of being run again.
 The `static` policy (for comparison in benchmarks) batches whole requests at a time: a new
 group of requests starts only when every request of the previous group has finished, and
 each request keeps a fixed set of rows (one round at a time).
 
-All state lives on the event loop thread; only `Engine.forward` runs in a worker thread.
+All state lives on the event loop thread; only the engine's passes (`Engine.forward`,
+`Engine.prefill`) run in a worker thread.
 """
 from __future__ import annotations
 
