@@ -74,13 +74,14 @@ def main() -> None:
         gen_started = time.time()
         with Client(target, timeout=1800) as client, tqdm(total=len(INTENTS) * args.num_records, unit="rec") as bar:
             frame, summary = client.generate_df(INTENTS, args.num_records, seed=7, temperature=0.9, top_p=0.95,
-                                                on_record=lambda _: bar.update(1), return_summary=True)
+                                                on_record=lambda _: bar.update(1), return_summary=True,
+                                                with_scores=True)
         times["generate_s"] = time.time() - gen_started
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
     out_csv = args.out / "synthetic.csv"
-    frame.to_csv(out_csv, index=False)
+    frame[["intent", "text"]].to_csv(out_csv, index=False)
     import pandas as pd
 
     with pd.option_context("display.max_rows", 200, "display.max_colwidth", 90, "display.width", 140):
@@ -90,7 +91,9 @@ def main() -> None:
     print(f"\nwrote {len(frame)} rows to {out_csv}")
     print(f"acceptance: {summary.records_accepted}/{summary.lines_parsed} lines = {acceptance:.1%}; "
           f"rejected: {rejected or 'none'}; tokens generated: {summary.tokens_generated}")
-    print(f"copies of a training text: {copy_rate(frame, Path(args.data)):.1%}")
+    print(f"copies of a training text: {copy_rate(frame, Path(args.data)):.1%}; mean fidelity (bundle classifier): "
+          f"{frame['fidelity'].mean():.3f}, predicted intent = requested for "
+          f"{(frame['predicted_intent'] == frame['intent']).mean():.0%}")
     times["total_s"] = time.time() - started
     print("timings: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
 
