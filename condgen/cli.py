@@ -150,6 +150,8 @@ def _add_evaluate(sub) -> None:
                    help="keep records the few-shot classifier assigns to another intent (kept out by default)")
     p.add_argument("--reuse-bundles", action="store_true",
                    help="reuse OUTPUT/seed-N/bundle from an earlier run with the same settings")
+    p.add_argument("--reuse-synthetic", action="store_true",
+                   help="reuse OUTPUT/seed-N/synthetic.csv from an earlier run (re-score only)")
     p.add_argument("--text-column")
     p.add_argument("--label-column")
     p.add_argument("--quick", action="store_true", help="a small run with a tiny model (for CI)")
@@ -242,7 +244,8 @@ def cmd_evaluate(args) -> None:
     config = EvaluateConfig(data=args.data, test=args.test, output=args.output, shots=args.shots,
                             per_intent=args.per_intent, seeds=args.seeds, base_model=args.base_model,
                             steps=args.steps, min_fidelity=args.min_fidelity, agreement_filter=args.agreement_filter,
-                            reuse_bundles=args.reuse_bundles, text_column=args.text_column,
+                            reuse_bundles=args.reuse_bundles, reuse_synthetic=args.reuse_synthetic,
+                            text_column=args.text_column,
                             label_column=args.label_column, quick=args.quick)
     if args.quick:
         config.steps, config.batch_size, config.learning_rate = min(args.steps, 150), 4, 5e-3

@@ -42,3 +42,11 @@ def test_quick_evaluate_writes_a_complete_report(tmp_path, capsys):
     for name in ("report.md", "accuracy.png", "per_intent_gain.png", "lengths.png"):
         assert (out / name).stat().st_size > 100
     assert "points" in capsys.readouterr().out
+    # re-scoring an earlier run's bundles and rows gives the same figures, without generating
+    again = tmp_path / "again.json"
+    (out / "report.json").rename(again)
+    assert main(["evaluate", "--data", str(train), "--test", str(test), "--shots", "5", "--per-intent", "3",
+                 "--seeds", "0", "1", "--steps", "120", "--quick", "--output", str(out), "--reuse-bundles",
+                 "--reuse-synthetic"]) == 0
+    rescored, first = json.loads((out / "report.json").read_text()), json.loads(again.read_text())
+    assert rescored["augmented_acc"] == first["augmented_acc"] and rescored["acceptance_rate"] == first["acceptance_rate"]

@@ -51,6 +51,7 @@ class EvaluateConfig:
     min_fidelity: float = 0.0
     agreement_filter: bool = True
     reuse_bundles: bool = False
+    reuse_synthetic: bool = False
     text_column: str | None = None
     label_column: str | None = None
     quick: bool = False
@@ -65,7 +66,7 @@ class SeedResult:
     augmented_f1: float
     per_intent_gain: dict[str, float]
     synthetic: list[LabelledText]
-    acceptance_rate: float
+    acceptance_rate: float | None
     seconds: float
 
 
@@ -159,6 +160,26 @@ def score(train: list[LabelledText], test: list[LabelledText]) -> tuple[float, f
             dict(zip(labels, map(float, recalls))))
 
 
+def synthetic_rows(config: EvaluateConfig, folder: Path, bundle: Path, intents: list[str],
+                   seed: int) -> tuple[list[LabelledText], float | None]:
+    """Generate the seed's synthetic rows (or, with `reuse_synthetic`, read an earlier run's);
+    returns them and the acceptance rate (None when an earlier run did not record it)."""
+    rows_csv, stats_json = folder / "synthetic.csv", folder / "generation.json"
+    if config.reuse_synthetic and rows_csv.is_file():
+        from condgen.training.data import load_records
+
+        log.info("seed %d: reusing %s", seed, rows_csv)
+        stats = json.loads(stats_json.read_text()) if stats_json.is_file() else {}
+        return load_records(str(rows_csv)), stats.get("acceptance_rate")
+    synthetic, summary = asyncio.run(_generate(bundle, intents, config, seed))
+    write_csv(rows_csv, synthetic)
+    acceptance = summary.records_accepted / summary.lines_parsed if summary.lines_parsed else 0.0
+    stats_json.write_text(json.dumps({"acceptance_rate": acceptance, "lines_parsed": summary.lines_parsed,
+                                      "rejected": dict(summary.rejected), "tokens": summary.tokens_generated,
+                                      "seconds": summary.elapsed_seconds}, indent=2))
+    return synthetic, acceptance
+
+
 def run_seed(config: EvaluateConfig, train: list[LabelledText], test: list[LabelledText], seed: int) -> SeedResult:
     started = time.time()
     folder = config.output / f"seed-{seed}"
@@ -169,13 +190,10 @@ def run_seed(config: EvaluateConfig, train: list[LabelledText], test: list[Label
         bundle = folder / "bundle"
     else:
         bundle = train_generator(config, few_shot_csv, folder)
-    intents = sorted({r.intent for r in few_shot})
-    synthetic, summary = asyncio.run(_generate(bundle, intents, config, seed))
-    write_csv(folder / "synthetic.csv", synthetic)
+    synthetic, acceptance = synthetic_rows(config, folder, bundle, sorted({r.intent for r in few_shot}), seed)
     base_acc, base_f1, base_recall = score(few_shot, test)
     aug_acc, aug_f1, aug_recall = score(few_shot + synthetic, test)
     gain = {intent: aug_recall[intent] - base_recall[intent] for intent in base_recall}
-    acceptance = summary.records_accepted / summary.lines_parsed if summary.lines_parsed else 0.0
     log.info("seed %d: baseline %.4f, augmented %.4f (%d synthetic rows)", seed, base_acc, aug_acc, len(synthetic))
     return SeedResult(seed, base_acc, aug_acc, base_f1, aug_f1, gain, synthetic, acceptance, time.time() - started)
 
@@ -222,6 +240,11 @@ def copy_rate(config: EvaluateConfig, train: list[LabelledText], results: list[S
     return copies / total if total else 0.0
 
 
+def mean_of_known(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.mean(known) if known else None
+
+
 def build_report(config: EvaluateConfig, train, results: list[SeedResult], seconds: float) -> dict:
     base = [r.baseline_acc for r in results]
     aug = [r.augmented_acc for r in results]
@@ -239,7 +262,7 @@ def build_report(config: EvaluateConfig, train, results: list[SeedResult], secon
         "fidelity_mean": judge_fidelity(train, synthetic),
         "train_copy_rate": copy_rate(config, train, results),
         "distinct_2": distinct_2([s.text for s in synthetic]),
-        "acceptance_rate": statistics.mean(r.acceptance_rate for r in results),
+        "acceptance_rate": mean_of_known([r.acceptance_rate for r in results]),
         "synthetic_rows": [len(r.synthetic) for r in results],
         "per_intent_gain_points": per_intent,
         "seconds_per_seed": [r.seconds for r in results], "seconds": seconds,

@@ -63,6 +63,10 @@ def write_plots(folder: Path, report: dict, real, synthetic) -> dict[str, Path]:
             "lengths": plot_lengths(folder / "lengths.png", real, synthetic)}
 
 
+def _percent(value) -> str:
+    return "not recorded" if value is None else f"{value:.1%}"
+
+
 def write_markdown(path: Path, report: dict, plots: dict[str, Path]) -> Path:
     config = report["config"]
     rows = "\n".join(f"| {seed} | {b:.4f} | {a:.4f} | {(a - b) * 100:+.2f} |"
@@ -82,7 +86,7 @@ Classifier: TF-IDF (word 1-2, char 2-5) + logistic regression, fixed hyper-param
 - macro-F1 gain: {report['macro_f1_gain_points']:+.2f} points
 - fidelity (full-train judge, mean P(requested intent)): {report['fidelity_mean']:.3f}
 - copies of the few-shot set: {report['train_copy_rate']:.2%}; distinct-2: {report['distinct_2']:.3f};
-  acceptance: {report['acceptance_rate']:.1%}
+  acceptance: {_percent(report['acceptance_rate'])}
 - time: {report['seconds'] / 60:.1f} minutes
 
 ![accuracy]({plots['accuracy'].name})
