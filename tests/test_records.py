@@ -118,3 +118,10 @@ def test_agreement_filter_drops_records_the_classifier_gives_to_another_intent(f
     assert judge.judge(line, "exchange_rate", agree, set(), frozenset()).reason == "low_fidelity"
     kept = judge.judge("exchange_rate,what rate do you use for euro", "exchange_rate", agree, set(), frozenset())
     assert kept.reason is None and kept.predicted_intent == "exchange_rate"
+
+
+def test_every_rejection_reason_has_a_summary_counter():
+    from condgen.server.records import REJECTION_REASONS
+    from condgen.v1 import generator_pb2 as pb
+
+    assert set(REJECTION_REASONS) == {f.name for f in pb.RejectionCounts.DESCRIPTOR.fields}
