@@ -1,7 +1,8 @@
-# condgen GPU serving image: CUDA 12 + cuDNN 9 runtime, onnxruntime-gpu, `condgen serve`.
+# condgen GPU serving image: CUDA 13 + cuDNN 9 runtime (what onnxruntime-gpu 1.31 is built for),
+# onnxruntime-gpu, `condgen serve`.
 # Build:  docker build -t condgen .
 # Run:    docker run --gpus all -p 50051:50051 -v "$PWD/demo_out/bundle:/bundle:ro" condgen
-FROM nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
+FROM nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \

@@ -51,6 +51,8 @@ def choose_providers(device: str) -> list[str]:
         raise EngineError("--device cuda: this onnxruntime has no CUDAExecutionProvider; "
                           "install onnxruntime-gpu on a machine with an NVIDIA GPU")
     if device in ("cuda", "auto") and "CUDAExecutionProvider" in available:
+        if hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # CUDA / cuDNN libraries installed as nvidia-* wheels
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
