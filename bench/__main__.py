@@ -54,7 +54,7 @@ def progress(message: str) -> None:
 
 def serving_figures(args, intents: list[str], load: StreamLoad, streams: tuple[int, ...]) -> dict:
     results = {}
-    server = ServerProcess(args.bundle, args.device, max_batch_size=32)
+    server = ServerProcess(args.bundle, "--device", args.device, "--max-batch-size", "32")
     try:
         for count in streams:
             progress(f"server: {count} concurrent streams")

@@ -12,6 +12,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from condgen.bundle import read_examples, read_manifest
 from condgen.server.engine import Engine, EngineConfig
+from condgen.server.records import RecordJudge
 from condgen.server.sampling import SamplingSettings
 from condgen.server.scheduler import GeneratedRecord, GenerationSpec, Scheduler, SchedulerConfig
 
@@ -48,27 +50,37 @@ def percentile(values: list[float], q: float) -> float:
 
 
 class ServerProcess:
-    """`condgen serve` in a child process, so its memory is measured alone."""
+    """`condgen serve` in a child process on a free loopback port (so its memory is measured
+    alone); `serve_args` are further `condgen serve` flags."""
 
-    def __init__(self, bundle: Path, device: str, max_batch_size: int):
+    def __init__(self, bundle: Path, *serve_args: str):
+        self._log = tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "condgen.cli", "serve", "--bundle", str(bundle), "--port", "0",
-             "--device", device, "--max-batch-size", str(max_batch_size)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            [sys.executable, "-m", "condgen.cli", "serve", "--bundle", str(bundle), "--port", "0", *serve_args],
+            stdout=subprocess.PIPE, stderr=self._log, text=True)
         for line in self.process.stdout:
             match = re.search(r"listening on (\S+):(\d+)", line)
             if match:
-                self.target = f"{match.group(1)}:{match.group(2)}"
+                self.port = int(match.group(2))
+                self.target = f"{match.group(1)}:{self.port}"
                 return
-        raise RuntimeError("the benchmark server exited before listening")
+        self._log.seek(0)
+        raise RuntimeError(f"the server exited before listening: {self._log.read()[-2000:]}")
 
     def peak_rss_mb(self) -> float:
         status = Path(f"/proc/{self.process.pid}/status").read_text()
         return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
 
     def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=60)
+        """SIGTERM (drain) if still running; SIGKILL if it does not exit within a minute."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=30)
+        self._log.close()
 
 
 def one_stream(target: str, intent: str, seed: int, load: StreamLoad, out: list, index: int) -> None:
@@ -116,9 +128,10 @@ def spec_for(intent: str, seed: int, num_records: int, load: StreamLoad) -> Gene
                           num_prompt_examples=load.prompt_examples, sequences_per_round=load.sequences_per_round)
 
 
-async def _run_in_process(engine: Engine, examples, separator: str, specs: list[GenerationSpec],
-                          config: SchedulerConfig) -> float:
-    scheduler = Scheduler(engine, examples, separator, config)
+async def _run_in_process(engine: Engine, bundle: Path, specs: list[GenerationSpec], config: SchedulerConfig) -> float:
+    examples = read_examples(bundle)
+    judge = RecordJudge.for_bundle(bundle, engine.manifest, examples)  # the checks the server runs
+    scheduler = Scheduler(engine, examples, engine.manifest.separator, config, judge)
     task = asyncio.create_task(scheduler.run())
 
     async def drain(spec) -> int:
@@ -141,7 +154,7 @@ def in_process(bundle: Path, device: str, specs: list[GenerationSpec], config: S
     """Tokens/s of `specs` submitted together straight to a scheduler (no gRPC)."""
     manifest = read_manifest(bundle, verify=False)
     engine = engine or Engine(bundle, manifest, EngineConfig(device=device))
-    return asyncio.run(_run_in_process(engine, read_examples(bundle), manifest.separator, specs, config))
+    return asyncio.run(_run_in_process(engine, bundle, specs, config))
 
 
 def mixed_specs(intents: list[str], load: StreamLoad, small: int, large: int, count: int) -> list[GenerationSpec]:

@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     from condgen.bundle import read_examples
 
     intents = sorted(read_examples(args.bundle))
-    server = ServerProcess(args.bundle, "cpu", max_batch_size=64)
+    server = ServerProcess(args.bundle, "--device", "cpu", "--max-batch-size", "64")
     stop, outcomes, samples = threading.Event(), Counter(), []
     threads = [threading.Thread(target=client_loop, args=(server.target, intents, stop, outcomes, i), daemon=True)
                for i in range(args.streams)]

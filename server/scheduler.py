@@ -328,7 +328,7 @@ class Scheduler:
                     self._fail(state, exc)
         if not plans:
             return
-        await self._prefill(loop, [p for p in plans if p.prefill is None])
+        await self._prefill(loop, plans)
         new_batches = [self._fork(plan) for plan in plans if plan.prefill is not None and not plan.state.finished]
         new_batches = [b for b in new_batches if any(s in self.sequences for s in b.seq_ids)]
         if new_batches:
@@ -353,27 +353,32 @@ class Scheduler:
             job.active.add(seq_id)
         job.rounds += 1
         state.summary.rounds += 1
-        return RoundPlan(state, seq_ids, prompt_ids, self.prefix_cache.lookup(prompt_ids, seq_ids[0]))
+        return RoundPlan(state, seq_ids, prompt_ids)
 
     async def _prefill(self, loop, plans: list["RoundPlan"]) -> None:
-        """One engine call prefills every distinct prompt the prefix cache did not have;
-        rounds with the same prompt in this pass share one prefill."""
-        if not plans:
-            return
+        """Give every plan its prefill: from the prefix cache, from another plan of this pass
+        with the same prompt, or from one engine call that prefills all the remaining prompts."""
         unique: dict[tuple[int, ...], RoundPlan] = {}
         for plan in plans:
-            unique.setdefault(tuple(plan.prompt_ids), plan)
+            key = tuple(plan.prompt_ids)
+            if key in unique:
+                continue  # shares the prefill of the first plan with this prompt
+            plan.prefill = self.prefix_cache.lookup(plan.prompt_ids, plan.seq_ids[0])
+            if plan.prefill is None:
+                unique[key] = plan
         firsts = list(unique.values())
-        try:
-            results = await loop.run_in_executor(self._executor, self.engine.prefill,
-                                                 [p.seq_ids[0] for p in firsts], [p.prompt_ids for p in firsts])
-        except Exception as exc:  # noqa: BLE001 - the requests of these rounds fail, others go on
-            for plan in plans:
-                self._fail(plan.state, exc)
-            return
-        for plan, (batch, logits) in zip(firsts, results):
-            plan.prefill = (batch, logits)
-            self.prefix_cache.store(plan.prompt_ids, batch, logits)
+        if firsts:
+            try:
+                results = await loop.run_in_executor(self._executor, self.engine.prefill,
+                                                     [p.seq_ids[0] for p in firsts], [p.prompt_ids for p in firsts])
+            except Exception as exc:  # noqa: BLE001 - the requests of these rounds fail, others go on
+                for plan in plans:
+                    if plan.prefill is None:
+                        self._fail(plan.state, exc)
+                return
+            for plan, (batch, logits) in zip(firsts, results):
+                plan.prefill = (batch, logits)
+                self.prefix_cache.store(plan.prompt_ids, batch, logits)
         for plan in plans:
             if plan.prefill is None:
                 plan.prefill = unique[tuple(plan.prompt_ids)].prefill

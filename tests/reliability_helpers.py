@@ -1,37 +1,8 @@
-"""Helpers for the reliability tests: server processes, certificates, stream loads."""
+"""Helpers for the reliability tests: a self-signed certificate for TLS."""
 from __future__ import annotations
 
 import datetime
-import re
-import subprocess
-import sys
-import time
 from pathlib import Path
-
-
-class ServerProcess:
-    """`condgen serve` as a child process on a free loopback port."""
-
-    def __init__(self, bundle: Path, *extra: str, grace: float = 10.0):
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "condgen.cli", "serve", "--bundle", str(bundle), "--port", "0",
-             "--grace-seconds", str(grace), *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 60
-        for line in self.process.stdout:
-            match = re.search(r"listening on (\S+):(\d+)", line)
-            if match:
-                self.port = int(match.group(2))
-                self.target = f"127.0.0.1:{self.port}"
-                return
-            if time.monotonic() > deadline:
-                break
-        raise RuntimeError(f"server did not start: {self.process.stderr.read()[-2000:]}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(30)
 
 
 def self_signed_certificate(folder: Path) -> tuple[Path, Path]:

@@ -21,7 +21,8 @@ from condgen.server.security import SecurityConfig
 from condgen.v1 import generator_pb2 as pb
 from condgen.v1 import generator_pb2_grpc as pb_grpc
 from conftest import ServerThread, serve_config
-from reliability_helpers import ServerProcess, self_signed_certificate
+from condgen.bench.load import ServerProcess
+from reliability_helpers import self_signed_certificate
 
 LOOSE = dict(temperature=1.3, max_new_tokens=32, num_prompt_examples=4, allow_training_copies=True,
              avoid_recent_duplicates=False)
@@ -157,7 +158,7 @@ def test_client_fails_over_when_a_server_is_killed_mid_stream(bundle):
 
 
 def test_sigterm_drains_the_stream_and_exits_zero(bundle):
-    server = ServerProcess(bundle, grace=20)
+    server = ServerProcess(bundle, "--grace-seconds", "20")
     try:
         records, summary = [], None
         signalled = []
