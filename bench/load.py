@@ -67,6 +67,12 @@ class ServerProcess:
         self._log.seek(0)
         raise RuntimeError(f"the server exited before listening: {self._log.read()[-2000:]}")
 
+    def log_text(self) -> str:
+        """What the server has written to stderr so far."""
+        self._log.flush()
+        self._log.seek(0)
+        return self._log.read()
+
     def peak_rss_mb(self) -> float:
         status = Path(f"/proc/{self.process.pid}/status").read_text()
         return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024

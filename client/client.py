@@ -9,6 +9,9 @@ by reason, tokens, time) is kept in `client.last_summary`. A client may know sev
 targets (a list, or one `dns:///name:port` balanced round-robin): when a call fails with
 UNAVAILABLE or RESOURCE_EXHAUSTED it backs off and asks the next target for only the
 records still missing (see `condgen.client.resume`). TLS and a bearer token are optional.
+A `request_id` given to `generate` is sent as `x-request-id` and shows in the server's log
+line and metrics; the id the server used (echoed in trailing metadata) lands in
+`client.last_request_id`.
 """
 from __future__ import annotations
 
@@ -36,13 +39,22 @@ class Record:
     predicted_intent: str = ""
 
 
-class GenerateError(RuntimeError):
-    """The server refused or failed a call; `code` is the gRPC status code."""
+REQUEST_ID_KEY = "x-request-id"
 
-    def __init__(self, code: grpc.StatusCode, details: str):
+
+class GenerateError(RuntimeError):
+    """The server refused or failed a call; `code` is the gRPC status code, `request_id` the
+    server's id for the call (to find its log line), when it sent one."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, request_id: str | None = None):
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+        self.request_id = request_id
+
+    @classmethod
+    def from_rpc(cls, exc: grpc.RpcError) -> "GenerateError":
+        return cls(exc.code(), exc.details(), _echoed_request_id(exc.trailing_metadata()))
 
 
 @dataclass(frozen=True)
@@ -78,6 +90,13 @@ def build_request(intents: Sequence[str], num_records: int, *, temperature: floa
                               require_predicted_intent=require_predicted_intent, **optional)
 
 
+def _echoed_request_id(metadata) -> str | None:
+    for key, value in metadata or ():
+        if key == REQUEST_ID_KEY:
+            return value
+    return None
+
+
 def _record(message: pb.Record, index: int) -> Record:
     return Record(message.intent, message.text, index, message.fidelity, message.predicted_intent)
 
@@ -104,6 +123,10 @@ class _Base:
         self._current = 0
         self._rng = random.Random()
         self.last_summary: pb.Summary | None = None
+        self.last_request_id: str | None = None
+
+    def _call_metadata(self, request_id: str | None) -> tuple:
+        return self._metadata + (((REQUEST_ID_KEY, request_id),) if request_id else ())
 
     def _left(self, deadline: float | None) -> float | None:
         return None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -145,7 +168,8 @@ class Client(_Base):
         return pb_grpc.GeneratorStub(self._channels[target])
 
     def generate(self, intents: Sequence[str], num_records: int, *,
-                 on_record: Callable[[Record], None] | None = None, **settings) -> Iterator[Record]:
+                 on_record: Callable[[Record], None] | None = None, request_id: str | None = None,
+                 **settings) -> Iterator[Record]:
         """Stream records (settings: see `build_request`); the summary lands in `last_summary`."""
         progress = Progress(build_request(intents, num_records, **settings))
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
@@ -153,19 +177,21 @@ class Client(_Base):
         while progress.remaining():
             try:
                 for request in progress.next_requests():
-                    yield from self._one_call(request, progress, deadline, on_record)
+                    yield from self._one_call(request, progress, deadline, on_record, request_id)
                 break
             except grpc.RpcError as exc:
+                self.last_request_id = _echoed_request_id(exc.trailing_metadata())
                 if not self._should_retry(exc, progress, deadline):
                     self.last_summary = progress.summary()
-                    raise GenerateError(exc.code(), exc.details()) from exc
+                    raise GenerateError.from_rpc(exc) from exc
                 time.sleep(min(self.retry.delay(progress.attempt, self._rng), self._left(deadline) or 1e9))
                 progress.attempt += 1
                 self._rotate()
         self.last_summary = progress.summary()
 
-    def _one_call(self, request, progress: Progress, deadline, on_record) -> Iterator[Record]:
-        for response in self._stub().Generate(request, timeout=self._left(deadline), metadata=self._metadata):
+    def _one_call(self, request, progress: Progress, deadline, on_record, request_id) -> Iterator[Record]:
+        call = self._stub().Generate(request, timeout=self._left(deadline), metadata=self._call_metadata(request_id))
+        for response in call:
             if response.HasField("summary"):
                 progress.summaries.append(response.summary)
                 continue
@@ -175,6 +201,7 @@ class Client(_Base):
                 if on_record is not None:
                     on_record(record)
                 yield record
+        self.last_request_id = _echoed_request_id(call.trailing_metadata())
 
     def generate_df(self, intents: Sequence[str], num_records: int, *, return_summary: bool = False,
                     with_scores: bool = False, **settings):
@@ -198,7 +225,7 @@ class Client(_Base):
         try:
             return getattr(self._stub(), method)(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
-            raise GenerateError(exc.code(), exc.details()) from exc
+            raise GenerateError.from_rpc(exc) from exc
 
 
 class AsyncClient(_Base):
@@ -228,26 +255,30 @@ class AsyncClient(_Base):
                                       else grpc.aio.insecure_channel(target, options))
         return pb_grpc.GeneratorStub(self._channels[target])
 
-    async def generate(self, intents: Sequence[str], num_records: int, **settings) -> AsyncIterator[Record]:
+    async def generate(self, intents: Sequence[str], num_records: int, *, request_id: str | None = None,
+                       **settings) -> AsyncIterator[Record]:
         progress = Progress(build_request(intents, num_records, **settings))
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         self.last_summary = None
         while progress.remaining():
             try:
                 for request in progress.next_requests():
-                    async for response in self._stub().Generate(request, timeout=self._left(deadline),
-                                                                metadata=self._metadata):
+                    call = self._stub().Generate(request, timeout=self._left(deadline),
+                                                 metadata=self._call_metadata(request_id))
+                    async for response in call:
                         if response.HasField("summary"):
                             progress.summaries.append(response.summary)
                             continue
                         index = progress.accept(response.record)
                         if index is not None:
                             yield _record(response.record, index)
+                    self.last_request_id = _echoed_request_id(await call.trailing_metadata())
                 break
             except grpc.RpcError as exc:
+                self.last_request_id = _echoed_request_id(exc.trailing_metadata())
                 if not self._should_retry(exc, progress, deadline):
                     self.last_summary = progress.summary()
-                    raise GenerateError(exc.code(), exc.details()) from exc
+                    raise GenerateError.from_rpc(exc) from exc
                 await asyncio.sleep(min(self.retry.delay(progress.attempt, self._rng), self._left(deadline) or 1e9))
                 progress.attempt += 1
                 self._rotate()
@@ -272,4 +303,4 @@ class AsyncClient(_Base):
         try:
             return await getattr(self._stub(), method)(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
-            raise GenerateError(exc.code(), exc.details()) from exc
+            raise GenerateError.from_rpc(exc) from exc

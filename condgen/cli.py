@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import sys
 from pathlib import Path
 
+from condgen.logs import LOG_FORMATS, configure_logging
 from condgen.server.limits import Limits
 
 EXIT_USAGE = 2
@@ -76,6 +76,10 @@ def _add_serve(sub) -> None:
     p.add_argument("--tls-client-ca", type=Path, help="PEM CA bundle: require client certificates (mutual TLS)")
     p.add_argument("--auth-token-file", type=Path,
                    help="file holding a bearer token that every call but health must send")
+    p.add_argument("--metrics-port", type=int,
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (off unless given)")
+    p.add_argument("--log-format", choices=LOG_FORMATS, default=argparse.SUPPRESS,
+                   help="text (default) or json: one JSON object per line, one line per finished request")
     limits = p.add_argument_group("request limits (violations get INVALID_ARGUMENT)")
     for field in dataclasses.fields(Limits):
         limits.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default,
@@ -102,6 +106,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--require-predicted-intent", action="store_true",
                    help="drop records the bundle's classifier assigns to another intent")
     p.add_argument("--timeout", type=float, help="seconds before the call is abandoned")
+    p.add_argument("--request-id", help="sent as x-request-id: the server's log line and errors carry it")
 
 
 def _add_connection(p) -> None:
@@ -161,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="condgen", description="Grow a labelled text dataset with synthetic "
                                      "records from a fine-tuned generator served over gRPC.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default="text",
+                        help="text for people, json for log collectors (one object per line)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_train, _add_export, _add_serve, _add_generate, _add_inspect, _add_evaluate):
         add(sub)
@@ -203,7 +210,7 @@ def cmd_serve(args) -> None:
                          scheduler=SchedulerConfig(max_batch_size=args.max_batch_size,
                                                    max_active_requests=args.max_active_requests,
                                                    prefix_cache_tokens=args.prefix_cache_tokens),
-                         grace_seconds=args.grace_seconds,
+                         grace_seconds=args.grace_seconds, metrics_port=args.metrics_port,
                          limits=Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)}),
                          security=SecurityConfig.from_files(args.tls_cert, args.tls_key, args.tls_client_ca,
                                                             args.auth_token_file))
@@ -224,7 +231,7 @@ def cmd_generate(args) -> None:
             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
             num_prompt_examples=args.prompt_examples, allow_training_copies=args.allow_training_copies,
             avoid_recent_duplicates=False if args.allow_recent_duplicates else None, min_fidelity=args.min_fidelity,
-            require_predicted_intent=args.require_predicted_intent))
+            require_predicted_intent=args.require_predicted_intent, request_id=args.request_id))
         summary = client.last_summary
     write_frame(records_to_frame(records), args.output)
     print(f"wrote {len(records)} records to {args.output}")
@@ -315,8 +322,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_format, args.verbose)
     try:
         COMMANDS[args.command](args)
     except KeyboardInterrupt:

@@ -1,7 +1,7 @@
 """`condgen serve`: load a bundle, start the scheduler and the gRPC server, drain on signals.
 
 Besides condgen.v1.Generator the server offers the standard grpc.health.v1.Health
-service and server reflection. SIGTERM/SIGINT turn health to NOT_SERVING, refuse new
+service and server reflection, and Prometheus metrics over HTTP when `metrics_port` is set. SIGTERM/SIGINT turn health to NOT_SERVING, refuse new
 calls with UNAVAILABLE, let in-flight streams finish within the grace period, then exit.
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ from condgen.server.security import SecurityConfig
 from condgen.server.scheduler import Scheduler, SchedulerConfig
 from condgen.server.servicer import GeneratorServicer
 from condgen.server.limits import Defaults, Limits
+from condgen.server.telemetry import Telemetry
 from condgen.v1 import generator_pb2 as pb
 from condgen.v1 import generator_pb2_grpc as pb_grpc
 
@@ -45,6 +46,7 @@ class ServeConfig:
     grace_seconds: float = 30.0
     verify_bundle: bool = True
     security: SecurityConfig = SecurityConfig()
+    metrics_port: int | None = None  # None: no /metrics endpoint; 0 picks a free port
 
 
 @dataclass
@@ -57,6 +59,8 @@ class RunningServer:
     scheduler_task: asyncio.Task
     health: health.aio.HealthServicer
     grace_seconds: float
+    telemetry: Telemetry
+    metrics_port: int | None = None
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def stop(self) -> None:
@@ -69,6 +73,7 @@ class RunningServer:
         await self.server.stop(self.grace_seconds)
         self.scheduler_task.cancel()
         await asyncio.gather(self.scheduler_task, return_exceptions=True)
+        self.telemetry.close()
         self.stopped.set()
 
 
@@ -78,12 +83,15 @@ async def start_server(config: ServeConfig) -> RunningServer:
     engine = Engine(config.bundle, manifest, config.engine)
     examples = read_examples(config.bundle)
     judge = RecordJudge.for_bundle(config.bundle, manifest, examples)
-    scheduler = Scheduler(engine, examples, manifest.separator, config.scheduler, judge)
+    telemetry = Telemetry()
+    scheduler = Scheduler(engine, examples, manifest.separator, config.scheduler, judge,
+                          on_step=telemetry.observe_step)
+    telemetry.watch(scheduler)
     server = grpc.aio.server(interceptors=config.security.interceptors(),
                              options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
     pb_grpc.add_GeneratorServicer_to_server(
-        GeneratorServicer(scheduler, manifest, config.limits, config.defaults), server)
+        GeneratorServicer(scheduler, manifest, config.limits, config.defaults, telemetry), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -92,6 +100,10 @@ async def start_server(config: ServeConfig) -> RunningServer:
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind {address}: is the port in use?")
+    metrics_port = None
+    if config.metrics_port is not None:
+        metrics_port = telemetry.serve_http(config.host, config.metrics_port)
+        log.info("metrics on http://%s:%d/metrics", config.host, metrics_port)
     await server.start()
     task = asyncio.create_task(scheduler.run(), name="condgen-scheduler")
     for name in ("", SERVICE_NAME):
@@ -99,7 +111,8 @@ async def start_server(config: ServeConfig) -> RunningServer:
     log.info("serving %s (%d intents) on %s:%d with %s%s%s", config.bundle, len(manifest.intents),
              config.host, port, engine.provider, ", TLS" if credentials else "",
              ", token auth" if config.security.auth_token else "")
-    return RunningServer(server, port, scheduler, task, health_servicer, config.grace_seconds)
+    return RunningServer(server, port, scheduler, task, health_servicer, config.grace_seconds, telemetry,
+                         metrics_port)
 
 
 async def serve_forever(config: ServeConfig) -> None:

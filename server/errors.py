@@ -2,14 +2,14 @@
 
 Handlers raise these; `grpc_errors` (a decorator for unary and streaming handlers) turns
 them into statuses: bad input INVALID_ARGUMENT, overload RESOURCE_EXHAUSTED, shutting down
-UNAVAILABLE, anything else INTERNAL with the error logged under a request id.
+UNAVAILABLE, anything else INTERNAL with the error logged under the call's request id.
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
-import uuid
 
 import grpc
 
@@ -35,35 +35,61 @@ STATUS_FOR = {
 }
 
 
-async def _abort(context, exc: Exception) -> None:
+def status_for(exc: Exception, request_id: str) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a client gets for `exc`."""
     for kind, code in STATUS_FOR.items():
         if isinstance(exc, kind):
-            await context.abort(code, str(exc))
-    request_id = uuid.uuid4().hex[:12]
-    log.exception("request %s failed", request_id, exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id}); see the server log")
+            return code, str(exc)
+    log.error("request %s failed", request_id, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error (request id {request_id}); see the server log"
+
+
+def _final_code(context) -> grpc.StatusCode:
+    code = context.code()
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
 
 
 def grpc_errors(handler):
-    """Wrap an async handler (unary or server-streaming) so errors become gRPC statuses."""
+    """Wrap an async handler (unary or server-streaming) of a servicer with a `telemetry`
+    attribute: errors become gRPC statuses, and every call is tracked (request id, metrics,
+    log line) through to its final status."""
+    method = handler.__name__
     if inspect.isasyncgenfunction(handler):
         @functools.wraps(handler)
         async def stream(self, request, context):
+            call = self.telemetry.track(method, request, context)
             try:
                 async for item in handler(self, request, context):
+                    call.sent(item)
                     yield item
-            except (grpc.aio.AbortError, GeneratorExit):
+                call.end(grpc.StatusCode.OK)
+            except grpc.aio.AbortError:
+                call.end(_final_code(context))
+                raise
+            except (GeneratorExit, asyncio.CancelledError):
+                call.end(grpc.StatusCode.CANCELLED)
                 raise
             except Exception as exc:  # noqa: BLE001 - mapped to a status, never lost
-                await _abort(context, exc)
+                code, message = status_for(exc, call.request_id)
+                call.end(code, message)
+                await context.abort(code, message)
         return stream
 
     @functools.wraps(handler)
     async def unary(self, request, context):
+        call = self.telemetry.track(method, request, context)
         try:
-            return await handler(self, request, context)
+            response = await handler(self, request, context)
         except grpc.aio.AbortError:
+            call.end(_final_code(context))
+            raise
+        except asyncio.CancelledError:
+            call.end(grpc.StatusCode.CANCELLED)
             raise
         except Exception as exc:  # noqa: BLE001
-            await _abort(context, exc)
+            code, message = status_for(exc, call.request_id)
+            call.end(code, message)
+            await context.abort(code, message)
+        call.end(grpc.StatusCode.OK)
+        return response
     return unary

@@ -29,6 +29,7 @@ import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -38,7 +39,7 @@ from condgen.server.engine import Engine
 from condgen.server.errors import Overloaded, ShuttingDown
 from condgen.server.prefix_cache import PrefixCache
 from condgen.server.prompts import build_prompt, line_prefix
-from condgen.server.records import CopyIndex, JudgeSettings, LengthBounds, RecordJudge
+from condgen.server.records import REJECTION_REASONS, CopyIndex, JudgeSettings, LengthBounds, RecordJudge
 from condgen.server.sampling import SamplingSettings, sample_token, sequence_rng
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,16 @@ class GenerationSummary:
     @property
     def complete(self) -> bool:
         return not self.incomplete_intents
+
+
+@dataclass
+class Totals:
+    """Counters over the server's life, across requests (exported as metrics)."""
+
+    tokens_generated: int = 0
+    lines_parsed: int = 0
+    records_accepted: int = 0
+    rejected: Counter = field(default_factory=lambda: Counter(dict.fromkeys(REJECTION_REASONS, 0)))
 
 
 @dataclass
@@ -201,7 +212,8 @@ class Scheduler:
     """Owns the running `Batch` and moves sequences in and out of it."""
 
     def __init__(self, engine: Engine, examples: dict[str, list[str]], separator: str,
-                 config: SchedulerConfig = SchedulerConfig(), judge: RecordJudge | None = None):
+                 config: SchedulerConfig = SchedulerConfig(), judge: RecordJudge | None = None,
+                 on_step: Callable[[str, int, float], None] | None = None):
         self.engine = engine
         self.examples = examples
         self.separator = separator
@@ -218,6 +230,8 @@ class Scheduler:
         self.prefix_cache = PrefixCache(config.prefix_cache_tokens)
         self._cohort: set[int] = set()
         self.steps = 0
+        self._totals = Totals()
+        self._on_step = on_step or (lambda phase, rows, seconds: None)
 
     # ---- public API -------------------------------------------------------------------
     def submit(self, spec: GenerationSpec) -> RequestHandle:
@@ -239,9 +253,17 @@ class Scheduler:
             self._wake.set()
 
     def stats(self) -> dict:
+        queued = sum(1 for r in self.requests if not any(job.active for job in r.jobs))
         return {"running_sequences": len(self.sequences), "active_requests": len(self.requests),
+                "queued_requests": queued,
                 "batch_rows": len(self.batch) if self.batch is not None else 0, "steps": self.steps,
                 "policy": self.config.policy, "prefix_cache": self.prefix_cache.stats()}
+
+    def totals(self) -> dict:
+        """Counters since the server started: tokens, lines, records, rejections, steps."""
+        t = self._totals
+        return {"tokens_generated": t.tokens_generated, "lines_parsed": t.lines_parsed,
+                "records_accepted": t.records_accepted, "rejected": dict(t.rejected), "steps": self.steps}
 
     def stop(self) -> None:
         """Take no new requests; `run` returns once the ones in flight are done."""
@@ -272,6 +294,7 @@ class Scheduler:
     async def _decode_step(self, loop) -> None:
         """One forward pass for the whole batch. If the pass itself fails, every request in the
         batch fails (their cache is gone) but the loop, and requests still waiting, go on."""
+        started, rows = time.perf_counter(), len(self.batch)
         try:
             logits = await loop.run_in_executor(self._executor, self.engine.forward, self.batch)
         except Exception as exc:  # noqa: BLE001 - isolated to the requests of this batch
@@ -282,6 +305,7 @@ class Scheduler:
                 self._finish(state, error=exc)
             return
         self.steps += 1
+        self._on_step("decode", rows, time.perf_counter() - started)
         self._after_forward(logits)
 
     def _fail(self, state: RequestState, exc: Exception) -> None:
@@ -368,6 +392,7 @@ class Scheduler:
                 unique[key] = plan
         firsts = list(unique.values())
         if firsts:
+            started = time.perf_counter()
             try:
                 results = await loop.run_in_executor(self._executor, self.engine.prefill,
                                                      [p.seq_ids[0] for p in firsts], [p.prompt_ids for p in firsts])
@@ -376,6 +401,7 @@ class Scheduler:
                     if plan.prefill is None:
                         self._fail(plan.state, exc)
                 return
+            self._on_step("prefill", len(firsts), time.perf_counter() - started)
             for plan, (batch, logits) in zip(firsts, results):
                 plan.prefill = (batch, logits)
                 self.prefix_cache.store(plan.prompt_ids, batch, logits)
@@ -425,6 +451,7 @@ class Scheduler:
             token = sample_token(row, spec.sampling, seq.rng)
             seq.generated += 1
             state.summary.tokens_generated += 1
+            self._totals.tokens_generated += 1
         seq.line_tokens.append(token)
         if token == self.engine.manifest.eos_token_id:
             self._end_line(seq, at_eos=True)
@@ -451,6 +478,7 @@ class Scheduler:
     def _judge_line(self, seq: Sequence, line: str) -> None:
         state, job = seq.request, seq.job
         state.summary.lines_parsed += 1
+        self._totals.lines_parsed += 1
         verdict = self.judge.judge(line, job.intent, state.spec.judging, job.seen, seq.prompt_keys)
         if verdict.reason is not None:
             return self._reject(state, verdict.reason)
@@ -461,11 +489,12 @@ class Scheduler:
                                                 verdict.predicted_intent))
         job.accepted += 1
         state.summary.records_accepted += 1
+        self._totals.records_accepted += 1
         return None
 
-    @staticmethod
-    def _reject(state: RequestState, reason: str) -> None:
+    def _reject(self, state: RequestState, reason: str) -> None:
         state.summary.rejected[reason] += 1
+        self._totals.rejected[reason] += 1
 
     def _drop_sequence(self, seq_id: int) -> None:
         seq = self.sequences.pop(seq_id, None)

@@ -9,6 +9,7 @@ from condgen.bundle import Manifest
 from condgen.server.errors import grpc_errors
 from condgen.server.scheduler import GeneratedRecord, GenerationSummary, Scheduler
 from condgen.server.limits import Defaults, Limits
+from condgen.server.telemetry import Telemetry
 from condgen.server.validation import to_spec
 from condgen.v1 import generator_pb2 as pb
 from condgen.v1 import generator_pb2_grpc as pb_grpc
@@ -27,11 +28,13 @@ def summary_message(summary: GenerationSummary) -> pb.Summary:
 class GeneratorServicer(pb_grpc.GeneratorServicer):
     """condgen.v1.Generator over one bundle."""
 
-    def __init__(self, scheduler: Scheduler, manifest: Manifest, limits: Limits, defaults: Defaults):
+    def __init__(self, scheduler: Scheduler, manifest: Manifest, limits: Limits, defaults: Defaults,
+                 telemetry: Telemetry | None = None):
         self.scheduler = scheduler
         self.manifest = manifest
         self.limits = limits
         self.defaults = defaults
+        self.telemetry = telemetry or Telemetry()  # read by @grpc_errors: request ids, metrics, log lines
 
     @grpc_errors
     async def Generate(self, request, context):
