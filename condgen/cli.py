@@ -76,6 +76,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--tls-client-ca", type=Path, help="PEM CA bundle: require client certificates (mutual TLS)")
     p.add_argument("--auth-token-file", type=Path,
                    help="file holding a bearer token that every call but health must send")
+    p.add_argument("--max-connection-age-seconds", type=float,
+                   help="ask clients to reconnect after this long (new calls only), so dns:/// round-robin "
+                        "clients spread onto new replicas; off unless given")
     p.add_argument("--metrics-port", type=int,
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (off unless given)")
     p.add_argument("--log-format", choices=LOG_FORMATS, default=argparse.SUPPRESS,
@@ -211,6 +214,7 @@ def cmd_serve(args) -> None:
                                                    max_active_requests=args.max_active_requests,
                                                    prefix_cache_tokens=args.prefix_cache_tokens),
                          grace_seconds=args.grace_seconds, metrics_port=args.metrics_port,
+                         max_connection_age_seconds=args.max_connection_age_seconds,
                          limits=Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)}),
                          security=SecurityConfig.from_files(args.tls_cert, args.tls_key, args.tls_client_ca,
                                                             args.auth_token_file))

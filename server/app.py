@@ -47,6 +47,9 @@ class ServeConfig:
     verify_bundle: bool = True
     security: SecurityConfig = SecurityConfig()
     metrics_port: int | None = None  # None: no /metrics endpoint; 0 picks a free port
+    # After this long a client connection is asked (GOAWAY) to reconnect for new calls, so
+    # dns:/// round-robin clients find replicas added by a scale-out. Streams in flight finish.
+    max_connection_age_seconds: float | None = None
 
 
 @dataclass
@@ -87,9 +90,11 @@ async def start_server(config: ServeConfig) -> RunningServer:
     scheduler = Scheduler(engine, examples, manifest.separator, config.scheduler, judge,
                           on_step=telemetry.observe_step)
     telemetry.watch(scheduler)
-    server = grpc.aio.server(interceptors=config.security.interceptors(),
-                             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    if config.max_connection_age_seconds:
+        options.append(("grpc.max_connection_age_ms", int(config.max_connection_age_seconds * 1000)))
+    server = grpc.aio.server(interceptors=config.security.interceptors(), options=options)
     pb_grpc.add_GeneratorServicer_to_server(
         GeneratorServicer(scheduler, manifest, config.limits, config.defaults, telemetry), server)
     health_servicer = health.aio.HealthServicer()

@@ -14,7 +14,7 @@ from condgen.bench.load import ServerProcess
 from condgen.client import Client
 from condgen.client.client import GenerateError
 from condgen.logs import JsonFormatter, TextFormatter
-from tests.conftest import TEST_INTENTS, ServerThread, serve_config
+from conftest import TEST_INTENTS, ServerThread, serve_config
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
