@@ -1,6 +1,9 @@
-"""Fine-tuning a tiny model, resuming it, exporting it with the parity check, bundle checks."""
+"""Fine-tuning a tiny model, resuming it, its metrics and loss curve, exporting it with the parity
+check, bundle checks."""
 import json
+import math
 import shutil
+import struct
 
 import pytest
 
@@ -26,11 +29,77 @@ def test_resume_continues_to_the_same_step_count(workdir, train_csv, tiny_base):
     from condgen.training.finetune import finetune
 
     out = workdir / "resumable"
-    first = finetune(tiny_config(train_csv, tiny_base, steps=4, save_steps=2), out)
+    first = finetune(tiny_config(train_csv, tiny_base, steps=4, save_steps=2, logging_steps=2), out)
     assert first.stats["optimizer_steps"] == 4
-    resumed = finetune(tiny_config(train_csv, tiny_base, steps=8, save_steps=2), out, resume=True)
+    resumed = finetune(tiny_config(train_csv, tiny_base, steps=8, save_steps=2, logging_steps=2), out, resume=True)
     assert resumed.stats["resumed_from"] == "checkpoint-4"
     assert resumed.stats["optimizer_steps"] == 8
+    metrics = json.loads((out / "metrics.json").read_text())  # the steps before the resume are kept
+    assert metrics["resumed_from"] == "checkpoint-4" and metrics["global_step"] == 8
+    assert [row["step"] for row in metrics["train"]] == [2, 4, 6, 8]
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR", f"{path} is not a PNG"
+    assert data.endswith(b"IEND\xaeB`\x82"), f"{path} is truncated"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_finetune_writes_metrics_and_a_loss_curve(checkpoint):
+    config = json.loads((checkpoint / "condgen_training.json").read_text())["config"]
+    metrics = json.loads((checkpoint / "metrics.json").read_text())
+    steps, every = config["steps"], config["logging_steps"]
+    assert metrics["complete"] and metrics["world_size"] == 1 and metrics["resumed_from"] is None
+    assert metrics["global_step"] == metrics["max_steps"] == steps
+    assert [row["step"] for row in metrics["train"]] == list(range(every, steps + 1, every))
+    for row in metrics["train"]:
+        assert math.isfinite(row["loss"]) and row["loss"] > 0
+        assert math.isfinite(row["learning_rate"]) and row["learning_rate"] >= 0 and row["epoch"] > 0
+    assert metrics["train"][-1]["loss"] < metrics["train"][0]["loss"]
+    summary = metrics["summary"]
+    assert summary["step"] == steps and summary["train_runtime"] > 0 and summary["train_samples_per_second"] > 0
+    assert math.isfinite(summary["train_loss"])
+    assert metrics["eval"] == []  # the fixture holds out no validation records
+    width, height = png_size(checkpoint / "loss_curve.png")
+    assert width >= 300 and height >= 200
+    assert not list(checkpoint.glob("*.partial"))
+
+
+def test_metrics_split_the_log_history_and_null_non_finite_losses():
+    from condgen.training.finetune import training_metrics
+
+    history = [{"loss": 2.5, "grad_norm": 1.0, "learning_rate": 1e-3, "epoch": 0.5, "step": 10},
+               {"eval_loss": 2.7, "eval_runtime": 0.1, "epoch": 0.5, "step": 10},
+               {"loss": float("nan"), "grad_norm": float("inf"), "learning_rate": 5e-4, "epoch": 1.0, "step": 20},
+               {"train_runtime": 3.0, "train_samples_per_second": 40.0, "train_steps_per_second": 6.6,
+                "total_flos": 1.0, "train_loss": 2.1, "epoch": 1.0, "step": 20}]
+    metrics = training_metrics(history, global_step=20, world_size=2)
+    assert [row["step"] for row in metrics["train"]] == [10, 20]
+    assert metrics["train"][1]["loss"] is None and metrics["train"][1]["grad_norm"] is None
+    assert metrics["eval"] == [history[1]] and metrics["summary"]["train_runtime"] == 3.0
+    assert metrics["global_step"] == 20 and metrics["world_size"] == 2
+    json.dumps(metrics, allow_nan=False)
+
+
+def test_loss_curve_is_drawn_without_any_logged_loss(tmp_path):
+    from condgen.training.plots import plot_loss_curve
+
+    path = plot_loss_curve(tmp_path / "loss_curve.png", {"train": [], "eval": [], "global_step": 3})
+    assert png_size(path)[0] > 0
+
+
+def test_steps_from_epochs_count_the_batch_of_every_process():
+    from condgen.training.config import TrainingConfig
+    from condgen.training.finetune import planned_steps
+
+    config = TrainingConfig(data_source="x.csv", steps=None, epochs=2, batch_size=4)
+    assert planned_steps(config, blocks_per_pass=40) == 20
+    assert planned_steps(config, blocks_per_pass=40, processes=2) == 10
+    assert planned_steps(TrainingConfig(data_source="x.csv", steps=7), 40, processes=4) == 7
 
 
 def test_checkpoint_overfits_the_training_lines(checkpoint):

@@ -6,12 +6,23 @@ number of optimiser steps. A held-out share of the records gives a validation lo
 `OUTPUT/trainer/` so `--resume` continues an interrupted run; the final model, tokenizer,
 the training config and stats (`condgen_training.json`) and the real examples per intent
 (`examples.json`) go to `OUTPUT/`, which is everything `condgen export` needs.
+
+Progress shows as the Trainer's bar with the loss printed every `logging_steps`;
+`OUTPUT/metrics.json` (rewritten at every logged step, complete at the end) holds the logged
+losses, learning rates, evaluations and the run's totals, and `OUTPUT/loss_curve.png` plots them.
+
+Under `torchrun` / `accelerate launch` (WORLD_SIZE > 1) the Trainer runs DistributedDataParallel
+(NCCL on GPUs, gloo on CPUs) and its sampler gives each process its share of the packed blocks;
+`steps` count optimiser steps of the whole group, whose batch is `batch_size` per process. Every
+process trains and evaluates; only the main process writes files, and all wait for it before returning.
+See docs/distributed-training.md.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +36,10 @@ from condgen.training.data import (encode_lines, examples_by_intent, intent_coun
 log = logging.getLogger(__name__)
 TRAINING_INFO_NAME = "condgen_training.json"
 TRAINER_DIR = "trainer"
+METRICS_NAME = "metrics.json"
+LOSS_CURVE_NAME = "loss_curve.png"
+# Environment variables that carry the process count under torchrun, accelerate launch and MPI.
+WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
 @dataclass
@@ -55,19 +70,33 @@ def tokenize_lines(tokenizer, records, config: TrainingConfig) -> list[list[int]
     return tokenizer(encode_lines(records, config.separator), add_special_tokens=False)["input_ids"]
 
 
-def planned_steps(config: TrainingConfig, blocks_per_pass: int) -> int:
-    """Optimiser steps of the run: `steps`, or `epochs` over the packed data."""
+def world_size() -> int:
+    """Processes in the training group, from the launcher's environment (1 when not launched)."""
+    for name in WORLD_SIZE_VARIABLES:
+        value = os.environ.get(name, "").strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
+def planned_steps(config: TrainingConfig, blocks_per_pass: int, processes: int = 1) -> int:
+    """Optimiser steps of the run: `steps`, or `epochs` over the packed data (one optimiser
+    step consumes `batch_size * gradient_accumulation_steps` blocks in each of `processes`)."""
     if config.steps is not None:
         return config.steps
-    per_step = config.batch_size * config.gradient_accumulation_steps
+    per_step = config.batch_size * config.gradient_accumulation_steps * processes
     return max(1, math.ceil(config.epochs * blocks_per_pass / per_step))
 
 
-def training_blocks(tokenizer, records, config: TrainingConfig) -> tuple[list[list[int]], int]:
-    """Enough packed blocks for the whole run (reshuffled per pass), and the step count."""
+def training_blocks(tokenizer, records, config: TrainingConfig, processes: int = 1) -> tuple[list[list[int]], int]:
+    """Enough packed blocks for the whole run (reshuffled per pass), and the step count.
+
+    Every process packs the same blocks; the Trainer's distributed sampler then hands each
+    process its own share, so the group holds exactly one pass of the sampler.
+    """
     lines = tokenize_lines(tokenizer, records, config)
-    steps = planned_steps(config, len(pack_blocks(lines, config.max_tokens)))
-    needed = steps * config.batch_size * config.gradient_accumulation_steps
+    steps = planned_steps(config, len(pack_blocks(lines, config.max_tokens)), processes)
+    needed = steps * config.batch_size * config.gradient_accumulation_steps * processes
     return pack_blocks(lines, config.max_tokens, min_blocks=needed, seed=config.seed), steps
 
 
@@ -96,6 +125,7 @@ def training_arguments(config: TrainingConfig, trainer_dir: Path, has_validation
     import torch
     from transformers import TrainingArguments
 
+    on_cpu = not torch.cuda.is_available()
     return TrainingArguments(
         output_dir=str(trainer_dir),
         per_device_train_batch_size=config.batch_size,
@@ -115,10 +145,77 @@ def training_arguments(config: TrainingConfig, trainer_dir: Path, has_validation
         save_total_limit=2,
         logging_steps=config.logging_steps,
         report_to=[],
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=on_cpu,
+        # Several processes (torchrun, accelerate launch): gloo on CPUs; on GPUs the default, NCCL.
+        ddp_backend="gloo" if on_cpu and world_size() > 1 else None,
         dataloader_num_workers=0,
-        disable_tqdm=False,
+        disable_tqdm=False,  # the progress bar, with the logged loss printed every `logging_steps`
     )
+
+
+def _finite(value):
+    """Numbers as JSON allows them: NaN and infinities (a diverged run) become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def training_metrics(log_history: list[dict], **extra) -> dict:
+    """The Trainer's log history as metrics.json: one row per logged training step, one per
+    evaluation, and the totals the Trainer logs when a run ends (runtime, samples/s...)."""
+    train, evaluations, summary = [], [], {}
+    for entry in log_history:
+        entry = {k: _finite(v) for k, v in entry.items()}
+        if "loss" in entry:
+            train.append({k: entry.get(k) for k in ("step", "epoch", "loss", "learning_rate", "grad_norm")})
+        elif "eval_loss" in entry:
+            evaluations.append(entry)
+        elif "train_runtime" in entry:
+            summary = entry
+    return {**extra, "train": train, "eval": evaluations, "summary": summary}
+
+
+def write_metrics(output_dir: Path, metrics: dict) -> Path:
+    """Write metrics.json through a temporary file, so a reader never sees half of it."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / METRICS_NAME
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(metrics, indent=2, allow_nan=False))
+    os.replace(partial, path)
+    return path
+
+
+def write_loss_curve(output_dir: Path, metrics: dict) -> Path | None:
+    from condgen.training.plots import plot_loss_curve
+
+    try:
+        return plot_loss_curve(output_dir / LOSS_CURVE_NAME, metrics)
+    except ImportError as exc:  # a missing plotting library must not throw away a finished run
+        log.warning("%s not written (%s): pip install matplotlib", LOSS_CURVE_NAME, exc)
+        return None
+
+
+def metrics_callback(output_dir: Path, extra: dict):
+    """A TrainerCallback that rewrites OUTPUT/metrics.json (main process only) at every log."""
+    from transformers import TrainerCallback
+
+    class MetricsCallback(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero:
+                write_metrics(output_dir, training_metrics(state.log_history, global_step=state.global_step,
+                                                           max_steps=state.max_steps, complete=False, **extra))
+
+    return MetricsCallback()
+
+
+
+def final_validation_loss(trainer) -> float:
+    """The validation loss of the final weights: the one logged at the last step when the run
+    evaluated there, else a fresh evaluation. Every process holds the same log history, so all
+    of them take the same branch (an evaluation is collective under DDP)."""
+    step = trainer.state.global_step
+    logged = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e and e.get("step") == step]
+    return logged[-1] if logged else trainer.evaluate()["eval_loss"]
 
 
 def finetune(config: TrainingConfig, output_dir: str | Path, resume: bool = False) -> TrainResult:
@@ -136,20 +233,26 @@ def finetune(config: TrainingConfig, output_dir: str | Path, resume: bool = Fals
     log.info("loaded %d records (%d intents); %d for training, %d held out",
              len(records), len(intent_counts(records)), len(train_records), len(val_records))
     model, tokenizer = load_base_model(config.pretrained_model)
-    train_blocks, steps = training_blocks(tokenizer, train_records, config)
+    processes = world_size()
+    train_blocks, steps = training_blocks(tokenizer, train_records, config, processes)
     val_blocks = pack_blocks(tokenize_lines(tokenizer, val_records, config), config.max_tokens) if val_records else []
-    log.info("packed %d training blocks and %d validation blocks of %d tokens",
-             len(train_blocks), len(val_blocks), config.max_tokens)
+    log.info("packed %d training blocks and %d validation blocks of %d tokens for %d steps on %d process(es)",
+             len(train_blocks), len(val_blocks), config.max_tokens, steps, processes)
 
     last = last_complete_checkpoint(trainer_dir) if resume else None
     if resume and last is None:
         log.warning("--resume: no checkpoint in %s, starting from the base model", trainer_dir)
-    trainer = Trainer(model=model, args=training_arguments(config, trainer_dir, bool(val_blocks), steps),
-                      train_dataset=BlockDataset(train_blocks),
+    args = training_arguments(config, trainer_dir, bool(val_blocks), steps)
+    if args.world_size != processes:
+        raise RuntimeError(f"the environment says {processes} process(es) (WORLD_SIZE) but the Trainer runs "
+                           f"{args.world_size}: launch with torchrun, or unset WORLD_SIZE for a single process")
+    extra = {"world_size": processes, "logging_steps": config.logging_steps,
+             "resumed_from": Path(last).name if last else None}
+    trainer = Trainer(model=model, args=args, train_dataset=BlockDataset(train_blocks),
                       eval_dataset=BlockDataset(val_blocks) if val_blocks else None,
-                      data_collator=default_data_collator)
+                      data_collator=default_data_collator, callbacks=[metrics_callback(output_dir, extra)])
     train_output = trainer.train(resume_from_checkpoint=last)
-    eval_loss = trainer.evaluate()["eval_loss"] if val_blocks else None
+    eval_loss = final_validation_loss(trainer) if val_blocks else None
     if eval_loss is not None:
         log.info("validation loss %.4f", eval_loss)
 
@@ -158,20 +261,32 @@ def finetune(config: TrainingConfig, output_dir: str | Path, resume: bool = Fals
         "train_blocks": len(train_blocks), "validation_blocks": len(val_blocks),
         "optimizer_steps": int(trainer.state.global_step), "train_loss": float(train_output.training_loss),
         "validation_loss": eval_loss, "seconds": round(time.time() - started, 1),
-        "resumed_from": Path(last).name if last else None,
+        "resumed_from": Path(last).name if last else None, "world_size": processes,
         "text_length": text_length_stats([r.text for r in records]),
     }
-    save_checkpoint(output_dir, trainer, tokenizer, config, stats, records)
+    metrics = training_metrics(trainer.state.log_history, global_step=int(trainer.state.global_step),
+                               max_steps=int(trainer.state.max_steps), complete=True, **extra)
+    save_checkpoint(output_dir, trainer, tokenizer, config, stats, records, metrics)
     return TrainResult(output_dir, stats)
 
 
-def save_checkpoint(output_dir: Path, trainer, tokenizer, config: TrainingConfig, stats: dict, records) -> None:
-    trainer.save_model(str(output_dir))
-    tokenizer.save_pretrained(str(output_dir))
-    info = {"base_model": config.pretrained_model, "separator": config.separator,
-            "config": config.to_dict(), "stats": stats, "intents": intent_counts(records)}
-    (output_dir / TRAINING_INFO_NAME).write_text(json.dumps(info, indent=2))
-    (output_dir / EXAMPLES_NAME).write_text(json.dumps(examples_by_intent(records), ensure_ascii=False))
+def save_checkpoint(output_dir: Path, trainer, tokenizer, config: TrainingConfig, stats: dict, records,
+                    metrics: dict | None = None) -> None:
+    """Write the final files from the main process; every process returns once they exist.
+
+    `condgen_training.json` goes last: its presence marks a complete checkpoint.
+    """
+    trainer.save_model(str(output_dir))  # every process calls it; the Trainer writes from the main one
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(output_dir))
+        (output_dir / EXAMPLES_NAME).write_text(json.dumps(examples_by_intent(records), ensure_ascii=False))
+        if metrics is not None:
+            write_metrics(output_dir, metrics)
+            write_loss_curve(output_dir, metrics)
+        info = {"base_model": config.pretrained_model, "separator": config.separator,
+                "config": config.to_dict(), "stats": stats, "intents": intent_counts(records)}
+        (output_dir / TRAINING_INFO_NAME).write_text(json.dumps(info, indent=2))
+    trainer.accelerator.wait_for_everyone()
 
 
 def read_training_info(checkpoint: str | Path) -> dict:

@@ -1,4 +1,4 @@
-"""The augmentation report: PNG plots (matplotlib, headless) and report.md."""
+"""PNG plots (matplotlib, headless): the augmentation report (with report.md) and the training loss curve."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -51,6 +51,35 @@ def plot_lengths(path: Path, real, synthetic) -> Path:
     ax.hist([len(s.text) for s in synthetic], bins=bins, alpha=0.5, density=True, label="synthetic")
     ax.set_xlabel("text length (characters)")
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_loss_curve(path: Path, metrics: dict) -> Path:
+    """Training loss per logged step, and the validation loss where it was computed (metrics.json)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    train = [(row["step"], row["loss"]) for row in metrics.get("train", []) if row.get("loss") is not None]
+    evals = [(row["step"], row["eval_loss"]) for row in metrics.get("eval", []) if row.get("eval_loss") is not None]
+    if train:
+        ax.plot([s for s, _ in train], [v for _, v in train], color="tab:blue", marker="." if len(train) < 50 else None,
+                label="training loss")
+    if evals:
+        ax.plot([s for s, _ in evals], [v for _, v in evals], color="tab:orange", marker="o", linestyle="--",
+                label="validation loss")
+    if not train and not evals:
+        ax.text(0.5, 0.5, "no loss logged yet (fewer steps than logging_steps)", ha="center", va="center",
+                transform=ax.transAxes)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("loss (cross-entropy per token)")
+    steps = metrics.get("global_step")
+    world = metrics.get("world_size", 1)
+    ax.set_title(f"{steps} steps" + (f", {world} processes" if world and world > 1 else ""))
+    if train or evals:
+        ax.legend()
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
