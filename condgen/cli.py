@@ -188,6 +188,8 @@ def cmd_train(args) -> None:
         label_column=args.label_column, steps=args.max_steps, epochs=args.epochs, batch_size=args.batch_size,
         learning_rate=args.learning_rate, seed=args.seed)
     result = finetune(config, args.output, resume=args.resume)
+    if not result.main_process:
+        return  # under torchrun one process reports
     print(json.dumps(result.stats, indent=2))
     print(f"checkpoint written to {result.output_dir}")
 

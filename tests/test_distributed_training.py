@@ -67,6 +67,7 @@ def test_torchrun_two_cpu_processes_write_one_checkpoint(tmp_path, train_csv, ti
     assert done.returncode == 0, done.stdout[-4000:]
     # rank 0 alone prints the progress bar's loss lines, one per logging step
     assert done.stdout.count("{'loss':") == STEPS // LOGGING_STEPS, done.stdout[-4000:]
+    assert done.stdout.count("checkpoint written to") == 1, done.stdout[-4000:]  # one process reports
 
     single = finetune(load_config(config_path), tmp_path / "single").output_dir
     assert final_files(out) == final_files(single)

@@ -48,6 +48,7 @@ class TrainResult:
 
     output_dir: Path
     stats: dict
+    main_process: bool = True  # False on the other ranks of a distributed run
 
 
 class BlockDataset:
@@ -267,7 +268,7 @@ def finetune(config: TrainingConfig, output_dir: str | Path, resume: bool = Fals
     metrics = training_metrics(trainer.state.log_history, global_step=int(trainer.state.global_step),
                                max_steps=int(trainer.state.max_steps), complete=True, **extra)
     save_checkpoint(output_dir, trainer, tokenizer, config, stats, records, metrics)
-    return TrainResult(output_dir, stats)
+    return TrainResult(output_dir, stats, trainer.is_world_process_zero())
 
 
 def save_checkpoint(output_dir: Path, trainer, tokenizer, config: TrainingConfig, stats: dict, records,
