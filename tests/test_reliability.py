@@ -335,17 +335,17 @@ def test_tls_and_mutual_tls_round_trips(bundle, tmp_path):
 def test_connection_age_reconnects_without_losing_calls(bundle):
     """With a short maximum connection age the server sends GOAWAY; a stream longer than the
     age completes, and the same client's next calls reconnect and succeed."""
-    thread = ServerThread(serve_config(bundle, max_connection_age_seconds=0.5)).start()
+    thread = ServerThread(serve_config(bundle, max_connection_age_seconds=0.1)).start()
     try:
         with Client(thread.target, timeout=120) as client:
             started = time.monotonic()
-            long_stream = client.generate_df(["card_arrival", "exchange_rate"], 15, seed=4)
+            long_stream = client.generate_df(["card_arrival", "exchange_rate", "lost_or_stolen_card"], 30, seed=4)
             long_seconds = time.monotonic() - started
-            time.sleep(1.5)
+            time.sleep(0.5)
             later = [client.generate_df(["lost_or_stolen_card"], 2, seed=s) for s in (1, 2)]
     finally:
         thread.stop()
-    assert len(long_stream) == 30
+    assert len(long_stream) == 90
     assert [len(frame) for frame in later] == [2, 2]
-    if long_seconds <= 0.5:
+    if long_seconds <= 0.1:
         pytest.skip(f"the stream took only {long_seconds:.2f} s: it did not outlive the connection age")
