@@ -64,6 +64,9 @@ def _add_serve(sub) -> None:
                    help="auto uses CUDA when onnxruntime-gpu sees a GPU")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: one per core)")
     p.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together (memory grows with it)")
+    p.add_argument("--max-batch-tokens", type=int, default=0,
+                   help="KV-cache budget of the running batch in tokens (rows x longest reserved row length: "
+                        "prompt + max_new_tokens); rounds beyond it wait. 0: bounded by --max-batch-size only")
     p.add_argument("--max-active-requests", type=int, default=256,
                    help="requests in flight; beyond it calls get RESOURCE_EXHAUSTED")
     p.add_argument("--prefix-cache-tokens", type=int, default=4096,
@@ -214,7 +217,8 @@ def cmd_serve(args) -> None:
                          engine=EngineConfig(device=args.device, threads=args.threads, io_binding=args.io_binding),
                          scheduler=SchedulerConfig(max_batch_size=args.max_batch_size,
                                                    max_active_requests=args.max_active_requests,
-                                                   prefix_cache_tokens=args.prefix_cache_tokens),
+                                                   prefix_cache_tokens=args.prefix_cache_tokens,
+                                                   max_batch_tokens=args.max_batch_tokens),
                          grace_seconds=args.grace_seconds, metrics_port=args.metrics_port,
                          max_connection_age_seconds=args.max_connection_age_seconds,
                          limits=Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)}),

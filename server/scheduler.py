@@ -10,6 +10,13 @@ After a line ends, the `intent,` prefix is fed back (forced), so every line the 
 writes is for the round's intent. Sequences leave the batch as soon as they finish, their
 job has enough records or their request was cancelled.
 
+Memory: the cache of the running batch is (rows x longest row) tokens per layer. Besides
+`max_batch_size`, `max_batch_tokens` bounds it: a round joins only if, with every row grown to
+its reserved length (prompt + max_new_tokens + the `intent,` prefixes re-fed after each line,
+estimated from the prompt's tokens per line), rows x longest reservation stays within the
+budget; otherwise it waits. A round is never split (that would change its records), and one
+that alone exceeds the budget runs when the batch is empty.
+
 Rounds that start together have their prompts prefilled in one engine pass (left-padded);
 a recently prefilled prompt is taken from the prefix cache instead of being run again.
 The `static` policy (for comparison in benchmarks) batches whole requests at a time: a new
@@ -52,6 +59,7 @@ class SchedulerConfig:
     max_batch_size: int = 32
     max_active_requests: int = 256
     prefix_cache_tokens: int = 4096
+    max_batch_tokens: int = 0  # KV-cache budget of the running batch in tokens (rows x length); 0: none
     policy: str = "continuous"  # or "static": whole requests at a time (a baseline)
 
     def __post_init__(self) -> None:
@@ -59,6 +67,8 @@ class SchedulerConfig:
             raise ValueError(f"policy {self.policy!r} is not continuous or static")
         if self.max_batch_size < 1 or self.max_active_requests < 1:
             raise ValueError("max_batch_size and max_active_requests must be at least 1")
+        if self.max_batch_tokens < 0:
+            raise ValueError("max_batch_tokens must be 0 (no budget) or positive")
 
 
 @dataclass(frozen=True)
@@ -174,6 +184,7 @@ class Sequence:
     prompt_keys: frozenset[str] = frozenset()
     forced: deque = field(default_factory=deque)
     generated: int = 0
+    reserved_tokens: int = 0  # the cache length this sequence may reach (see max_batch_tokens)
 
 
 @dataclass
@@ -254,8 +265,10 @@ class Scheduler:
 
     def stats(self) -> dict:
         queued = sum(1 for r in self.requests if not any(job.active for job in r.jobs))
+        batch_tokens = len(self.batch) * self.batch.past_len if self.batch is not None else 0
         return {"running_sequences": len(self.sequences), "active_requests": len(self.requests),
-                "queued_requests": queued,
+                "queued_requests": queued, "batch_tokens": batch_tokens,
+                "reserved_batch_tokens": self._reserved_footprint(0, 0),
                 "batch_rows": len(self.batch) if self.batch is not None else 0, "steps": self.steps,
                 "policy": self.config.policy, "prefix_cache": self.prefix_cache.stats()}
 
@@ -318,6 +331,15 @@ class Scheduler:
     def _room(self) -> int:
         return self.config.max_batch_size - len(self.sequences)
 
+    def _reserved_footprint(self, new_rows: int, new_reserve: int) -> int:
+        """Cache tokens of the batch with `new_rows` more rows, every row at its reserved length."""
+        longest = max((seq.reserved_tokens for seq in self.sequences.values()), default=0)
+        return (len(self.sequences) + new_rows) * max(longest, new_reserve)
+
+    def _fits_token_budget(self, rows: int, reserve: int) -> bool:
+        budget = self.config.max_batch_tokens
+        return not budget or not self.sequences or self._reserved_footprint(rows, reserve) <= budget
+
     def _wants_round(self, state: RequestState, job: Job) -> bool:
         if state.cancelled or job.satisfied or job.rounds >= state.spec.round_budget():
             return False
@@ -340,16 +362,7 @@ class Scheduler:
 
     async def _admit_rounds(self, loop) -> None:
         """Start every round there is room for; their prompts are prefilled together."""
-        plans = []
-        for state in self._admissible_requests():
-            for job in state.jobs:
-                n = min(state.spec.sequences_per_round, self.config.max_batch_size, job.target - job.accepted)
-                if state.finished or not self._wants_round(state, job) or n > self._room():
-                    continue
-                try:
-                    plans.append(self._plan_round(state, job, n))
-                except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
-                    self._fail(state, exc)
+        plans = self._plan_rounds()
         if not plans:
             return
         await self._prefill(loop, plans)
@@ -359,25 +372,55 @@ class Scheduler:
             self.batch = Batch.concatenate(([self.batch] if self.batch is not None else []) + new_batches)
             self.batch = self.batch.filter([s for s in self.batch.seq_ids if s in self.sequences])
 
-    def _plan_round(self, state: RequestState, job: Job, n: int) -> "RoundPlan":
-        """Draw the round's prompt and register its n sequences; the prefill comes later."""
+    def _plan_rounds(self) -> list["RoundPlan"]:
+        """Rounds to start now, in request order; the first that does not fit the token budget
+        stops the pass, so later (smaller) rounds cannot starve it."""
+        plans = []
+        for state in self._admissible_requests():
+            for job in state.jobs:
+                n = min(state.spec.sequences_per_round, self.config.max_batch_size, job.target - job.accepted)
+                if state.finished or not self._wants_round(state, job) or n > self._room():
+                    continue
+                try:
+                    plan = self._plan_round(state, job, n)
+                except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
+                    self._fail(state, exc)
+                    continue
+                if plan is None:
+                    return plans
+                plans.append(plan)
+        return plans
+
+    def _plan_round(self, state: RequestState, job: Job, n: int) -> "RoundPlan | None":
+        """Draw the round's prompt and register its n sequences; the prefill comes later.
+        None (nothing changed) when the round does not fit the token budget yet: its prompt
+        depends only on the request's seed and round number, so it is drawn the same later."""
         spec = state.spec
         prompt_rng = sequence_rng(spec.seed, job.number, job.rounds, 1 << 20)
         examples = self.examples[job.intent]
         prompt, shown = build_prompt(job.intent, examples, spec.num_prompt_examples, prompt_rng, self.separator)
-        prompt_keys = frozenset(normalize_for_match(t) for t in shown)
         prompt_ids = self.engine.encode(prompt)
-        if shown:
-            job.tokens_per_line = len(prompt_ids) / len(shown)
+        tokens_per_line = len(prompt_ids) / len(shown) if shown else job.tokens_per_line
+        reserve = self._reserve(len(prompt_ids), spec.max_new_tokens, len(job.prefix_tokens), tokens_per_line)
+        if not self._fits_token_budget(n, reserve):
+            return None
+        job.tokens_per_line = tokens_per_line
+        prompt_keys = frozenset(normalize_for_match(t) for t in shown)
         seq_ids = [next(self._ids) for _ in range(n)]
         for fork_index, seq_id in enumerate(seq_ids):
             self.sequences[seq_id] = Sequence(seq_id, state, job,
                                               sequence_rng(spec.seed, job.number, job.rounds, fork_index),
-                                              list(job.prefix_tokens), prompt_keys)
+                                              list(job.prefix_tokens), prompt_keys, reserved_tokens=reserve)
             job.active.add(seq_id)
         job.rounds += 1
         state.summary.rounds += 1
         return RoundPlan(state, seq_ids, prompt_ids)
+
+    @staticmethod
+    def _reserve(prompt_tokens: int, max_new_tokens: int, prefix_tokens: int, tokens_per_line: float) -> int:
+        """The cache length a sequence may reach: prompt, sampled tokens, re-fed line prefixes."""
+        lines = math.ceil(max_new_tokens / max(1.0, tokens_per_line - prefix_tokens))
+        return prompt_tokens + max_new_tokens + prefix_tokens * lines
 
     async def _prefill(self, loop, plans: list["RoundPlan"]) -> None:
         """Give every plan its prefill: from the prefix cache, from another plan of this pass

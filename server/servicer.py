@@ -61,6 +61,7 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
     async def GetModelInfo(self, request, context):
         m = self.manifest
         limits = {**self.limits.to_dict(), "max_batch_size": self.scheduler.config.max_batch_size,
+                  "max_batch_tokens": self.scheduler.config.max_batch_tokens,
                   "max_active_requests": self.scheduler.config.max_active_requests,
                   "defaults": asdict(self.defaults)}
         return pb.ModelInfo(base_model=m.base_model, format_version=m.format_version,

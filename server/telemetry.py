@@ -53,7 +53,9 @@ class _SchedulerCollector:
         stats, totals = self.scheduler.stats(), self.scheduler.totals()
         for name, key, text in (("condgen_queue_depth", "queued_requests", "Requests admitted but not yet decoding"),
                                 ("condgen_active_requests", "active_requests", "Requests in flight"),
-                                ("condgen_running_sequences", "running_sequences", "Sequences in the running batch")):
+                                ("condgen_running_sequences", "running_sequences", "Sequences in the running batch"),
+                                ("condgen_batch_cache_tokens", "batch_tokens",
+                                 "KV-cache size of the running batch in tokens (rows x length)")):
             yield GaugeMetricFamily(name, text, value=stats[key])
         for name, key, text in (("condgen_generated_tokens", "tokens_generated", "Tokens sampled by the model"),
                                 ("condgen_lines_parsed", "lines_parsed", "Lines the model completed"),

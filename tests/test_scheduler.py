@@ -76,3 +76,32 @@ def test_round_budget_ends_an_impossible_request(engine, bundle):
     assert summary.rounds == 3 and not summary.complete
     assert summary.incomplete_intents == ["card_arrival"] and len(records) < 50
     assert summary.rejected["duplicate"] + summary.rejected["prompt_echo"] > 0  # it recites
+
+
+
+def test_token_budget_holds_rounds_back_and_keeps_the_records(engine, bundle):
+    """A KV budget too small for two rounds runs them one at a time; the cache never outgrows
+    the rows' reserved lengths; each request gets the records it gets without a budget."""
+    specs = [spec("card_arrival", 4, seed=11), spec("exchange_rate", 4, seed=12),
+             spec("lost_or_stolen_card", 3, seed=13)]
+    unbounded, _ = asyncio.run(run_all(engine, bundle, specs))
+    steps = []
+
+    async def run_bounded():
+        scheduler = Scheduler(engine, read_examples(bundle), ",", SchedulerConfig(max_batch_tokens=1),
+                              on_step=lambda phase, rows, seconds: steps.append((phase, rows, scheduler.stats())))
+        task = asyncio.create_task(scheduler.run())
+
+        async def collect(s):
+            return [item async for item in scheduler.submit(s) if isinstance(item, GeneratedRecord)]
+
+        results = await asyncio.gather(*[collect(s) for s in specs])
+        scheduler.stop()
+        await task
+        return results
+
+    bounded = asyncio.run(run_bounded())
+    assert bounded == [records for records, _ in unbounded]
+    decode = [(rows, stats) for phase, rows, stats in steps if phase == "decode"]
+    assert decode and max(rows for rows, _ in decode) <= 3  # one 3-row round at a time
+    assert all(stats["batch_tokens"] <= stats["reserved_batch_tokens"] for _, stats in decode)
