@@ -54,7 +54,7 @@ class ServerProcess:
     alone); `serve_args` are further `condgen serve` flags."""
 
     def __init__(self, bundle: Path, *serve_args: str):
-        self._log = tempfile.TemporaryFile(mode="w+")
+        self._log = tempfile.TemporaryFile(mode="a+")  # O_APPEND: reading it never moves the child's writes
         self.process = subprocess.Popen(
             [sys.executable, "-m", "condgen.cli", "serve", "--bundle", str(bundle), "--port", "0", *serve_args],
             stdout=subprocess.PIPE, stderr=self._log, text=True)

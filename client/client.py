@@ -9,15 +9,16 @@ by reason, tokens, time) is kept in `client.last_summary`. A client may know sev
 targets (a list, or one `dns:///name:port` balanced round-robin): when a call fails with
 UNAVAILABLE or RESOURCE_EXHAUSTED it backs off and asks the next target for only the
 records still missing (see `condgen.client.resume`). TLS and a bearer token are optional.
-A `request_id` given to `generate` is sent as `x-request-id` and shows in the server's log
-line and metrics; the id the server used (echoed in trailing metadata) lands in
-`client.last_request_id`.
+Every `generate` call sends an `x-request-id` (the `request_id` given, else a new random one,
+the same for all its retries) that shows in the server's log line; the id the server used
+(echoed in trailing metadata) lands in `client.last_request_id`.
 """
 from __future__ import annotations
 
 import asyncio
 import random
 import time
+import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Iterator, Sequence
 
@@ -53,8 +54,8 @@ class GenerateError(RuntimeError):
         self.request_id = request_id
 
     @classmethod
-    def from_rpc(cls, exc: grpc.RpcError) -> "GenerateError":
-        return cls(exc.code(), exc.details(), _echoed_request_id(exc.trailing_metadata()))
+    def from_rpc(cls, exc: grpc.RpcError, sent_id: str | None = None) -> "GenerateError":
+        return cls(exc.code(), exc.details(), _echoed_request_id(exc.trailing_metadata()) or sent_id)
 
 
 @dataclass(frozen=True)
@@ -174,16 +175,17 @@ class Client(_Base):
         progress = Progress(build_request(intents, num_records, **settings))
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         self.last_summary = None
+        request_id = request_id or uuid.uuid4().hex[:16]
         while progress.remaining():
             try:
                 for request in progress.next_requests():
                     yield from self._one_call(request, progress, deadline, on_record, request_id)
                 break
             except grpc.RpcError as exc:
-                self.last_request_id = _echoed_request_id(exc.trailing_metadata())
+                self.last_request_id = _echoed_request_id(exc.trailing_metadata()) or request_id
                 if not self._should_retry(exc, progress, deadline):
                     self.last_summary = progress.summary()
-                    raise GenerateError.from_rpc(exc) from exc
+                    raise GenerateError.from_rpc(exc, request_id) from exc
                 time.sleep(min(self.retry.delay(progress.attempt, self._rng), self._left(deadline) or 1e9))
                 progress.attempt += 1
                 self._rotate()
@@ -260,6 +262,7 @@ class AsyncClient(_Base):
         progress = Progress(build_request(intents, num_records, **settings))
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         self.last_summary = None
+        request_id = request_id or uuid.uuid4().hex[:16]
         while progress.remaining():
             try:
                 for request in progress.next_requests():
@@ -275,10 +278,10 @@ class AsyncClient(_Base):
                     self.last_request_id = _echoed_request_id(await call.trailing_metadata())
                 break
             except grpc.RpcError as exc:
-                self.last_request_id = _echoed_request_id(exc.trailing_metadata())
+                self.last_request_id = _echoed_request_id(exc.trailing_metadata()) or request_id
                 if not self._should_retry(exc, progress, deadline):
                     self.last_summary = progress.summary()
-                    raise GenerateError.from_rpc(exc) from exc
+                    raise GenerateError.from_rpc(exc, request_id) from exc
                 await asyncio.sleep(min(self.retry.delay(progress.attempt, self._rng), self._left(deadline) or 1e9))
                 progress.attempt += 1
                 self._rotate()

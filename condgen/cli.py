@@ -66,7 +66,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together (memory grows with it)")
     p.add_argument("--max-batch-tokens", type=int, default=0,
                    help="KV-cache budget of the running batch in tokens (rows x longest reserved row length: "
-                        "prompt + max_new_tokens); rounds beyond it wait. 0: bounded by --max-batch-size only")
+                        "prompt + max_new_tokens + re-fed prefixes, estimated); rounds beyond it wait. "
+                        "0: bounded by --max-batch-size only")
     p.add_argument("--max-active-requests", type=int, default=256,
                    help="requests in flight; beyond it calls get RESOURCE_EXHAUSTED")
     p.add_argument("--prefix-cache-tokens", type=int, default=4096,

@@ -92,9 +92,11 @@ async def start_server(config: ServeConfig) -> RunningServer:
     telemetry.watch(scheduler)
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-    if config.max_connection_age_seconds:
+    if config.max_connection_age_seconds is not None:
+        if config.max_connection_age_seconds < 0.001:
+            raise ValueError(f"max connection age {config.max_connection_age_seconds} s: give a positive number")
         options.append(("grpc.max_connection_age_ms", int(config.max_connection_age_seconds * 1000)))
-    server = grpc.aio.server(interceptors=config.security.interceptors(), options=options)
+    server = grpc.aio.server(interceptors=config.security.interceptors(on_denied=telemetry.denied), options=options)
     pb_grpc.add_GeneratorServicer_to_server(
         GeneratorServicer(scheduler, manifest, config.limits, config.defaults, telemetry), server)
     health_servicer = health.aio.HealthServicer()
@@ -107,7 +109,7 @@ async def start_server(config: ServeConfig) -> RunningServer:
         raise OSError(f"cannot bind {address}: is the port in use?")
     metrics_port = None
     if config.metrics_port is not None:
-        metrics_port = telemetry.serve_http(config.host, config.metrics_port)
+        metrics_port = telemetry.serve_http(config.host.strip("[]"), config.metrics_port)  # [::] -> ::
         log.info("metrics on http://%s:%d/metrics", config.host, metrics_port)
     await server.start()
     task = asyncio.create_task(scheduler.run(), name="condgen-scheduler")

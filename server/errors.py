@@ -49,6 +49,12 @@ def _final_code(context) -> grpc.StatusCode:
     return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
 
 
+def _cancelled_code(context) -> grpc.StatusCode:
+    """A handler cancelled by gRPC: the caller's deadline passed, or the caller went away."""
+    remaining = context.time_remaining()
+    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+
+
 def grpc_errors(handler):
     """Wrap an async handler (unary or server-streaming) of a servicer with a `telemetry`
     attribute: errors become gRPC statuses, and every call is tracked (request id, metrics,
@@ -67,7 +73,7 @@ def grpc_errors(handler):
                 call.end(_final_code(context))
                 raise
             except (GeneratorExit, asyncio.CancelledError):
-                call.end(grpc.StatusCode.CANCELLED)
+                call.end(_cancelled_code(context))
                 raise
             except Exception as exc:  # noqa: BLE001 - mapped to a status, never lost
                 code, message = status_for(exc, call.request_id)
@@ -84,7 +90,7 @@ def grpc_errors(handler):
             call.end(_final_code(context))
             raise
         except asyncio.CancelledError:
-            call.end(grpc.StatusCode.CANCELLED)
+            call.end(_cancelled_code(context))
             raise
         except Exception as exc:  # noqa: BLE001
             code, message = status_for(exc, call.request_id)

@@ -14,8 +14,9 @@ Memory: the cache of the running batch is (rows x longest row) tokens per layer.
 `max_batch_size`, `max_batch_tokens` bounds it: a round joins only if, with every row grown to
 its reserved length (prompt + max_new_tokens + the `intent,` prefixes re-fed after each line,
 estimated from the prompt's tokens per line), rows x longest reservation stays within the
-budget; otherwise it waits. A round is never split (that would change its records), and one
-that alone exceeds the budget runs when the batch is empty.
+budget; otherwise it waits. The reservation is an estimate (lines shorter than the prompt's
+lines re-feed more prefixes). A round is never split (its n forks are part of what the seed
+fixes), and one that alone exceeds the budget runs when the batch is empty.
 
 Rounds that start together have their prompts prefilled in one engine pass (left-padded);
 a recently prefilled prompt is taken from the prefix cache instead of being run again.
@@ -264,12 +265,15 @@ class Scheduler:
             self._wake.set()
 
     def stats(self) -> dict:
-        queued = sum(1 for r in self.requests if not any(job.active for job in r.jobs))
-        batch_tokens = len(self.batch) * self.batch.past_len if self.batch is not None else 0
-        return {"running_sequences": len(self.sequences), "active_requests": len(self.requests),
-                "queued_requests": queued, "batch_tokens": batch_tokens,
-                "reserved_batch_tokens": self._reserved_footprint(0, 0),
-                "batch_rows": len(self.batch) if self.batch is not None else 0, "steps": self.steps,
+        """A snapshot of the state; safe from another thread (metrics scrapes): containers the
+        loop mutates are copied in one C-level step before they are walked."""
+        requests, sequences, batch = list(self.requests), list(self.sequences.values()), self.batch
+        rows, past_len = (len(batch), batch.past_len) if batch is not None else (0, 0)
+        longest = max((seq.reserved_tokens for seq in sequences), default=0)
+        return {"running_sequences": len(sequences), "active_requests": len(requests),
+                "queued_requests": sum(1 for r in requests if not any(job.active for job in r.jobs)),
+                "batch_tokens": rows * past_len, "reserved_batch_tokens": len(sequences) * longest,
+                "batch_rows": rows, "steps": self.steps,
                 "policy": self.config.policy, "prefix_cache": self.prefix_cache.stats()}
 
     def totals(self) -> dict:
@@ -373,8 +377,8 @@ class Scheduler:
             self.batch = self.batch.filter([s for s in self.batch.seq_ids if s in self.sequences])
 
     def _plan_rounds(self) -> list["RoundPlan"]:
-        """Rounds to start now, in request order; the first that does not fit the token budget
-        stops the pass, so later (smaller) rounds cannot starve it."""
+        """Rounds to start now, in request order. The first round that does not fit the token
+        budget stops the pass, so later rounds cannot take the budget it waits for."""
         plans = []
         for state in self._admissible_requests():
             for job in state.jobs:

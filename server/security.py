@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import grpc
 
@@ -54,15 +55,17 @@ class SecurityConfig:
         return grpc.ssl_server_credentials([(self.tls_key, self.tls_cert)], root_certificates=self.client_ca,
                                            require_client_auth=self.client_ca is not None)
 
-    def interceptors(self) -> list:
-        return [TokenAuthInterceptor(self.auth_token)] if self.auth_token else []
+    def interceptors(self, on_denied: Callable[[str, object], None] | None = None) -> list:
+        """Server interceptors; `on_denied(method, context)` hears of every refused call."""
+        return [TokenAuthInterceptor(self.auth_token, on_denied)] if self.auth_token else []
 
 
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """Refuses calls without the bearer token (UNAUTHENTICATED); health checks pass freely."""
 
-    def __init__(self, token: str):
+    def __init__(self, token: str, on_denied: Callable[[str, object], None] | None = None):
         self._expected = f"Bearer {token}".encode()
+        self._on_denied = on_denied or (lambda method, context: None)
 
     def _allowed(self, details) -> bool:
         if details.method.startswith(HEALTH_PREFIX):
@@ -74,21 +77,20 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or self._allowed(handler_call_details):
             return handler
-        return _denying(handler)
+        return _denying(handler, handler_call_details.method, self._on_denied)
 
 
-async def _deny(request, context):
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                        "missing or wrong auth token: send metadata `authorization: Bearer <token>`")
-
-
-async def _deny_stream(request, context):
-    await _deny(request, context)
-    yield  # pragma: no cover - never reached, makes this an async generator
-
-
-def _denying(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+def _denying(handler: grpc.RpcMethodHandler, method: str, on_denied) -> grpc.RpcMethodHandler:
     """A handler of the same shape as `handler` that refuses the call."""
+    async def _deny(request, context):
+        on_denied(method, context)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                            "missing or wrong auth token: send metadata `authorization: Bearer <token>`")
+
+    async def _deny_stream(request, context):
+        await _deny(request, context)
+        yield  # pragma: no cover - never reached, makes this an async generator
+
     args = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(_deny, **args)

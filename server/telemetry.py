@@ -119,6 +119,10 @@ class Telemetry:
     def track(self, method: str, request, context) -> "CallTracker":
         return CallTracker(self, method, request, context)
 
+    def denied(self, full_method: str, context) -> None:
+        """A call refused before its handler ran (the auth interceptor): count and log it."""
+        self.track(full_method.rsplit("/", 1)[-1], None, context).end(grpc.StatusCode.UNAUTHENTICATED)
+
 
 def caller_request_id(context) -> str | None:
     """The caller's x-request-id when it is a sane token; None otherwise."""
@@ -176,7 +180,7 @@ class CallTracker:
         fields = {"request_id": self.request_id, "method": self.method, "status": code.name,
                   "duration_s": round(seconds, 4)}
         if isinstance(self.request, pb.GenerateRequest):
-            fields["intents"] = list(self.request.intents)[:20]
+            fields["intents"] = [intent[:64] for intent in list(self.request.intents)[:20]]
             fields["num_records"] = self.request.num_records
             fields["records_sent"] = self._counts.records
         summary = self._counts.summary

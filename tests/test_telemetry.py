@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import time
 import urllib.request
 
 import grpc
@@ -11,8 +12,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from condgen.bench.load import ServerProcess
-from condgen.client import Client
+from condgen.client import Client, RetryPolicy
 from condgen.client.client import GenerateError
+from condgen.server.security import SecurityConfig
 from condgen.logs import JsonFormatter, TextFormatter
 from conftest import TEST_INTENTS, ServerThread, serve_config
 
@@ -78,6 +80,40 @@ def test_refused_calls_are_counted_by_code(metered_server):
         - value(before, "condgen_requests_total", method="Generate", code="INVALID_ARGUMENT") == 1
 
 
+def test_expired_deadlines_are_counted_as_such(metered_server):
+    port = metered_server.running.metrics_port
+    before = scrape(port)
+    with Client(metered_server.target, timeout=0.05, retry=RetryPolicy(max_attempts=0)) as client:
+        with pytest.raises(GenerateError) as expired:
+            list(client.generate(list(TEST_INTENTS), 200, seed=8))
+    assert expired.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def counted():
+        return value(scrape(port), "condgen_requests_total", method="Generate", code="DEADLINE_EXCEEDED") \
+            - value(before, "condgen_requests_total", method="Generate", code="DEADLINE_EXCEEDED")
+
+    for _ in range(50):  # the server notices the expiry on its own schedule
+        if counted():
+            break
+        time.sleep(0.1)
+    assert counted() == 1
+    assert value(scrape(port), "condgen_requests_total", method="Generate", code="CANCELLED") \
+        == value(before, "condgen_requests_total", method="Generate", code="CANCELLED")
+
+
+def test_calls_refused_by_the_token_check_are_counted(bundle):
+    thread = ServerThread(serve_config(bundle, metrics_port=0, security=SecurityConfig(auth_token="s3cret"))).start()
+    try:
+        with Client(thread.target, timeout=30, retry=RetryPolicy(max_attempts=0)) as client:
+            with pytest.raises(GenerateError) as refused:
+                list(client.generate([TEST_INTENTS[0]], 1, request_id="no-token-1"))
+        samples = scrape(thread.running.metrics_port)
+    finally:
+        thread.stop()
+    assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED and refused.value.request_id == "no-token-1"
+    assert value(samples, "condgen_requests_total", method="Generate", code="UNAUTHENTICATED") == 1
+
+
 def test_request_id_is_honoured_echoed_and_logged(metered_server, caplog):
     caplog.set_level(logging.INFO, logger="condgen.requests")
     with Client(metered_server.target, timeout=120) as client:
@@ -135,7 +171,9 @@ def test_serve_cli_json_logs_and_metrics_port(bundle):
     finally:
         server.stop()
     assert value(samples, "condgen_requests_total", method="Generate", code="OK") == 1
-    entries = [json.loads(line) for line in log_text.splitlines() if line.strip()]  # every line is JSON
+    lines = [line for line in log_text.splitlines() if line.strip()]
+    assert not [line for line in lines if " INFO condgen" in line]  # no log line in the text format
+    entries = [json.loads(line) for line in lines if line.startswith("{")]  # gRPC core may print its own lines
     done = [e for e in entries if e.get("request_id") == "cli-run-1"]
     assert len(done) == 1 and done[0]["status"] == "OK" and done[0]["records_sent"] == 2
     assert done[0]["intents"] == [TEST_INTENTS[2]]
