@@ -86,3 +86,19 @@ def test_batched_prefill_is_left_padded_and_masked():
     assert batch.next_mask is None and batch.past_mask.tolist() == [[0, 1, 1], [1, 1, 1]]
     alone = batch.filter([1])
     assert alone.past_mask.tolist() == [[1, 1]] and alone.past[NAMES[0]][0, 0, :, 0].tolist() == [5, 6]
+
+
+def test_filter_of_a_contiguous_run_shares_the_cache():
+    rows = [prompt_batch(i, [5, 6, 7]) for i in (1, 2, 3, 4)]
+    for b in rows:
+        b.set_next([9])
+    merged = Batch.concatenate(rows)
+    fake_forward(merged)
+    middle = merged.filter([2, 3])
+    assert middle.seq_ids == [2, 3]
+    assert all(np.shares_memory(middle.past[n], merged.past[n]) for n in NAMES)  # a view, not a copy
+    assert middle.past[NAMES[0]].flags["C_CONTIGUOUS"]
+    assert np.array_equal(middle.feed()["attention_mask"], merged.feed()["attention_mask"][1:3])
+    scattered = merged.filter([1, 4])
+    assert not np.shares_memory(scattered.past[NAMES[0]], merged.past[NAMES[0]])
+    assert scattered.past[NAMES[0]][:, 0, :, 0].tolist() == merged.past[NAMES[0]][[0, 3], 0, :, 0].tolist()
