@@ -209,7 +209,6 @@ def metrics_callback(output_dir: Path, extra: dict):
     return MetricsCallback()
 
 
-
 def final_validation_loss(trainer) -> float:
     """The validation loss of the final weights: the one logged at the last step when the run
     evaluated there, else a fresh evaluation. Every process holds the same log history, so all
