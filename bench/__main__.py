@@ -35,6 +35,10 @@ def parse_args(argv=None):
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens per sequence in the engine runs")
     parser.add_argument("--prompt-examples", type=int, default=10, help="real examples per prompt")
+    parser.add_argument("--max-batch-size", type=int, default=32,
+                        help="the server's and the in-process scheduler's batch rows (condgen serve's default)")
+    parser.add_argument("--max-batch-tokens", type=int, default=0,
+                        help="KV-cache budget for the server and the in-process scheduler (0: none)")
     parser.add_argument("--quick", action="store_true", help="small loads (a smoke test, not figures)")
     parser.add_argument("--output", type=Path, default=Path("bench/results/latest.json"))
     return parser.parse_args(argv)
@@ -54,7 +58,8 @@ def progress(message: str) -> None:
 
 def serving_figures(args, intents: list[str], load: StreamLoad, streams: tuple[int, ...]) -> dict:
     results = {}
-    server = ServerProcess(args.bundle, "--device", args.device, "--max-batch-size", "32")
+    server = ServerProcess(args.bundle, "--device", args.device, "--max-batch-size", str(args.max_batch_size),
+                           "--max-batch-tokens", str(args.max_batch_tokens))
     try:
         for count in streams:
             progress(f"server: {count} concurrent streams")
@@ -71,7 +76,8 @@ def serving_figures(args, intents: list[str], load: StreamLoad, streams: tuple[i
 def batching_figures(args, intents: list[str], load: StreamLoad, quick: bool) -> dict:
     progress("in process: the 16-stream load straight to the scheduler")
     specs = [spec_for(intents[i % len(intents)], i, load.num_records, load) for i in range(4 if quick else 16)]
-    figures = {"inproc_tok_s_c16": in_process(args.bundle, args.device, specs, SchedulerConfig(max_batch_size=64))}
+    same_as_server = SchedulerConfig(max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens)
+    figures = {"inproc_tok_s_c16": in_process(args.bundle, args.device, specs, same_as_server)}
     mixed = mixed_specs(intents, load, small=2 if quick else 5, large=10 if quick else 100, count=5 if quick else 10)
     for policy in ("continuous", "static"):
         progress(f"mixed workload, {policy} batching")
@@ -122,7 +128,8 @@ def main(argv=None) -> int:
     started = time.time()
     report = {"model": f"{manifest.base_model} ({manifest.onnx.variant})", "threads": os.cpu_count(),
               "git_sha": git_sha(), "platform": platform.platform(), "new_tokens": args.new_tokens,
-              "prompt_examples": args.prompt_examples, "stream_load": asdict(load)}
+              "prompt_examples": args.prompt_examples, "stream_load": asdict(load),
+              "max_batch_size": args.max_batch_size, "max_batch_tokens": args.max_batch_tokens}
     report.update(serving_figures(args, intents, load, (1, 4, 8) if args.quick else (1, 16, 64)))
     if args.quick:  # the quick run's middle load stands in for c16 and c64
         report["server_tok_s_c16"] = report.pop("server_tok_s_c4")

@@ -12,10 +12,11 @@ KEYS = ["engine_tok_s_b1", "engine_tok_s_b16", "transformers_tok_s_b1", "transfo
 def test_quick_bench_writes_every_key(bundle, checkpoint, tmp_path, capsys):
     out = tmp_path / "latest.json"
     assert main(["--bundle", str(bundle), "--checkpoint", str(checkpoint), "--quick", "--new-tokens", "8",
-                 "--prompt-examples", "3", "--output", str(out)]) == 0
+                 "--prompt-examples", "3", "--max-batch-tokens", "4000", "--output", str(out)]) == 0
     report = json.loads(out.read_text())
     missing = [k for k in KEYS if k not in report]
     assert not missing
+    assert report["max_batch_size"] == 32 and report["max_batch_tokens"] == 4000
     assert all(report[k] > 0 for k in KEYS if k.endswith("tok_s_b1") or k.startswith("server_tok_s"))
     assert report["device"] == "CPUExecutionProvider" and report["peak_rss_mb"] > 10
     assert "continuous / static, mixed" in capsys.readouterr().out
