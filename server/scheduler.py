@@ -269,10 +269,9 @@ class Scheduler:
         loop mutates are copied in one C-level step before they are walked."""
         requests, sequences, batch = list(self.requests), list(self.sequences.values()), self.batch
         rows, past_len = (len(batch), batch.past_len) if batch is not None else (0, 0)
-        longest = max((seq.reserved_tokens for seq in sequences), default=0)
         return {"running_sequences": len(sequences), "active_requests": len(requests),
                 "queued_requests": sum(1 for r in requests if not any(job.active for job in r.jobs)),
-                "batch_tokens": rows * past_len, "reserved_batch_tokens": len(sequences) * longest,
+                "batch_tokens": rows * past_len, "reserved_batch_tokens": self._footprint(sequences),
                 "batch_rows": rows, "steps": self.steps,
                 "policy": self.config.policy, "prefix_cache": self.prefix_cache.stats()}
 
@@ -335,14 +334,17 @@ class Scheduler:
     def _room(self) -> int:
         return self.config.max_batch_size - len(self.sequences)
 
-    def _reserved_footprint(self, new_rows: int, new_reserve: int) -> int:
-        """Cache tokens of the batch with `new_rows` more rows, every row at its reserved length."""
-        longest = max((seq.reserved_tokens for seq in self.sequences.values()), default=0)
-        return (len(self.sequences) + new_rows) * max(longest, new_reserve)
+    @staticmethod
+    def _footprint(sequences: list[Sequence], new_rows: int = 0, new_reserve: int = 0) -> int:
+        """Cache tokens of a batch of `sequences` plus `new_rows` rows reserving `new_reserve`,
+        every row grown to its reserved length (rows x the longest reservation)."""
+        longest = max((seq.reserved_tokens for seq in sequences), default=0)
+        return (len(sequences) + new_rows) * max(longest, new_reserve)
 
     def _fits_token_budget(self, rows: int, reserve: int) -> bool:
         budget = self.config.max_batch_tokens
-        return not budget or not self.sequences or self._reserved_footprint(rows, reserve) <= budget
+        return (not budget or not self.sequences
+                or self._footprint(list(self.sequences.values()), rows, reserve) <= budget)
 
     def _wants_round(self, state: RequestState, job: Job) -> bool:
         if state.cancelled or job.satisfied or job.rounds >= state.spec.round_budget():
