@@ -41,6 +41,7 @@ class OnnxInfo:
     parity_top1_agreement: float = 1.0
     parity_tolerance: float = 0.0
     variant: str = "fp32"
+    rewrites: list[str] = field(default_factory=list)  # graph rewrites applied at export (training/graph.py)
 
 
 @dataclass

@@ -119,19 +119,15 @@ class Engine:
 
     def prefill(self, seq_ids: list[int], prompts: list[list[int]],
                 max_tokens: int = 1024) -> list[tuple[Batch, np.ndarray]]:
-        """Prefill prompts, several per pass (at most `max_tokens` padded tokens a pass, which
-        bounds the pass's full-sequence logits); one (one-row batch, last logits) per prompt."""
-        results: list[tuple[Batch, np.ndarray]] = []
-        group: list[int] = []
-        for index in range(len(prompts) + 1):
-            if group and (index == len(prompts) or
-                          (len(group) + 1) * max(len(prompts[i]) for i in group + [index]) > max_tokens):
-                batch = self.prompts_batch([seq_ids[i] for i in group], [prompts[i] for i in group])
-                logits = self.forward(batch)
-                results.extend((batch.filter([seq_ids[i]]), logits[row]) for row, i in enumerate(group))
-                group = []
-            if index < len(prompts):
-                group.append(index)
+        """Prefill prompts, several per pass; one (one-row batch, last logits) per prompt, in the
+        order given. Prompts of similar lengths share a pass (longest first), so little of a pass
+        is left padding; at most `max_tokens` padded tokens a pass bound its activations."""
+        results: list = [None] * len(prompts)
+        for group in _length_groups(prompts, max_tokens):
+            batch = self.prompts_batch([seq_ids[i] for i in group], [prompts[i] for i in group])
+            logits = self.forward(batch)
+            for row, index in enumerate(group):
+                results[index] = (batch.filter([seq_ids[index]]), logits[row])
         return results
 
     def forward(self, batch: Batch) -> np.ndarray:
@@ -159,3 +155,15 @@ class Engine:
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         return outputs[0].numpy(), list(outputs[1:])
+
+
+def _length_groups(prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """Indices of `prompts`, longest first, cut into groups of at most `max_tokens` padded tokens
+    (a prompt longer than that goes alone)."""
+    groups: list[list[int]] = []
+    for index in sorted(range(len(prompts)), key=lambda i: -len(prompts[i])):
+        if groups and (len(groups[-1]) + 1) * len(prompts[groups[-1][0]]) <= max_tokens:
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+    return groups

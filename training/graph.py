@@ -1,0 +1,212 @@
+"""Rewrites of optimum's decoder graph that make it cheaper to serve, applied at export.
+
+Both keep the model's function (the export's parity check against PyTorch runs on the
+rewritten graph) and each is skipped, with a log line, where the graph does not have the
+shape it expects:
+
+- `last_position_logits`: the engine only ever reads each row's last logits, but optimum's
+  graph projects every position onto the vocabulary. A Slice of the hidden states before the
+  LM head makes `logits` (batch, 1, vocab): at prefill that saves (batch, prompt_len, vocab)
+  floats (200 MB for a 1,024-token pass of a 49k vocabulary) and the head's multiply-adds.
+- `grouped_query_attention`: for models with fewer KV heads than query heads (Llama, SmolLM2)
+  the exported attention repeats every layer's whole KV cache to the query heads at every step
+  (Unsqueeze -> Expand -> Reshape, and scales the repeated keys), which on a CPU costs more than
+  the weights' multiply-adds once the cache is a few hundred tokens long. The rewrite folds
+  the query heads of a group into the sequence axis instead,
+  q (batch, heads, seq, dim) -> (batch, kv_heads, group * seq, dim), so both attention
+  MatMuls read the cache as it is; the key scale moves onto the (small) queries.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+LAST_POSITION_LOGITS = "last_position_logits"
+GROUPED_QUERY_ATTENTION = "grouped_query_attention"
+
+
+@dataclass
+class _Graph:
+    """Lookups over an onnx GraphProto that the rewrites keep up to date."""
+
+    graph: object
+
+    def producer(self, name: str):
+        return next((n for n in self.graph.node if name in n.output), None)
+
+    def consumers(self, name: str) -> list:
+        return [n for n in self.graph.node if name in n.input]
+
+    def only_consumer(self, name: str, op_type: str):
+        users = self.consumers(name)
+        return users[0] if len(users) == 1 and users[0].op_type == op_type else None
+
+    def scalar(self, name: str) -> float | None:
+        """The value of a one-element constant (initializer or Constant node), else None."""
+        from onnx import numpy_helper
+
+        for tensor in self.graph.initializer:
+            if tensor.name == name:
+                value = numpy_helper.to_array(tensor)
+                return float(value.reshape(-1)[0]) if value.size == 1 else None
+        node = self.producer(name)
+        if node is not None and node.op_type == "Constant":
+            value = numpy_helper.to_array(node.attribute[0].t) if node.attribute[0].name == "value" else None
+            return float(value.reshape(-1)[0]) if value is not None and value.size == 1 else None
+        return None
+
+    def constant(self, name: str, values, dtype=np.int64) -> str:
+        from onnx import numpy_helper
+
+        self.graph.initializer.append(numpy_helper.from_array(np.array(values, dtype=dtype), name))
+        return name
+
+    def insert_before(self, anchor, nodes: list) -> None:
+        position = list(self.graph.node).index(anchor)
+        for offset, node in enumerate(nodes):
+            self.graph.node.insert(position + offset, node)
+
+    def remove_dead_nodes(self) -> int:
+        """Drop nodes none of whose outputs are used; returns how many went."""
+        removed = 0
+        while True:
+            used = {name for node in self.graph.node for name in node.input}
+            used |= {output.name for output in self.graph.output}
+            dead = [n for n in self.graph.node if not any(o in used for o in n.output)]
+            if not dead:
+                return removed
+            for node in dead:
+                self.graph.node.remove(node)
+            removed += len(dead)
+
+
+def keep_last_position_logits(graph: _Graph) -> bool:
+    """Slice the hidden states to the last position before the LM head's MatMul."""
+    from onnx import helper
+
+    head = graph.producer("logits")
+    if head is None or head.op_type != "MatMul":
+        log.warning("no MatMul produces `logits`; the graph keeps logits for every position")
+        return False
+    hidden, last = head.input[0], head.input[0] + "/last_position"
+    names = [graph.constant(f"/condgen/last/{key}", [value]) for key, value in
+             (("starts", -1), ("ends", np.iinfo(np.int64).max), ("axes", 1))]
+    graph.insert_before(head, [helper.make_node("Slice", [hidden, *names], [last], name="/condgen/last/Slice")])
+    head.input[0] = last
+    output = next(o for o in graph.graph.output if o.name == "logits")
+    dim = output.type.tensor_type.shape.dim[1]
+    dim.Clear()
+    dim.dim_value = 1  # (batch, 1, vocab)
+    return True
+
+
+def _repeated_cache(graph: _Graph, present: str) -> list | None:
+    """The Unsqueeze -> Expand -> Reshape chain that repeats `present` to the query heads."""
+    unsqueeze = next((n for n in graph.consumers(present) if n.op_type == "Unsqueeze"), None)
+    expand = unsqueeze and graph.only_consumer(unsqueeze.output[0], "Expand")
+    reshape = expand and graph.only_consumer(expand.output[0], "Reshape")
+    return [unsqueeze, expand, reshape] if reshape else None
+
+
+def _move_shape_reads(graph: _Graph, repeated: str, present: str) -> bool:
+    """Point `Shape` reads of the repeated cache at `present` itself. They only take its batch,
+    length or dim (Gather of a constant index other than 1, the heads axis), which both have."""
+    shapes = [n for n in graph.consumers(repeated) if n.op_type == "Shape"]
+    for shape in shapes:
+        for gather in graph.consumers(shape.output[0]):
+            index = graph.scalar(gather.input[1]) if gather.op_type == "Gather" else None
+            if index is None or int(index) in (1, -3):
+                return False
+    for shape in shapes:
+        shape.input[0] = present
+    return True
+
+
+def _rewrite_layer(graph: _Graph, layer: int, heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Rewrite one layer's two attention MatMuls to read present.{layer}.key/value directly."""
+    from onnx import helper
+
+    key, value = f"present.{layer}.key", f"present.{layer}.value"
+    key_chain, value_chain = _repeated_cache(graph, key), _repeated_cache(graph, value)
+    if key_chain is None or value_chain is None:
+        return False
+    if not (_move_shape_reads(graph, key_chain[-1].output[0], key)
+            and _move_shape_reads(graph, value_chain[-1].output[0], value)):
+        return False
+    transpose = graph.only_consumer(key_chain[-1].output[0], "Transpose")
+    key_scale = transpose and graph.only_consumer(transpose.output[0], "Mul")
+    scores = key_scale and graph.only_consumer(key_scale.output[0], "MatMul")
+    weighted = graph.only_consumer(value_chain[-1].output[0], "MatMul")
+    if scores is None or weighted is None or list(transpose.attribute[0].ints) != [0, 1, 3, 2]:
+        return False
+    scale_input = next((i for i in key_scale.input if i != transpose.output[0]), None)
+    if scale_input is None or graph.scalar(scale_input) is None or scores.input[1] != key_scale.output[0]:
+        return False
+    if weighted.input[1] != value_chain[-1].output[0]:
+        return False
+    p = f"/condgen/gqa/{layer}"
+    grouped = graph.constant(f"{p}/grouped_shape", [0, kv_heads, -1, head_dim])
+    by_head = graph.constant(f"{p}/by_head_shape", [0, heads, -1, 0])
+    grouped_probs = graph.constant(f"{p}/grouped_probs_shape", [0, kv_heads, -1, 0])
+    out_by_head = graph.constant(f"{p}/out_by_head_shape", [0, heads, -1, head_dim])
+    query = scores.input[0]
+    graph.insert_before(scores, [
+        helper.make_node("Mul", [query, scale_input], [f"{p}/q_scaled"], name=f"{p}/q_scale"),
+        # (batch, heads, seq, dim) -> (batch, kv_heads, group * seq, dim)
+        helper.make_node("Reshape", [f"{p}/q_scaled", grouped], [f"{p}/q_grouped"], name=f"{p}/q_group"),
+        helper.make_node("Transpose", [key], [f"{p}/k_t"], perm=[0, 1, 3, 2], name=f"{p}/k_transpose"),
+        # (batch, kv_heads, group * seq, past_len) -> (batch, heads, seq, past_len)
+        helper.make_node("MatMul", [f"{p}/q_grouped", f"{p}/k_t"], [f"{p}/scores_grouped"], name=f"{p}/qk"),
+        helper.make_node("Reshape", [f"{p}/scores_grouped", by_head], [scores.output[0]], name=f"{p}/scores"),
+    ])
+    graph.graph.node.remove(scores)
+    probs = weighted.input[0]
+    graph.insert_before(weighted, [
+        helper.make_node("Reshape", [probs, grouped_probs], [f"{p}/probs_grouped"], name=f"{p}/probs_group"),
+        helper.make_node("MatMul", [f"{p}/probs_grouped", value], [f"{p}/out_grouped"], name=f"{p}/pv"),
+        # (batch, kv_heads, group * seq, dim) -> (batch, heads, seq, dim)
+        helper.make_node("Reshape", [f"{p}/out_grouped", out_by_head], [weighted.output[0]], name=f"{p}/out"),
+    ])
+    graph.graph.node.remove(weighted)
+    return True
+
+
+def group_query_attention(graph: _Graph, heads: int, kv_heads: int, head_dim: int, layers: int) -> bool:
+    """Rewrite every layer, or none (a partly matched graph is left as exported)."""
+    import copy
+
+    if heads == kv_heads or heads % kv_heads:
+        return False
+    backup = copy.deepcopy(graph.graph.node)
+    if all(_rewrite_layer(graph, layer, heads, kv_heads, head_dim) for layer in range(layers)):
+        log.info("grouped-query attention: %d layers read the KV cache without repeating it; %d nodes dropped",
+                 layers, graph.remove_dead_nodes())
+        return True
+    del graph.graph.node[:]
+    graph.graph.node.extend(backup)
+    log.warning("the attention does not have the expected shape; the KV cache is repeated as exported")
+    return False
+
+
+def optimise_graph(model_path: Path, heads: int, kv_heads: int, head_dim: int, layers: int) -> list[str]:
+    """Apply the rewrites to the graph at `model_path` in place; returns the names of those applied."""
+    import onnx
+
+    external = model_path.with_name(model_path.name + "_data")
+    model = onnx.load(str(model_path))
+    graph = _Graph(model.graph)
+    applied = []
+    if keep_last_position_logits(graph):
+        applied.append(LAST_POSITION_LOGITS)
+    if group_query_attention(graph, heads, kv_heads, head_dim, layers):
+        applied.append(GROUPED_QUERY_ATTENTION)
+    if applied:
+        if external.exists():  # over 2 GB: the weights stay beside the graph
+            onnx.save(model, str(model_path), save_as_external_data=True, location=external.name)
+        else:
+            onnx.save(model, str(model_path))
+    return applied
