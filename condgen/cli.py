@@ -51,6 +51,11 @@ def _add_export(sub) -> None:
                    help="fp32 (default); fp16 for GPUs; int8 (dynamic quantisation) for CPUs")
     p.add_argument("--min-top1-agreement", type=float, default=0.9,
                    help="fp16/int8: least share of positions where ONNX and PyTorch pick the same token")
+    p.add_argument("--cache", choices=("auto", "append", "whole"), default="auto",
+                   help="KV cache of the graph: `append` returns only each step's new entries, which the "
+                        "server writes into its buffers in place (fastest on CPUs); `whole` returns past + new, "
+                        "so that under CUDA the cache can stay on the GPU (IO binding); auto: whole for fp16, "
+                        "else append")
 
 
 def _add_serve(sub) -> None:
@@ -202,7 +207,7 @@ def cmd_export(args) -> None:
     from condgen.training.export import export_bundle
 
     result = export_bundle(args.checkpoint, args.output, tolerance=args.parity_tolerance, variant=args.variant,
-                           min_top1=args.min_top1_agreement)
+                           min_top1=args.min_top1_agreement, cache=args.cache)
     print(f"bundle written to {result.bundle_dir} ({len(result.manifest.intents)} intents)")
 
 

@@ -10,6 +10,11 @@ column. Several prompts can be prefilled in one pass (`for_prompts`): they are l
 too, with `next_mask` marking the padding until the pass has run. The scheduler only moves rows in and out with `filter`, `concatenate` and `fork`.
 With IO binding the cache may live on the device as ONNX Runtime `OrtValue`s between
 steps; it comes to the host only when rows join or leave.
+
+With an append-only graph (`append_only`, see training/graph.py) the pass returns only the new
+entries, and `advance` writes them into the batch's own buffers in place. Those buffers keep
+spare slots at their end (`capacity` > `past_len`), fed with a 0 mask, so that a step copies
+no cache at all; a full buffer grows with headroom (one copy every `headroom` steps).
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ class Batch:
     past_mask: np.ndarray
     past: dict[str, np.ndarray]
     next_mask: np.ndarray | None = None  # (batch, new_len): 0 = padding of a batched prefill
+    append_only: bool = False  # the pass returns only new cache entries (written in place)
 
     def __len__(self) -> int:
         return len(self.seq_ids)
@@ -33,9 +39,15 @@ class Batch:
     def past_len(self) -> int:
         return self.past_mask.shape[1]
 
+    @property
+    def capacity(self) -> int:
+        """Cache slots per row: `past_len`, plus the spare slots of an append-only cache."""
+        value = next(iter(self.past.values()), None)
+        return value.shape[2] if isinstance(value, np.ndarray) else self.past_len
+
     @classmethod
     def for_prompts(cls, seq_ids: list[int], prompts: list[list[int]], past_names: list[str], kv_heads: int,
-                    head_dim: int, dtype=np.float32) -> "Batch":
+                    head_dim: int, dtype=np.float32, append_only: bool = False) -> "Batch":
         """A batch ready to prefill the prompts (left-padded to the longest) with an empty cache."""
         n, width = len(prompts), max(len(p) for p in prompts)
         ids = np.zeros((n, width), dtype=np.int64)
@@ -45,7 +57,7 @@ class Batch:
             mask[row, width - len(prompt):] = 1
         empty = np.zeros((n, kv_heads, 0, head_dim), dtype=dtype)  # (batch, heads, past_len=0, head_dim)
         return cls(list(seq_ids), ids, np.zeros((n, 0), dtype=np.int64), {name: empty for name in past_names},
-                   None if mask.all() else mask)
+                   None if mask.all() else mask, append_only)
 
     def _new_mask(self) -> np.ndarray:
         if self.next_mask is not None:
@@ -55,15 +67,21 @@ class Batch:
     def feed(self) -> dict[str, np.ndarray]:
         """Inputs for the next forward pass."""
         new_len = self.next_ids.shape[1]
-        mask = np.concatenate([self.past_mask, self._new_mask()], axis=1)
+        spare = np.zeros((len(self), self.capacity - self.past_len), dtype=np.int64)  # (batch, unused slots)
+        mask = np.concatenate([self.past_mask, spare, self._new_mask()], axis=1)
         # Position of a token = number of real tokens before it in its row (padding: 0).
         positions = np.maximum(np.cumsum(mask, axis=1)[:, -new_len:] - 1, 0)  # (batch, new_len)
         return {"input_ids": self.next_ids, "attention_mask": mask, "position_ids": positions, **self.past}
 
     def advance(self, present: dict[str, np.ndarray]) -> None:
-        """Take the forward pass's `present` cache; the fed tokens become past."""
+        """Take the forward pass's `present` cache (the whole cache, or with `append_only` the
+        new entries, written into the spare slots); the fed tokens become past."""
+        if self.append_only:
+            length = self.past_len
+            self.past = {name: _append(self.past[name], present[name], length) for name in self.past}
+        else:
+            self.past = present
         self.past_mask = np.concatenate([self.past_mask, self._new_mask()], axis=1)
-        self.past = present
         self.next_ids = self.next_ids[:, :0]
         self.next_mask = None
 
@@ -92,18 +110,36 @@ class Batch:
         if rows and start == 0 and on_host and rows[-1] - rows[0] + 1 == len(rows):
             run = slice(rows[0], rows[-1] + 1)  # first-axis slices of C-contiguous arrays stay contiguous
             return Batch(seq_ids, self.next_ids[run], self.past_mask[run],
-                         {name: value[run] for name, value in self.past.items()})
+                         {name: value[run] for name, value in self.past.items()}, append_only=self.append_only)
         index = np.array(rows, dtype=np.int64)
-        past = {name: np.ascontiguousarray(value[index, :, start:]) for name, value in self.host_past().items()}
-        return Batch(seq_ids, self.next_ids[index], self.past_mask[index][:, start:], past)
+        past = {name: self._buffer([value[index, :, start:self.past_len]])
+                for name, value in self.host_past().items()}
+        return Batch(seq_ids, self.next_ids[index], self.past_mask[index][:, start:], past,
+                     append_only=self.append_only)
+
+    def _buffer(self, blocks: list[np.ndarray]) -> np.ndarray:
+        """Cache blocks (rows, heads, length, dim) stacked on the row axis, each right-aligned to
+        the longest (left padding), with spare slots under `append_only`."""
+        length = max(b.shape[2] for b in blocks)
+        rows, (heads, dim) = sum(b.shape[0] for b in blocks), blocks[0].shape[1::2]
+        width = _with_headroom(length) if self.append_only else length
+        out = np.zeros((rows, heads, width, dim), dtype=blocks[0].dtype)
+        row = 0
+        for block in blocks:
+            out[row:row + block.shape[0], :, length - block.shape[2]:length] = block
+            row += block.shape[0]
+        return out
 
     def fork(self, seq_ids: list[int]) -> "Batch":
         """Copies of this one-row batch, one per new sequence id (shared prompt prefill)."""
         if len(self) != 1:
             raise ValueError("only a one-row batch can be forked")
-        n = len(seq_ids)
-        past = {name: np.repeat(value, n, axis=0) for name, value in self.host_past().items()}
-        return Batch(list(seq_ids), np.repeat(self.next_ids, n, axis=0), np.repeat(self.past_mask, n, axis=0), past)
+        n, length = len(seq_ids), self.past_len
+        past = {name: self._buffer([np.broadcast_to(value[:, :, :length], (n, *value.shape[1:2], length,
+                                                                             *value.shape[3:]))])
+                for name, value in self.host_past().items()}
+        return Batch(list(seq_ids), np.repeat(self.next_ids, n, axis=0), np.repeat(self.past_mask, n, axis=0), past,
+                     append_only=self.append_only)
 
     @classmethod
     def concatenate(cls, batches: list["Batch"]) -> "Batch":
@@ -120,15 +156,34 @@ class Batch:
         seq_ids = [s for b in batches for s in b.seq_ids]
         next_ids = np.concatenate([b.next_ids for b in batches], axis=0)
         mask = np.concatenate([_left_pad(b.past_mask, past_len, axis=1) for b in batches], axis=0)
-        hosts = [b.host_past() for b in batches]
-        past = {name: np.concatenate([_left_pad(h[name], past_len, axis=2) for h in hosts], axis=0)
-                for name in batches[0].past}
-        return cls(seq_ids, next_ids, mask, past)
+        hosts = [(b.host_past(), b.past_len) for b in batches]
+        merged = cls(seq_ids, next_ids, mask, {}, append_only=batches[0].append_only)
+        merged.past = {name: merged._buffer([h[name][:, :, :length] for h, length in hosts])
+                       for name in batches[0].past}
+        return merged
 
 
 def to_host(value) -> np.ndarray:
     """numpy view of a cache tensor: numpy arrays as they are, OrtValues copied to the host."""
     return value if isinstance(value, np.ndarray) else value.numpy()
+
+
+def _with_headroom(length: int) -> int:
+    """Slots to allocate for a cache of `length`: an eighth more (at least 16), so that a buffer
+    grows (and is copied) once every ~length/8 steps."""
+    return length + max(16, length // 8)
+
+
+def _append(buffer: np.ndarray, new: np.ndarray, length: int) -> np.ndarray:
+    """Write `new` (rows, heads, new_len, dim) at slot `length` of `buffer`, growing it when full.
+    Only slots from `length` on are written, which no other holder of the buffer reads as past."""
+    end = length + new.shape[2]
+    if end > buffer.shape[2]:
+        grown = np.zeros(buffer.shape[:2] + (_with_headroom(end), buffer.shape[3]), dtype=buffer.dtype)
+        grown[:, :, :length] = buffer[:, :, :length]
+        buffer = grown
+    buffer[:, :, length:end] = new
+    return buffer
 
 
 def _left_pad(array: np.ndarray, length: int, axis: int) -> np.ndarray:

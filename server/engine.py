@@ -5,7 +5,9 @@ step), moves the returned `present.*` cache into the batch and returns the logit
 row's last position. CUDA is used through onnxruntime-gpu where present, else the CPU.
 With IO binding (on by default under CUDA) the cache outputs stay on the device as
 OrtValues and are bound as the next step's inputs, so only token ids, masks and the
-last logits cross the bus. No torch or transformers here.
+last logits cross the bus. A bundle exported with the append-only cache (the default on CPUs,
+training/graph.py) returns only each step's new entries, which `Batch.advance` writes into
+host buffers in place: no step copies the cache. No torch or transformers here.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from tokenizers import Tokenizer
 
 from condgen.bundle import TOKENIZER_NAME, Manifest
 from condgen.server.batch import Batch
+
+APPEND_ONLY_CACHE = "append_only_cache"  # a rewrite of condgen.training.graph, named in the manifest
 
 log = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "cuda")
@@ -82,7 +86,10 @@ class Engine:
                                             providers=providers)
         self.provider = self.session.get_providers()[0]
         self.device_type = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
-        self.io_binding = config.io_binding == "on" or (config.io_binding == "auto" and self.device_type == "cuda")
+        # An append-only graph returns only new cache entries, written into host buffers in place.
+        self.append_only = APPEND_ONLY_CACHE in self.info.rewrites
+        self.io_binding = not self.append_only and (
+            config.io_binding == "on" or (config.io_binding == "auto" and self.device_type == "cuda"))
         self.tokenizer = Tokenizer.from_file(str(bundle_dir / TOKENIZER_NAME))
         self.dtype = np.float16 if self.info.dtype == "float16" else np.float32
         self.input_names = set(self.info.inputs)
@@ -115,7 +122,7 @@ class Engine:
     def prompts_batch(self, seq_ids: list[int], prompts: list[list[int]]) -> Batch:
         """A batch that prefills several prompts in one pass (left-padded)."""
         return Batch.for_prompts(seq_ids, prompts, self.info.past_key_names, self.info.num_kv_heads,
-                                 self.info.head_dim, self.dtype)
+                                 self.info.head_dim, self.dtype, self.append_only)
 
     def prefill(self, seq_ids: list[int], prompts: list[list[int]],
                 max_tokens: int = 1024) -> list[tuple[Batch, np.ndarray]]:

@@ -18,6 +18,7 @@ from condgen.server.batch import Batch
 class CachedPrefill:
     past: dict[str, np.ndarray]  # name -> (1, kv_heads, prompt_len, head_dim), never mutated
     logits: np.ndarray  # (vocab,) at the prompt's last position
+    append_only: bool = False  # the engine's cache mode (see Batch)
 
     @property
     def tokens(self) -> int:
@@ -43,7 +44,7 @@ class PrefixCache:
         self._entries.move_to_end(tuple(token_ids))
         self.hits += 1
         batch = Batch([seq_id], np.zeros((1, 0), dtype=np.int64), np.ones((1, entry.tokens), dtype=np.int64),
-                      dict(entry.past))
+                      dict(entry.past), append_only=entry.append_only)
         return batch, entry.logits
 
     def store(self, token_ids: list[int], batch: Batch, logits: np.ndarray) -> None:
@@ -53,7 +54,8 @@ class PrefixCache:
         key = tuple(token_ids)
         if key in self._entries:
             return
-        self._entries[key] = CachedPrefill(batch.host_past(), np.array(logits, copy=True))
+        past = {name: np.array(value[:, :, :batch.past_len]) for name, value in batch.host_past().items()}  # own copy
+        self._entries[key] = CachedPrefill(past, np.array(logits, copy=True), batch.append_only)
         self.tokens += len(token_ids)
         while self.tokens > self.max_tokens:
             _, evicted = self._entries.popitem(last=False)

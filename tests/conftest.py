@@ -88,6 +88,14 @@ def bundle(workdir, checkpoint) -> Path:
     return export_bundle(checkpoint, workdir / "bundle").bundle_dir
 
 
+@pytest.fixture(scope="session")
+def whole_cache_bundle(workdir, checkpoint) -> Path:
+    """The same model with a graph that returns the whole cache (as for GPUs: IO binding)."""
+    from condgen.training.export import export_bundle
+
+    return export_bundle(checkpoint, workdir / "bundle-whole-cache", cache="whole").bundle_dir
+
+
 class ServerThread:
     """A real condgen gRPC server on 127.0.0.1:<free port>, run in its own event loop thread."""
 

@@ -102,3 +102,68 @@ def test_filter_of_a_contiguous_run_shares_the_cache():
     scattered = merged.filter([1, 4])
     assert not np.shares_memory(scattered.past[NAMES[0]], merged.past[NAMES[0]])
     assert scattered.past[NAMES[0]][:, 0, :, 0].tolist() == merged.past[NAMES[0]][[0, 3], 0, :, 0].tolist()
+
+
+# ---- append-only cache: the pass returns only the new entries, written in place -----------
+def fake_forward_append(batch: Batch) -> None:
+    """Like fake_forward, for an append-only graph: present holds the fed tokens' entries only."""
+    ids = batch.feed()["input_ids"]
+    new = np.broadcast_to(ids[:, None, :, None], (len(batch), 2, ids.shape[1], 3)).astype(np.float32)
+    batch.advance({name: new for name in NAMES})
+
+
+def append_prompt(seq_id, tokens):
+    batch = Batch.for_prompts([seq_id], [tokens], NAMES, kv_heads=2, head_dim=3, append_only=True)
+    fake_forward_append(batch)
+    return batch
+
+
+def markers(batch: Batch, row: int = 0) -> list[float]:
+    """The cache's marker values of a row over its valid slots."""
+    return batch.past[NAMES[0]][row, 0, :batch.past_len, 0].tolist()
+
+
+def test_append_only_cache_keeps_spare_slots_masked_and_writes_in_place():
+    batch = append_prompt(1, [5, 6, 7])
+    assert batch.past_len == 3 and batch.capacity > 3  # spare slots after the prefill
+    buffer = batch.past[NAMES[0]]
+    batch.set_next([8])
+    feed = batch.feed()
+    spare = batch.capacity - 3
+    assert feed["attention_mask"].tolist() == [[1, 1, 1] + [0] * spare + [1]]
+    assert feed["position_ids"].tolist() == [[3]]
+    assert feed[NAMES[0]].shape[2] == batch.capacity  # the whole buffer, spare slots included
+    fake_forward_append(batch)
+    assert batch.past[NAMES[0]] is buffer  # written in place, no copy
+    assert markers(batch) == [5, 6, 7, 8]
+
+
+def test_append_only_cache_grows_when_full():
+    batch = append_prompt(1, [5])
+    for token in range(10, 10 + batch.capacity):  # more steps than spare slots
+        batch.set_next([token])
+        fake_forward_append(batch)
+    assert batch.capacity > batch.past_len
+    assert markers(batch) == [5, *range(10, 10 + batch.past_len - 1)]
+    batch.set_next([99])
+    assert batch.feed()["position_ids"].tolist() == [[batch.past_len]]
+
+
+def test_append_only_concatenate_filter_and_fork_keep_the_valid_slots():
+    short, long = append_prompt(1, [5, 6]), append_prompt(2, [7, 8, 9, 10])
+    short.set_next([11])
+    long.set_next([12])
+    merged = Batch.concatenate([short, long])
+    assert merged.append_only and merged.capacity > merged.past_len == 4
+    assert merged.past_mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
+    assert markers(merged, 0) == [0, 0, 5, 6] and markers(merged, 1) == [7, 8, 9, 10]
+    fake_forward_append(merged)
+    assert markers(merged, 0) == [0, 0, 5, 6, 11] and markers(merged, 1) == [7, 8, 9, 10, 12]
+    kept = merged.filter([1])  # the shared padding is trimmed
+    assert kept.append_only and kept.past_mask.tolist() == [[1, 1, 1]] and markers(kept) == [5, 6, 11]
+    kept.set_next([13])
+    fake_forward_append(kept)
+    assert markers(kept) == [5, 6, 11, 13] and markers(merged, 1) == [7, 8, 9, 10, 12]
+    forked = append_prompt(3, [5, 6, 7]).fork([10, 11])
+    assert forked.append_only and forked.capacity > forked.past_len == 3
+    assert markers(forked, 0) == markers(forked, 1) == [5, 6, 7]

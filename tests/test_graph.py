@@ -10,16 +10,28 @@ import onnxruntime as ort
 import pytest
 
 from condgen.bundle import read_manifest
-from condgen.training.graph import GROUPED_QUERY_ATTENTION, LAST_POSITION_LOGITS, optimise_graph
+from condgen.training.graph import (APPEND_ONLY_CACHE, GROUPED_QUERY_ATTENTION, LAST_POSITION_LOGITS,
+                                    optimise_graph)
+
+ALL = [LAST_POSITION_LOGITS, GROUPED_QUERY_ATTENTION, APPEND_ONLY_CACHE]
 
 
-def run_prefill(model_path, info, ids: np.ndarray) -> list[np.ndarray]:
+def run(model_path, info, ids: np.ndarray, mask: np.ndarray | None = None, past: dict | None = None):
+    """One pass: `mask` covers past slots then `ids`; positions count the real tokens before."""
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids),
-            "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None].repeat(ids.shape[0], 0)}
-    feed.update({n: np.zeros((ids.shape[0], info.num_kv_heads, 0, info.head_dim), np.float32)
-                 for n in info.past_key_names})
+    mask = np.ones_like(ids) if mask is None else mask
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -ids.shape[1]:]
+    past = past or {n: np.zeros((ids.shape[0], info.num_kv_heads, 0, info.head_dim), np.float32)
+                    for n in info.past_key_names}
+    feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **past}
     return session.run(None, {k: v for k, v in feed.items() if k in info.inputs})
+
+
+def rewritten_copy(tmp_path, plain_graph, info, **options) -> tuple:
+    path = tmp_path / "model.onnx"
+    shutil.copy(plain_graph, path)
+    return path, optimise_graph(path, heads=4, kv_heads=2, head_dim=info.head_dim, layers=info.num_layers,
+                                **options)
 
 
 @pytest.fixture(scope="module")
@@ -34,25 +46,62 @@ def plain_graph(workdir, checkpoint):
     return folder / "model.onnx"
 
 
-def test_export_applies_both_rewrites_and_keeps_the_cache_unrepeated(bundle):
+def test_export_applies_every_rewrite_and_never_copies_the_cache(bundle):
     info = read_manifest(bundle).onnx
-    assert info.rewrites == [LAST_POSITION_LOGITS, GROUPED_QUERY_ATTENTION]
+    assert info.rewrites == ALL
     graph = onnx.load(str(bundle / "model.onnx")).graph
-    presents = set(info.present_key_names)
-    readers = [n for n in graph.node if presents & set(n.input)]
-    assert {n.op_type for n in readers} <= {"Transpose", "MatMul", "Shape"}, "the KV cache is still repeated"
+    presents, pasts = set(info.present_key_names), set(info.past_key_names)
+    assert {n.op_type for n in graph.node if presents & set(n.output)} == {"Identity"}  # new entries only
+    readers = {n.op_type for n in graph.node if pasts & set(n.input)}
+    assert readers <= {"Transpose", "MatMul", "Shape"}, "the cache is repeated or concatenated"
     logits = next(o for o in graph.output if o.name == "logits")
     assert logits.type.tensor_type.shape.dim[1].dim_value == 1
 
 
+def test_whole_cache_export_repeats_nothing_but_concatenates(whole_cache_bundle):
+    info = read_manifest(whole_cache_bundle).onnx
+    assert info.rewrites == [LAST_POSITION_LOGITS, GROUPED_QUERY_ATTENTION]
+    graph = onnx.load(str(whole_cache_bundle / "model.onnx")).graph
+    presents = set(info.present_key_names)
+    assert {n.op_type for n in graph.node if presents & set(n.output)} == {"Concat"}
+    readers = [n for n in graph.node if presents & set(n.input)]
+    assert {n.op_type for n in readers} <= {"Transpose", "MatMul", "Shape"}, "the KV cache is still repeated"
+
+
+def test_append_only_graph_matches_the_plain_graph_with_spare_slots(tmp_path, bundle, plain_graph):
+    info = read_manifest(bundle).onnx
+    rewritten, applied = rewritten_copy(tmp_path, plain_graph, info)
+    assert applied == ALL
+    rng = np.random.default_rng(1)
+    ids = rng.integers(5, 300, size=(2, 12)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, :4] = 0  # row 1 left-padded
+    plain, new = run(plain_graph, info, ids, mask), run(rewritten, info, ids, mask)
+    np.testing.assert_allclose(new[0][:, 0], plain[0][:, -1], atol=1e-5)
+    for before, after in zip(plain[1:], new[1:]):  # from an empty past: the new entries are the cache
+        np.testing.assert_allclose(after, before, atol=1e-6)
+    # A decode step: the plain graph gets the exact past; the rewritten one the same past with
+    # 5 spare slots at its end (masked), and returns the step's entries only.
+    step_ids = np.array([[7], [9]], dtype=np.int64)
+    step_mask = np.concatenate([mask, np.ones((2, 1), dtype=np.int64)], axis=1)
+    exact = dict(zip(info.past_key_names, plain[1:]))
+    spare = {n: np.concatenate([v, np.zeros(v.shape[:2] + (5, v.shape[3]), np.float32)], axis=2)
+             for n, v in exact.items()}
+    spare_mask = np.concatenate([mask, np.zeros((2, 5), dtype=np.int64), np.ones((2, 1), dtype=np.int64)], axis=1)
+    plain_step, new_step = run(plain_graph, info, step_ids, step_mask, exact), run(rewritten, info, step_ids,
+                                                                                    spare_mask, spare)
+    np.testing.assert_allclose(new_step[0][:, 0], plain_step[0][:, -1], atol=1e-5)
+    for whole, appended in zip(plain_step[1:], new_step[1:]):
+        assert appended.shape[2] == 1
+        np.testing.assert_allclose(appended, whole[:, :, -1:], atol=1e-6)
+
+
 def test_rewritten_graph_gives_the_plain_graphs_last_logits_and_cache(tmp_path, bundle, plain_graph):
     info = read_manifest(bundle).onnx
-    rewritten = tmp_path / "model.onnx"
-    shutil.copy(plain_graph, rewritten)
-    applied = optimise_graph(rewritten, heads=4, kv_heads=2, head_dim=info.head_dim, layers=info.num_layers)
+    rewritten, applied = rewritten_copy(tmp_path, plain_graph, info, append_only=False)
     assert applied == [LAST_POSITION_LOGITS, GROUPED_QUERY_ATTENTION]
     ids = np.random.default_rng(0).integers(5, 300, size=(3, 17)).astype(np.int64)
-    plain, new = run_prefill(plain_graph, info, ids), run_prefill(rewritten, info, ids)
+    plain, new = run(plain_graph, info, ids), run(rewritten, info, ids)
     assert new[0].shape == (3, 1, plain[0].shape[-1])
     np.testing.assert_allclose(new[0][:, 0], plain[0][:, -1], atol=1e-5)
     for before, after in zip(plain[1:], new[1:]):  # present.* unchanged

@@ -112,7 +112,7 @@ def compare_logits(checkpoint: Path, session, info: OnnxInfo, tokenizer, prompts
     return Parity(worst, agree / positions)
 
 
-def rewrite_graph(checkpoint: Path, model_path: Path) -> list[str]:
+def rewrite_graph(checkpoint: Path, model_path: Path, append_only: bool) -> list[str]:
     """Apply the serving rewrites of `condgen.training.graph` to the exported fp32 graph."""
     from transformers import AutoConfig
 
@@ -122,7 +122,8 @@ def rewrite_graph(checkpoint: Path, model_path: Path) -> list[str]:
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return optimise_graph(model_path, heads, kv_heads, head_dim, config.num_hidden_layers)
+    return optimise_graph(model_path, heads, kv_heads, head_dim, config.num_hidden_layers,
+                          append_only=append_only)
 
 
 def convert_variant(model_path: Path, variant: str) -> None:
@@ -167,10 +168,13 @@ def write_fidelity_classifier(bundle_dir: Path, examples: dict[str, list[str]]) 
 
 
 def export_bundle(checkpoint: str | Path, output: str | Path, tolerance: float = DEFAULT_TOLERANCE,
-                  opset: int | None = None, variant: str = "fp32", min_top1: float = DEFAULT_MIN_TOP1) -> ExportResult:
+                  opset: int | None = None, variant: str = "fp32", min_top1: float = DEFAULT_MIN_TOP1,
+                  cache: str = "auto") -> ExportResult:
     """Export `checkpoint` (the output of `condgen train`) to the bundle folder `output`."""
     if variant not in VARIANTS:
         raise ExportError(f"variant {variant!r} is not one of {', '.join(VARIANTS)}")
+    if cache not in ("auto", "append", "whole"):
+        raise ExportError(f"cache {cache!r} is not one of auto, append, whole")
     import onnxruntime as ort
     from optimum.exporters.onnx import main_export
     from transformers import AutoTokenizer
@@ -186,7 +190,9 @@ def export_bundle(checkpoint: str | Path, output: str | Path, tolerance: float =
             if item.name.startswith(MODEL_FILE) or item.name == TOKENIZER_NAME:
                 shutil.move(str(item), output / item.name)
     shutil.copy(checkpoint / EXAMPLES_NAME, output / EXAMPLES_NAME)
-    rewrites = rewrite_graph(checkpoint, output / MODEL_FILE)
+    # auto: the fp16 (GPU) graph returns the whole cache, which IO binding keeps on the device
+    append_only = cache == "append" or (cache == "auto" and variant != "fp16")
+    rewrites = rewrite_graph(checkpoint, output / MODEL_FILE, append_only)
     if variant != "fp32":
         log.info("converting the graph to %s", variant)
         convert_variant(output / MODEL_FILE, variant)

@@ -15,6 +15,13 @@ shape it expects:
   the query heads of a group into the sequence axis instead,
   q (batch, heads, seq, dim) -> (batch, kv_heads, group * seq, dim), so both attention
   MatMuls read the cache as it is; the key scale moves onto the (small) queries.
+- `append_only_cache` (after the previous one; not for fp16 GPU bundles, whose cache stays on
+  the device): the exported graph concatenates past and new keys/values into `present.*` at
+  every step, a single-threaded copy of the whole cache that was most of a CPU decode step.
+  Rewritten, attention reads `past_key_values.*` and the new entries side by side (scores
+  concatenated, probabilities split) and `present.*` holds only the new entries
+  (batch, kv_heads, new_len, head_dim); the engine writes them into its own cache buffers in
+  place (`Batch.advance`). The past input may then have spare, masked slots at its end.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 LAST_POSITION_LOGITS = "last_position_logits"
 GROUPED_QUERY_ATTENTION = "grouped_query_attention"
+APPEND_ONLY_CACHE = "append_only_cache"
 
 
 @dataclass
@@ -192,7 +200,86 @@ def group_query_attention(graph: _Graph, heads: int, kv_heads: int, head_dim: in
     return False
 
 
-def optimise_graph(model_path: Path, heads: int, kv_heads: int, head_dim: int, layers: int) -> list[str]:
+def _total_shape(graph: _Graph, past: str, new: str, prefix: str) -> tuple[list, str]:
+    """Nodes computing the shape that concat(past, new) on axis 2 would have."""
+    from onnx import helper
+
+    axis2 = graph.constant(f"{prefix}/axis2_only", [0, 0, 1, 0])
+    nodes = [helper.make_node("Shape", [past], [f"{prefix}/past_shape"], name=f"{prefix}/past_shape"),
+             helper.make_node("Shape", [new], [f"{prefix}/new_shape"], name=f"{prefix}/new_shape"),
+             helper.make_node("Mul", [f"{prefix}/new_shape", axis2], [f"{prefix}/new_len"], name=f"{prefix}/new_len"),
+             helper.make_node("Add", [f"{prefix}/past_shape", f"{prefix}/new_len"], [f"{prefix}/total_shape"],
+                              name=f"{prefix}/total_shape")]
+    return nodes, f"{prefix}/total_shape"
+
+
+def _append_only_layer(graph: _Graph, layer: int) -> bool:
+    """Attention of one (already grouped) layer over past and new entries without concatenating them."""
+    from onnx import helper
+
+    p = f"/condgen/gqa/{layer}"
+    nodes = {n.name: n for n in graph.graph.node if n.name.startswith(p + "/")}
+    concats = [graph.producer(f"present.{layer}.{kind}") for kind in ("key", "value")]
+    if any(c is None or c.op_type != "Concat" or len(c.input) != 2 for c in concats) or f"{p}/qk" not in nodes:
+        return False
+    (past_k, new_k), (past_v, new_v) = (list(c.input) for c in concats)
+    for concat in concats:  # present.* become the new entries only
+        past, new = concat.input
+        kind = concat.output[0].rsplit(".", 1)[1]
+        replaced = [helper.make_node("Identity", [new], [concat.output[0]], name=f"{p}/{kind}_new_only")]
+        for number, shape in enumerate(n for n in graph.consumers(concat.output[0]) if n.op_type == "Shape"):
+            shape_nodes, total = _total_shape(graph, past, new, f"{p}/{kind}_shape{number}")
+            replaced += shape_nodes
+            for user in graph.consumers(shape.output[0]):
+                user.input[list(user.input).index(shape.output[0])] = total
+        graph.insert_before(concat, replaced)
+        graph.graph.node.remove(concat)
+    qk, pv = nodes[f"{p}/qk"], nodes[f"{p}/pv"]
+    query, probs = qk.input[0], pv.input[0]
+    graph.insert_before(qk, [
+        helper.make_node("Transpose", [past_k], [f"{p}/past_k_t"], perm=[0, 1, 3, 2], name=f"{p}/past_k_t"),
+        helper.make_node("Transpose", [new_k], [f"{p}/new_k_t"], perm=[0, 1, 3, 2], name=f"{p}/new_k_t"),
+        helper.make_node("MatMul", [query, f"{p}/past_k_t"], [f"{p}/scores_past"], name=f"{p}/qk_past"),
+        helper.make_node("MatMul", [query, f"{p}/new_k_t"], [f"{p}/scores_new"], name=f"{p}/qk_new"),
+        # (batch, kv_heads, group * seq, past_capacity + new_len)
+        helper.make_node("Concat", [f"{p}/scores_past", f"{p}/scores_new"], [qk.output[0]], axis=-1,
+                         name=f"{p}/scores_concat"),
+    ])
+    graph.graph.node.remove(qk)
+    axis, start, end, length_axis = (graph.constant(f"{p}/{k}", [v]) for k, v in
+                                     (("last_axis", 3), ("zero", 0), ("to_end", np.iinfo(np.int64).max),
+                                      ("length_axis", 2)))
+    graph.insert_before(pv, [
+        helper.make_node("Shape", [past_v], [f"{p}/past_v_shape"], name=f"{p}/past_v_shape"),
+        helper.make_node("Gather", [f"{p}/past_v_shape", length_axis], [f"{p}/past_len"], axis=0,
+                         name=f"{p}/past_len"),
+        helper.make_node("Slice", [probs, start, f"{p}/past_len", axis], [f"{p}/probs_past"], name=f"{p}/probs_past"),
+        helper.make_node("Slice", [probs, f"{p}/past_len", end, axis], [f"{p}/probs_new"], name=f"{p}/probs_new"),
+        helper.make_node("MatMul", [f"{p}/probs_past", past_v], [f"{p}/out_past"], name=f"{p}/pv_past"),
+        helper.make_node("MatMul", [f"{p}/probs_new", new_v], [f"{p}/out_new"], name=f"{p}/pv_new"),
+        helper.make_node("Add", [f"{p}/out_past", f"{p}/out_new"], [pv.output[0]], name=f"{p}/pv_sum"),
+    ])
+    graph.graph.node.remove(pv)
+    return True
+
+
+def append_only_cache(graph: _Graph, layers: int) -> bool:
+    """Rewrite every layer, or none."""
+    import copy
+
+    backup = copy.deepcopy(graph.graph.node)
+    if all(_append_only_layer(graph, layer) for layer in range(layers)):
+        graph.remove_dead_nodes()
+        log.info("append-only cache: present.* hold only the new entries of each step")
+        return True
+    del graph.graph.node[:]
+    graph.graph.node.extend(backup)
+    log.warning("the cache concatenation does not have the expected shape; present.* stay whole")
+    return False
+
+
+def optimise_graph(model_path: Path, heads: int, kv_heads: int, head_dim: int, layers: int,
+                   append_only: bool = True) -> list[str]:
     """Apply the rewrites to the graph at `model_path` in place; returns the names of those applied."""
     import onnx
 
@@ -204,6 +291,8 @@ def optimise_graph(model_path: Path, heads: int, kv_heads: int, head_dim: int, l
         applied.append(LAST_POSITION_LOGITS)
     if group_query_attention(graph, heads, kv_heads, head_dim, layers):
         applied.append(GROUPED_QUERY_ATTENTION)
+        if append_only and append_only_cache(graph, layers):
+            applied.append(APPEND_ONLY_CACHE)
     if applied:
         if external.exists():  # over 2 GB: the weights stay beside the graph
             onnx.save(model, str(model_path), save_as_external_data=True, location=external.name)
