@@ -97,8 +97,7 @@ def engine_figures(args, prompts: list[str], checkpoint: Path) -> dict:
         figures[f"transformers_tok_s_b{batch}"] = transformers_generate(checkpoint, chosen, args.new_tokens,
                                                                         args.device)
         progress(f"optimum ORTModelForCausalLM, batch {batch}")
-        figures[f"optimum_tok_s_b{batch}"] = optimum_generate(checkpoint, args.bundle, chosen, args.new_tokens,
-                                                              args.device)
+        figures[f"optimum_tok_s_b{batch}"] = optimum_generate(checkpoint, chosen, args.new_tokens, args.device)
     return figures
 
 

@@ -63,6 +63,14 @@ def _nucleus(probs: np.ndarray, candidates: np.ndarray | None, top_p: float) -> 
         width *= 4
 
 
+def _draw(probs: np.ndarray, rng: np.random.Generator) -> int:
+    """An index drawn with probabilities `probs` (summing to ~1): the draw `rng.choice(len, p=probs)`
+    makes (one uniform number against the normalised cumulative sum), without its checks."""
+    cdf = np.cumsum(probs)
+    cdf /= cdf[-1]
+    return int(cdf.searchsorted(rng.random(), side="right"))
+
+
 def sample_token(logits: np.ndarray, settings: SamplingSettings, rng: np.random.Generator) -> int:
     """Pick the next token from one row of logits (shape: (vocab,))."""
     if settings.greedy:
@@ -72,6 +80,5 @@ def sample_token(logits: np.ndarray, settings: SamplingSettings, rng: np.random.
     if settings.top_p < 1.0:
         candidates = _nucleus(probs, candidates, settings.top_p)
     if candidates is None:
-        return int(rng.choice(probs.shape[0], p=probs))
-    kept = probs[candidates]
-    return int(candidates[rng.choice(kept.shape[0], p=kept / kept.sum())])
+        return _draw(probs, rng)
+    return int(candidates[_draw(probs[candidates], rng)])

@@ -56,3 +56,12 @@ def test_same_seed_and_place_give_the_same_stream():
 def test_temperature_sharpens():
     row = np.array([1.0, 2.0])
     assert softmax(row, 0.5)[1] > softmax(row, 1.0)[1] > softmax(row, 2.0)[1]
+
+
+def test_draws_equal_numpy_choice_for_the_same_generator():
+    """The sampler's inverse-CDF draw is numpy's `choice(p=...)`, so seeded requests keep their records."""
+    from condgen.server.sampling import _draw, sequence_rng
+
+    probs = np.random.default_rng(3).dirichlet(np.full(500, 0.1))
+    ours, numpys = sequence_rng(9, 1), sequence_rng(9, 1)
+    assert [_draw(probs, ours) for _ in range(300)] == [int(numpys.choice(500, p=probs)) for _ in range(300)]
