@@ -93,11 +93,13 @@ class Batch:
         """The cache as numpy arrays (copied from the device when it lives there)."""
         return {name: to_host(value) for name, value in self.past.items()}
 
-    def filter(self, keep_ids: list[int]) -> "Batch":
+    def filter(self, keep_ids: list[int], consume: bool = False) -> "Batch":
         """The rows whose sequence id is in `keep_ids` (in batch order). Padding columns shared
         by every kept row are dropped when they are at least a quarter of the cache; fewer cost
         less to compute over than to copy the cache for. When the kept rows are one contiguous
-        run and nothing is trimmed, the new batch holds views of this one's cache (no copy)."""
+        run and nothing is trimmed, the new batch holds views of this one's cache (no copy).
+        `consume`: the caller drops this batch, whose cache is released layer by layer as it
+        is copied (see `_copy_layers`)."""
         keep_set = set(keep_ids)
         rows = [i for i, seq in enumerate(self.seq_ids) if seq in keep_set]
         if len(rows) == len(self):
@@ -112,10 +114,23 @@ class Batch:
             return Batch(seq_ids, self.next_ids[run], self.past_mask[run],
                          {name: value[run] for name, value in self.past.items()}, append_only=self.append_only)
         index = np.array(rows, dtype=np.int64)
-        past = {name: self._buffer([value[index, :, start:self.past_len]])
-                for name, value in self.host_past().items()}
-        return Batch(seq_ids, self.next_ids[index], self.past_mask[index][:, start:], past,
+        kept = Batch(seq_ids, self.next_ids[index], self.past_mask[index][:, start:], {},
                      append_only=self.append_only)
+        kept.past = kept._copy_layers([self], lambda source, value: value[index, :, start:source.past_len], consume)
+        return kept
+
+    def _copy_layers(self, sources: list["Batch"], block_of, consume: bool) -> dict:
+        """New cache tensors for this batch, one per name, each built by `_buffer` from
+        `block_of(source, host tensor)` of every source. With `consume` each source tensor is
+        dropped once copied, so a join or a leave holds one layer more than the cache at its
+        peak, not two caches."""
+        past = {}
+        for name in list(sources[0].past):
+            past[name] = self._buffer([block_of(source, to_host(source.past[name])) for source in sources])
+            if consume:
+                for source in sources:
+                    del source.past[name]
+        return past
 
     def _buffer(self, blocks: list[np.ndarray]) -> np.ndarray:
         """Cache blocks (rows, heads, length, dim) stacked on the row axis, each right-aligned to
@@ -142,8 +157,9 @@ class Batch:
                      append_only=self.append_only)
 
     @classmethod
-    def concatenate(cls, batches: list["Batch"]) -> "Batch":
-        """One batch holding all rows; shorter caches are left-padded to the longest."""
+    def concatenate(cls, batches: list["Batch"], consume: bool = False) -> "Batch":
+        """One batch holding all rows; shorter caches are left-padded to the longest.
+        `consume`: the caller drops the given batches (see `filter`)."""
         batches = [b for b in batches if len(b)]
         if len(batches) == 1:
             return batches[0]
@@ -156,10 +172,8 @@ class Batch:
         seq_ids = [s for b in batches for s in b.seq_ids]
         next_ids = np.concatenate([b.next_ids for b in batches], axis=0)
         mask = np.concatenate([_left_pad(b.past_mask, past_len, axis=1) for b in batches], axis=0)
-        hosts = [(b.host_past(), b.past_len) for b in batches]
         merged = cls(seq_ids, next_ids, mask, {}, append_only=batches[0].append_only)
-        merged.past = {name: merged._buffer([h[name][:, :, :length] for h, length in hosts])
-                       for name in batches[0].past}
+        merged.past = merged._copy_layers(batches, lambda source, value: value[:, :, :source.past_len], consume)
         return merged
 
 

@@ -375,8 +375,9 @@ class Scheduler:
         new_batches = [self._fork(plan) for plan in plans if plan.prefill is not None and not plan.state.finished]
         new_batches = [b for b in new_batches if any(s in self.sequences for s in b.seq_ids)]
         if new_batches:
-            self.batch = Batch.concatenate(([self.batch] if self.batch is not None else []) + new_batches)
-            self.batch = self.batch.filter([s for s in self.batch.seq_ids if s in self.sequences])
+            self.batch = Batch.concatenate(([self.batch] if self.batch is not None else []) + new_batches,
+                                           consume=True)
+            self.batch = self.batch.filter([s for s in self.batch.seq_ids if s in self.sequences], consume=True)
 
     def _plan_rounds(self) -> list["RoundPlan"]:
         """Rounds to start now, in request order. The first round that does not fit the token
@@ -471,7 +472,7 @@ class Scheduler:
         batch = self.batch
         next_tokens = [self._guarded_next_token(s, logits[row]) for row, s in enumerate(batch.seq_ids)]
         self._set_next_or_drop(batch, next_tokens)
-        self.batch = batch.filter([s for s in batch.seq_ids if s in self.sequences])
+        self.batch = batch.filter([s for s in batch.seq_ids if s in self.sequences], consume=True)
 
     def _guarded_next_token(self, seq_id: int, row: np.ndarray) -> int | None:
         seq = self.sequences.get(seq_id)
@@ -562,7 +563,7 @@ class Scheduler:
         for seq_id in [s for s, seq in self.sequences.items() if seq.request is state]:
             self._drop_sequence(seq_id)
         if self.batch is not None:
-            self.batch = self.batch.filter([s for s in self.batch.seq_ids if s in self.sequences])
+            self.batch = self.batch.filter([s for s in self.batch.seq_ids if s in self.sequences], consume=True)
         if state in self.requests:
             self.requests.remove(state)
         state.finished = True

@@ -167,3 +167,15 @@ def test_append_only_concatenate_filter_and_fork_keep_the_valid_slots():
     forked = append_prompt(3, [5, 6, 7]).fork([10, 11])
     assert forked.append_only and forked.capacity > forked.past_len == 3
     assert markers(forked, 0) == markers(forked, 1) == [5, 6, 7]
+
+
+def test_consuming_joins_and_leaves_release_the_old_cache():
+    short, long = append_prompt(1, [5, 6]), append_prompt(2, [7, 8, 9, 10])
+    short.set_next([11])
+    long.set_next([12])
+    merged = Batch.concatenate([short, long], consume=True)
+    assert short.past == {} and long.past == {}  # released as the merged cache was built
+    assert markers(merged, 0) == [0, 0, 5, 6] and markers(merged, 1) == [7, 8, 9, 10]
+    fake_forward_append(merged)
+    kept = merged.filter([1], consume=True)  # a copy (the padding is trimmed): the source is released
+    assert merged.past == {} and markers(kept) == [5, 6, 11]
