@@ -76,7 +76,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-active-requests", type=int, default=256,
                    help="requests in flight; beyond it calls get RESOURCE_EXHAUSTED")
     p.add_argument("--prefix-cache-tokens", type=int, default=4096,
-                   help="prompt tokens of recent prefills kept for reuse (0 disables the prefix cache)")
+                   help="prompt tokens of recurring prompts' prefills kept for reuse (prompts showing every "
+                        "example of their intent; 0 disables the prefix cache)")
     p.add_argument("--io-binding", choices=("auto", "on", "off"), default="auto",
                    help="keep the KV cache on the device between steps (auto: on under CUDA)")
     p.add_argument("--grace-seconds", type=float, default=30.0, help="drain time on shutdown")

@@ -19,7 +19,8 @@ lines re-feed more prefixes). A round is never split (its n forks are part of wh
 fixes), and one that alone exceeds the budget runs when the batch is empty.
 
 Rounds that start together have their prompts prefilled in one engine pass (left-padded);
-a recently prefilled prompt is taken from the prefix cache instead of being run again.
+a prompt that recurs (it shows every example of its intent, so every round repeats it) is
+taken from the prefix cache after its first prefill; prompts of drawn subsets are not cached.
 The `static` policy (for comparison in benchmarks) batches whole requests at a time: a new
 group of requests starts only when every request of the previous group has finished, and
 each request keeps a fixed set of rows (one round at a time).
@@ -195,6 +196,7 @@ class RoundPlan:
     state: RequestState
     seq_ids: list[int]
     prompt_ids: list[int]
+    recurs: bool = False  # the prompt shows every example of its intent: later rounds repeat it
     prefill: tuple[Batch, np.ndarray] | None = None
 
 
@@ -421,7 +423,7 @@ class Scheduler:
             job.active.add(seq_id)
         job.rounds += 1
         state.summary.rounds += 1
-        return RoundPlan(state, seq_ids, prompt_ids)
+        return RoundPlan(state, seq_ids, prompt_ids, recurs=len(shown) == len(examples))
 
     @staticmethod
     def _reserve(prompt_tokens: int, max_new_tokens: int, prefix_tokens: int, tokens_per_line: float) -> int:
@@ -437,7 +439,8 @@ class Scheduler:
             key = tuple(plan.prompt_ids)
             if key in unique:
                 continue  # shares the prefill of the first plan with this prompt
-            plan.prefill = self.prefix_cache.lookup(plan.prompt_ids, plan.seq_ids[0])
+            if plan.recurs:
+                plan.prefill = self.prefix_cache.lookup(plan.prompt_ids, plan.seq_ids[0])
             if plan.prefill is None:
                 unique[key] = plan
         firsts = list(unique.values())
@@ -454,7 +457,8 @@ class Scheduler:
             self._on_step("prefill", len(firsts), time.perf_counter() - started)
             for plan, (batch, logits) in zip(firsts, results):
                 plan.prefill = (batch, logits)
-                self.prefix_cache.store(plan.prompt_ids, batch, logits)
+                if plan.recurs:  # a drawn subset recurs only by chance: not worth its memory
+                    self.prefix_cache.store(plan.prompt_ids, batch, logits)
         for plan in plans:
             if plan.prefill is None:
                 plan.prefill = unique[tuple(plan.prompt_ids)].prefill
