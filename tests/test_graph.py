@@ -11,9 +11,10 @@ import pytest
 
 from condgen.bundle import read_manifest
 from condgen.training.graph import (APPEND_ONLY_CACHE, GROUPED_QUERY_ATTENTION, LAST_POSITION_LOGITS,
-                                    optimise_graph)
+                                    SHARED_ATTENTION_BIAS, optimise_graph)
 
-ALL = [LAST_POSITION_LOGITS, GROUPED_QUERY_ATTENTION, APPEND_ONLY_CACHE]
+ALL = [LAST_POSITION_LOGITS, SHARED_ATTENTION_BIAS, GROUPED_QUERY_ATTENTION, APPEND_ONLY_CACHE]
+WHOLE_CACHE = [LAST_POSITION_LOGITS, SHARED_ATTENTION_BIAS, GROUPED_QUERY_ATTENTION]
 
 
 def run(model_path, info, ids: np.ndarray, mask: np.ndarray | None = None, past: dict | None = None):
@@ -60,7 +61,7 @@ def test_export_applies_every_rewrite_and_never_copies_the_cache(bundle):
 
 def test_whole_cache_export_repeats_nothing_but_concatenates(whole_cache_bundle):
     info = read_manifest(whole_cache_bundle).onnx
-    assert info.rewrites == [LAST_POSITION_LOGITS, GROUPED_QUERY_ATTENTION]
+    assert info.rewrites == WHOLE_CACHE
     graph = onnx.load(str(whole_cache_bundle / "model.onnx")).graph
     presents = set(info.present_key_names)
     assert {n.op_type for n in graph.node if presents & set(n.output)} == {"Concat"}
@@ -78,8 +79,9 @@ def test_append_only_graph_matches_the_plain_graph_with_spare_slots(tmp_path, bu
     mask[1, :4] = 0  # row 1 left-padded
     plain, new = run(plain_graph, info, ids, mask), run(rewritten, info, ids, mask)
     np.testing.assert_allclose(new[0][:, 0], plain[0][:, -1], atol=1e-5)
+    real = mask.astype(bool)  # entries at padding positions are masked everywhere: never read
     for before, after in zip(plain[1:], new[1:]):  # from an empty past: the new entries are the cache
-        np.testing.assert_allclose(after, before, atol=1e-6)
+        np.testing.assert_allclose(after.transpose(0, 2, 1, 3)[real], before.transpose(0, 2, 1, 3)[real], atol=1e-5)
     # A decode step: the plain graph gets the exact past; the rewritten one the same past with
     # 5 spare slots at its end (masked), and returns the step's entries only.
     step_ids = np.array([[7], [9]], dtype=np.int64)
@@ -99,7 +101,7 @@ def test_append_only_graph_matches_the_plain_graph_with_spare_slots(tmp_path, bu
 def test_rewritten_graph_gives_the_plain_graphs_last_logits_and_cache(tmp_path, bundle, plain_graph):
     info = read_manifest(bundle).onnx
     rewritten, applied = rewritten_copy(tmp_path, plain_graph, info, append_only=False)
-    assert applied == [LAST_POSITION_LOGITS, GROUPED_QUERY_ATTENTION]
+    assert applied == WHOLE_CACHE
     ids = np.random.default_rng(0).integers(5, 300, size=(3, 17)).astype(np.int64)
     plain, new = run(plain_graph, info, ids), run(rewritten, info, ids)
     assert new[0].shape == (3, 1, plain[0].shape[-1])
@@ -114,7 +116,7 @@ def test_a_graph_without_grouped_heads_keeps_its_attention(tmp_path, bundle, pla
     shutil.copy(plain_graph, rewritten)
     # Told the heads are not grouped (as for GPT-2): only the logits are sliced.
     assert optimise_graph(rewritten, heads=2, kv_heads=2, head_dim=info.head_dim,
-                          layers=info.num_layers) == [LAST_POSITION_LOGITS]
+                          layers=info.num_layers) == [LAST_POSITION_LOGITS, SHARED_ATTENTION_BIAS]
     presents = set(info.present_key_names)
     assert "Unsqueeze" in {n.op_type for n in onnx.load(str(rewritten)).graph.node if presents & set(n.input)}
 
@@ -123,8 +125,18 @@ def test_a_graph_of_another_shape_is_left_whole(tmp_path, bundle, plain_graph):
     info = read_manifest(bundle).onnx
     rewritten = tmp_path / "model.onnx"
     shutil.copy(plain_graph, rewritten)
-    before = len(onnx.load(str(rewritten)).graph.node)
     # One layer more than the graph has: the last one cannot match, so no layer is rewritten.
     assert optimise_graph(rewritten, heads=4, kv_heads=2, head_dim=info.head_dim,
-                          layers=info.num_layers + 1) == [LAST_POSITION_LOGITS]
-    assert len(onnx.load(str(rewritten)).graph.node) == before + 1  # the Slice only
+                          layers=info.num_layers + 1, append_only=False) == [LAST_POSITION_LOGITS, SHARED_ATTENTION_BIAS]
+    nodes = onnx.load(str(rewritten)).graph.node
+    assert "Expand" in {n.op_type for n in nodes}  # the cache is still repeated
+    assert not any(n.name.startswith("/condgen/gqa/") for n in nodes)
+
+
+def test_one_finite_attention_bias_serves_every_layer(bundle):
+    graph = onnx.load(str(bundle / "model.onnx")).graph
+    softmax_inputs = {n.input[0] for n in graph.node if n.op_type == "Softmax"}
+    adds = [n for n in graph.node if n.op_type == "Add" and n.output[0] in softmax_inputs]
+    assert len(adds) == read_manifest(bundle).onnx.num_layers
+    assert {a.input[1] for a in adds} == {"/condgen/bias/shared"}
+    assert "IsNaN" not in {n.op_type for n in graph.node}

@@ -22,6 +22,11 @@ shape it expects:
   concatenated, probabilities split) and `present.*` holds only the new entries
   (batch, kv_heads, new_len, head_dim); the engine writes them into its own cache buffers in
   place (`Batch.advance`). The past input may then have spare, masked slots at its end.
+- `shared_attention_bias`: every layer slices the same causal/padding mask to the same key
+  length and turns it into an additive bias of 0 / -inf, then guards the softmax against the
+  NaN that -inf gives a fully masked row (a left-padded prompt's padding positions). One bias
+  now serves all layers, with the dtype's lowest finite value instead of -inf, so a fully masked
+  row gets a finite (never used) average and the 2 x layers IsNaN/Where guards go.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ log = logging.getLogger(__name__)
 LAST_POSITION_LOGITS = "last_position_logits"
 GROUPED_QUERY_ATTENTION = "grouped_query_attention"
 APPEND_ONLY_CACHE = "append_only_cache"
+SHARED_ATTENTION_BIAS = "shared_attention_bias"
 
 
 @dataclass
@@ -278,6 +284,66 @@ def append_only_cache(graph: _Graph, layers: int) -> bool:
     return False
 
 
+def _attention_bias(graph: _Graph, softmax) -> tuple | None:
+    """(Add, its bias input's Where, that Where's Slice) in front of one layer's Softmax."""
+    add = graph.producer(softmax.input[0])
+    if add is None or add.op_type != "Add":
+        return None
+    for bias_input in add.input:
+        where = graph.producer(bias_input)
+        if where is not None and where.op_type == "Where" and graph.scalar(where.input[1]) == 0.0 \
+                and graph.scalar(where.input[2]) == float("-inf"):
+            sliced = graph.producer(where.input[0])
+            if sliced is not None and sliced.op_type == "Slice":
+                return add, where, sliced
+    return None
+
+
+def _slice_signature(graph: _Graph, sliced) -> tuple | None:
+    """What a mask Slice takes, less its end (the key length, equal for every layer)."""
+    constants = tuple(graph.scalar(name) for name in sliced.input[3:])
+    starts = graph.scalar(sliced.input[1])
+    if starts is None or any(c is None for c in constants):
+        return None
+    return (sliced.input[0], starts, *constants)
+
+
+def _nan_guard(graph: _Graph, softmax):
+    """The Where that zeroes a Softmax's NaN outputs (via IsNaN), or None."""
+    users = graph.consumers(softmax.output[0])
+    isnan = next((n for n in users if n.op_type == "IsNaN"), None)
+    where = next((n for n in users if n.op_type == "Where"), None)
+    if len(users) != 2 or isnan is None or where is None or where.input[0] != isnan.output[0]:
+        return None
+    return where
+
+
+def share_attention_bias(graph: _Graph) -> bool:
+    """One finite additive mask for every layer; the softmax NaN guards removed. All or nothing."""
+    from onnx import helper
+
+    softmaxes = [n for n in graph.graph.node if n.op_type == "Softmax"]
+    found = [_attention_bias(graph, s) for s in softmaxes]
+    guards = [_nan_guard(graph, s) for s in softmaxes]
+    if not softmaxes or any(f is None for f in found) or any(g is None for g in guards):
+        return False
+    signatures = {_slice_signature(graph, sliced) for _, _, sliced in found}
+    if len(signatures) != 1 or None in signatures:
+        return False
+    first_add, first_where, _ = found[0]
+    lowest = graph.constant("/condgen/bias/lowest", np.finfo(np.float32).min, dtype=np.float32)
+    shared = helper.make_node("Where", [first_where.input[0], first_where.input[1], lowest], ["/condgen/bias/shared"],
+                              name="/condgen/bias/Where")
+    graph.insert_before(first_where, [shared])
+    for add, where, _ in found:
+        add.input[list(add.input).index(where.output[0])] = shared.output[0]
+    for softmax, guard in zip(softmaxes, guards):
+        for user in graph.consumers(guard.output[0]):
+            user.input[list(user.input).index(guard.output[0])] = softmax.output[0]
+    log.info("shared attention bias: %d layers, %d nodes dropped", len(softmaxes), graph.remove_dead_nodes())
+    return True
+
+
 def optimise_graph(model_path: Path, heads: int, kv_heads: int, head_dim: int, layers: int,
                    append_only: bool = True) -> list[str]:
     """Apply the rewrites to the graph at `model_path` in place; returns the names of those applied."""
@@ -289,6 +355,8 @@ def optimise_graph(model_path: Path, heads: int, kv_heads: int, head_dim: int, l
     applied = []
     if keep_last_position_logits(graph):
         applied.append(LAST_POSITION_LOGITS)
+    if share_attention_bias(graph):
+        applied.append(SHARED_ATTENTION_BIAS)
     if group_query_attention(graph, heads, kv_heads, head_dim, layers):
         applied.append(GROUPED_QUERY_ATTENTION)
         if append_only and append_only_cache(graph, layers):
