@@ -98,8 +98,8 @@ class Batch:
         by every kept row are dropped when they are at least a quarter of the cache; fewer cost
         less to compute over than to copy the cache for. When the kept rows are one contiguous
         run and nothing is trimmed, the new batch holds views of this one's cache (no copy).
-        `consume`: the caller drops this batch, whose cache is released layer by layer as it
-        is copied (see `_copy_layers`)."""
+        `consume`: the caller drops this batch: its buffers are compacted in place where nothing
+        is trimmed (`_compacted`), else released layer by layer as they are copied (`_copy_layers`)."""
         keep_set = set(keep_ids)
         rows = [i for i, seq in enumerate(self.seq_ids) if seq in keep_set]
         if len(rows) == len(self):
@@ -113,11 +113,29 @@ class Batch:
             run = slice(rows[0], rows[-1] + 1)  # first-axis slices of C-contiguous arrays stay contiguous
             return Batch(seq_ids, self.next_ids[run], self.past_mask[run],
                          {name: value[run] for name, value in self.past.items()}, append_only=self.append_only)
+        if rows and start == 0 and on_host and consume:
+            return self._compacted(rows)
         index = np.array(rows, dtype=np.int64)
         kept = Batch(seq_ids, self.next_ids[index], self.past_mask[index][:, start:], {},
                      append_only=self.append_only)
         kept.past = kept._copy_layers([self], lambda source, value: value[index, :, start:source.past_len], consume)
         return kept
+
+    def _compacted(self, rows: list[int]) -> "Batch":
+        """The kept `rows` (indices) in the first len(rows) rows of this batch's own buffers: each
+        kept row beyond them moves into the slot of a leaving row, so only the moved rows are
+        copied, and the new batch holds first-axis views. Rows change order; this batch is spent."""
+        n = len(rows)
+        kept = set(rows)
+        holes = [i for i in range(n) if i not in kept]
+        movers = [i for i in rows if i >= n]  # as many as holes
+        for value in self.past.values():
+            value[holes] = value[movers]  # (moved rows, heads, capacity, dim)
+        order = list(range(n))
+        for hole, mover in zip(holes, movers):
+            order[hole] = mover
+        return Batch([self.seq_ids[i] for i in order], self.next_ids[order], self.past_mask[order],
+                     {name: value[:n] for name, value in self.past.items()}, append_only=self.append_only)
 
     def _copy_layers(self, sources: list["Batch"], block_of, consume: bool) -> dict:
         """New cache tensors for this batch, one per name, each built by `_buffer` from

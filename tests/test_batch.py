@@ -179,3 +179,20 @@ def test_consuming_joins_and_leaves_release_the_old_cache():
     fake_forward_append(merged)
     kept = merged.filter([1], consume=True)  # a copy (the padding is trimmed): the source is released
     assert merged.past == {} and markers(kept) == [5, 6, 11]
+
+
+def test_consuming_leave_moves_only_the_rows_past_the_kept_prefix():
+    rows = [append_prompt(i, [5 + i, 6 + i, 7 + i]) for i in range(5)]
+    for b in rows:
+        b.set_next([20 + b.seq_ids[0]])
+    merged = Batch.concatenate(rows)
+    fake_forward_append(merged)
+    buffers = {n: merged.past[n] for n in NAMES}
+    kept = merged.filter([0, 2, 4], consume=True)  # rows 1 and 3 leave; row 4 moves into slot 1
+    assert sorted(kept.seq_ids) == [0, 2, 4] and len(kept) == 3
+    assert all(np.shares_memory(kept.past[n], buffers[n]) for n in NAMES)  # compacted in place
+    for row, seq in enumerate(kept.seq_ids):
+        assert markers(kept, row) == [5 + seq, 6 + seq, 7 + seq, 20 + seq]
+    kept.set_next([9, 9, 9])
+    fake_forward_append(kept)
+    assert markers(kept, 1)[-1] == 9
