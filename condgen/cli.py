@@ -162,6 +162,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--base-model", default="smollm2-135m")
     p.add_argument("--steps", type=int, default=80, help="fine-tuning steps per seed")
+    p.add_argument("--prompt-examples", type=int, default=25,
+                   help="real examples shown per prompt (drawn anew each round when the intent has more)")
+    p.add_argument("--temperature", type=float, default=0.9, help="sampling temperature of the generator")
     p.add_argument("--min-fidelity", type=float, default=0.0,
                    help="drop records the few-shot classifier scores below this")
     p.add_argument("--no-agreement-filter", dest="agreement_filter", action="store_false",
@@ -267,7 +270,8 @@ def cmd_evaluate(args) -> None:
 
     config = EvaluateConfig(data=args.data, test=args.test, output=args.output, shots=args.shots,
                             per_intent=args.per_intent, seeds=args.seeds, base_model=args.base_model,
-                            steps=args.steps, min_fidelity=args.min_fidelity, agreement_filter=args.agreement_filter,
+                            steps=args.steps, prompt_examples=args.prompt_examples, temperature=args.temperature,
+                            min_fidelity=args.min_fidelity, agreement_filter=args.agreement_filter,
                             reuse_bundles=args.reuse_bundles, reuse_synthetic=args.reuse_synthetic,
                             text_column=args.text_column,
                             label_column=args.label_column, quick=args.quick)

@@ -31,8 +31,10 @@ def test_quick_evaluate_writes_a_complete_report(tmp_path, capsys):
     test = subset(BANKING77_TRAIN.with_name("test.csv"), tmp_path / "test.csv", 20, ("text", "intent"))
     out = tmp_path / "eval_out"
     assert main(["evaluate", "--data", str(train), "--test", str(test), "--shots", "5", "--per-intent", "3",
-                 "--seeds", "0", "1", "--steps", "120", "--quick", "--output", str(out)]) == 0
+                 "--seeds", "0", "1", "--steps", "120", "--quick", "--output", str(out),
+                 "--prompt-examples", "4", "--temperature", "1.0"]) == 0
     report = json.loads((out / "report.json").read_text())
+    assert report["config"]["prompt_examples"] == 4 and report["config"]["temperature"] == 1.0
     assert [k for k in REPORT_KEYS if k not in report] == []
     assert len(report["baseline_acc"]) == len(report["augmented_acc"]) == 2
     assert all(0.0 <= a <= 1.0 for a in report["baseline_acc"] + report["augmented_acc"])

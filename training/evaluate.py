@@ -48,6 +48,7 @@ class EvaluateConfig:
     learning_rate: float = 3e-4
     temperature: float = 0.9
     top_p: float = 0.95
+    prompt_examples: int = 25
     min_fidelity: float = 0.0
     agreement_filter: bool = True
     reuse_bundles: bool = False
@@ -118,16 +119,18 @@ async def _generate(bundle: Path, intents: list[str], config: EvaluateConfig, se
     from condgen.server.engine import Engine
     from condgen.server.records import RecordJudge
     from condgen.server.sampling import SamplingSettings
-    from condgen.server.scheduler import GeneratedRecord, GenerationSpec, Scheduler
+    from condgen.server.scheduler import GeneratedRecord, GenerationSpec, Scheduler, SchedulerConfig
 
     manifest = read_manifest(bundle)
     examples = read_examples(bundle)
-    scheduler = Scheduler(Engine(bundle, manifest), examples, manifest.separator,
+    # Every intent's prompt recurs when it shows all of a few-shot set: keep all of them.
+    config = SchedulerConfig(prefix_cache_tokens=16384)
+    scheduler = Scheduler(Engine(bundle, manifest), examples, manifest.separator, config,
                           judge=RecordJudge.for_bundle(bundle, manifest, examples))
     task = asyncio.create_task(scheduler.run())
     spec = GenerationSpec(intents=tuple(intents), num_records=config.per_intent, seed=seed,
                           sampling=SamplingSettings(temperature=config.temperature, top_p=config.top_p),
-                          max_new_tokens=48 if config.quick else 128, num_prompt_examples=25,
+                          max_new_tokens=48 if config.quick else 128, num_prompt_examples=config.prompt_examples,
                           min_fidelity=config.min_fidelity, avoid_recent_duplicates=False,
                           require_predicted_intent=config.agreement_filter)
     records, summary = [], None
