@@ -124,8 +124,8 @@ async def _generate(bundle: Path, intents: list[str], config: EvaluateConfig, se
     manifest = read_manifest(bundle)
     examples = read_examples(bundle)
     # Every intent's prompt recurs when it shows all of a few-shot set: keep all of them.
-    config = SchedulerConfig(prefix_cache_tokens=16384)
-    scheduler = Scheduler(Engine(bundle, manifest), examples, manifest.separator, config,
+    scheduling = SchedulerConfig(prefix_cache_tokens=16384)
+    scheduler = Scheduler(Engine(bundle, manifest), examples, manifest.separator, scheduling,
                           judge=RecordJudge.for_bundle(bundle, manifest, examples))
     task = asyncio.create_task(scheduler.run())
     spec = GenerationSpec(intents=tuple(intents), num_records=config.per_intent, seed=seed,
