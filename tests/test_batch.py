@@ -196,3 +196,16 @@ def test_consuming_leave_moves_only_the_rows_past_the_kept_prefix():
     kept.set_next([9, 9, 9])
     fake_forward_append(kept)
     assert markers(kept, 1)[-1] == 9
+
+
+def test_consuming_leave_compacts_a_whole_cache_batch_too():
+    rows = [prompt_batch(i, [5 + i, 6 + i]) for i in range(4)]
+    for b in rows:
+        b.set_next([20 + b.seq_ids[0]])
+    merged = Batch.concatenate(rows)
+    fake_forward(merged)
+    kept = merged.filter([1, 3], consume=True)
+    assert sorted(kept.seq_ids) == [1, 3] and not kept.append_only
+    for row, seq in enumerate(kept.seq_ids):
+        assert kept.past[NAMES[0]][row, 0, :, 0].tolist() == [5 + seq, 6 + seq, 20 + seq]
+        assert kept.past_mask[row].tolist() == [1, 1, 1]
