@@ -90,6 +90,9 @@ class Engine:
         self.append_only = APPEND_ONLY_CACHE in self.info.rewrites
         self.io_binding = not self.append_only and (
             config.io_binding == "on" or (config.io_binding == "auto" and self.device_type == "cuda"))
+        if self.append_only and self.device_type == "cuda":
+            log.warning("this bundle's cache is append-only (host buffers): under CUDA every step sends the "
+                        "cache to the GPU; export with `--variant fp16` or `--cache whole` to keep it there")
         self.tokenizer = Tokenizer.from_file(str(bundle_dir / TOKENIZER_NAME))
         self.dtype = np.float16 if self.info.dtype == "float16" else np.float32
         self.input_names = set(self.info.inputs)
