@@ -1,6 +1,6 @@
 """Rewrites of optimum's decoder graph that make it cheaper to serve, applied at export.
 
-Both keep the model's function (the export's parity check against PyTorch runs on the
+All keep the model's function (the export's parity check against PyTorch runs on the
 rewritten graph) and each is skipped, with a log line, where the graph does not have the
 shape it expects:
 
@@ -189,19 +189,26 @@ def _rewrite_layer(graph: _Graph, layer: int, heads: int, kv_heads: int, head_di
     return True
 
 
-def group_query_attention(graph: _Graph, heads: int, kv_heads: int, head_dim: int, layers: int) -> bool:
-    """Rewrite every layer, or none (a partly matched graph is left as exported)."""
+def _every_layer(graph: _Graph, rewrite_layer, layers: int) -> bool:
+    """`rewrite_layer(layer)` for every layer, or none: a partly matched graph is restored."""
     import copy
 
-    if heads == kv_heads or heads % kv_heads:
-        return False
     backup = copy.deepcopy(graph.graph.node)
-    if all(_rewrite_layer(graph, layer, heads, kv_heads, head_dim) for layer in range(layers)):
-        log.info("grouped-query attention: %d layers read the KV cache without repeating it; %d nodes dropped",
-                 layers, graph.remove_dead_nodes())
+    if all(rewrite_layer(layer) for layer in range(layers)):
+        graph.remove_dead_nodes()
         return True
     del graph.graph.node[:]
     graph.graph.node.extend(backup)
+    return False
+
+
+def group_query_attention(graph: _Graph, heads: int, kv_heads: int, head_dim: int, layers: int) -> bool:
+    """Rewrite every layer's attention, or none."""
+    if heads == kv_heads or heads % kv_heads:
+        return False
+    if _every_layer(graph, lambda layer: _rewrite_layer(graph, layer, heads, kv_heads, head_dim), layers):
+        log.info("grouped-query attention: %d layers read the KV cache without repeating it", layers)
+        return True
     log.warning("the attention does not have the expected shape; the KV cache is repeated as exported")
     return False
 
@@ -270,16 +277,10 @@ def _append_only_layer(graph: _Graph, layer: int) -> bool:
 
 
 def append_only_cache(graph: _Graph, layers: int) -> bool:
-    """Rewrite every layer, or none."""
-    import copy
-
-    backup = copy.deepcopy(graph.graph.node)
-    if all(_append_only_layer(graph, layer) for layer in range(layers)):
-        graph.remove_dead_nodes()
+    """Rewrite every layer's cache output, or none."""
+    if _every_layer(graph, lambda layer: _append_only_layer(graph, layer), layers):
         log.info("append-only cache: present.* hold only the new entries of each step")
         return True
-    del graph.graph.node[:]
-    graph.graph.node.extend(backup)
     log.warning("the cache concatenation does not have the expected shape; present.* stay whole")
     return False
 
