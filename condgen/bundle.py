@@ -13,7 +13,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the graph may be rewritten for serving (`OnnxInfo.rewrites`)
+READABLE_VERSIONS = (1, 2)  # 1: optimum's graph as exported
 MANIFEST_NAME = "condgen.json"
 EXAMPLES_NAME = "examples.json"
 TOKENIZER_NAME = "tokenizer.json"
@@ -108,9 +109,9 @@ def read_manifest(bundle_dir: str | Path, verify: bool = True) -> Manifest:
     except json.JSONDecodeError as exc:
         raise BundleError(f"{path} is not valid JSON: {exc}") from exc
     version = raw.get("format_version")
-    if version != FORMAT_VERSION:
-        raise BundleError(f"bundle format version {version!r} is not supported "
-                          f"(this condgen reads version {FORMAT_VERSION}); re-export it")
+    if version not in READABLE_VERSIONS:
+        raise BundleError(f"bundle format version {version!r} is not supported (this condgen reads versions "
+                          f"{', '.join(map(str, READABLE_VERSIONS))}); re-export it")
     manifest = Manifest.from_dict(raw)
     if verify:
         verify_files(bundle_dir, manifest)

@@ -90,7 +90,7 @@ def test_list_intents_matches_the_bundle(client, bundle):
 def test_model_info(client, bundle):
     info = client.model_info()
     assert info.device == "CPUExecutionProvider"
-    assert info.num_intents == 3 and info.format_version == 1
+    assert info.num_intents == 3 and info.format_version == 2
     assert json.loads(info.onnx_json)["parity_max_abs_diff"] < 1e-3
     assert json.loads(info.training_config_json)["steps"] == 250
     assert json.loads(info.limits_json)["max_batch_size"] == 32

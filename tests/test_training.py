@@ -142,6 +142,15 @@ def test_tampered_or_incomplete_bundles_are_refused(tmp_path, bundle):
         read_manifest(copy)
 
 
+def test_version_1_bundles_without_rewrites_are_still_read(tmp_path, bundle):
+    manifest = json.loads((bundle / "condgen.json").read_text())
+    assert manifest["format_version"] == 2
+    manifest["format_version"] = 1
+    del manifest["onnx"]["rewrites"]  # written before the graph rewrites: optimum's graph as exported
+    (tmp_path / "condgen.json").write_text(json.dumps(manifest))
+    assert read_manifest(tmp_path, verify=False).onnx.rewrites == []
+
+
 @pytest.mark.parametrize("variant", ["int8", "fp16"])
 def test_lighter_variants_export_with_their_parity_figures(workdir, checkpoint, variant):
     import numpy as np
