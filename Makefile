@@ -35,9 +35,10 @@ test: install node-deps
 demo: install
 	$(PY) scripts/demo.py
 
-# Needs the bundle and checkpoint from `make demo`; writes bench/results/latest.json.
+# Needs the bundle and checkpoint from `make demo`; writes bench/results/latest.json. The KV budget
+# is the one the README's figures were measured with.
 bench: install
-	$(PY) -m condgen.bench
+	$(PY) -m condgen.bench --max-batch-tokens 4096
 
 # 10 minutes of steady load on the demo bundle; fails if the server's RSS grows by 10% or more.
 soak: install
