@@ -18,6 +18,11 @@ READABLE_VERSIONS = (1, 2)  # 1: optimum's graph as exported
 MANIFEST_NAME = "condgen.json"
 EXAMPLES_NAME = "examples.json"
 TOKENIZER_NAME = "tokenizer.json"
+# Names of the serving rewrites of the graph (training/graph.py) recorded in `OnnxInfo.rewrites`.
+LAST_POSITION_LOGITS = "last_position_logits"
+SHARED_ATTENTION_BIAS = "shared_attention_bias"
+GROUPED_QUERY_ATTENTION = "grouped_query_attention"
+APPEND_ONLY_CACHE = "append_only_cache"  # present.* hold only new entries: the server must append them
 
 
 class BundleError(RuntimeError):

@@ -20,10 +20,8 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from condgen.bundle import TOKENIZER_NAME, Manifest
+from condgen.bundle import APPEND_ONLY_CACHE, TOKENIZER_NAME, Manifest
 from condgen.server.batch import Batch
-
-APPEND_ONLY_CACHE = "append_only_cache"  # a rewrite of condgen.training.graph, named in the manifest
 
 log = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "cuda")

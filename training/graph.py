@@ -36,11 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
+from condgen.bundle import APPEND_ONLY_CACHE, GROUPED_QUERY_ATTENTION, LAST_POSITION_LOGITS, SHARED_ATTENTION_BIAS
+
 log = logging.getLogger(__name__)
-LAST_POSITION_LOGITS = "last_position_logits"
-GROUPED_QUERY_ATTENTION = "grouped_query_attention"
-APPEND_ONLY_CACHE = "append_only_cache"
-SHARED_ATTENTION_BIAS = "shared_attention_bias"
 
 
 @dataclass
