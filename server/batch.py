@@ -15,10 +15,12 @@ With an append-only graph (`append_only`, see training/graph.py) the pass return
 entries, and `advance` writes them into the batch's own buffers in place. Those buffers keep
 spare slots at their end (`capacity` > `past_len`), fed with a 0 mask, so that a step copies
 no cache at all; a full buffer grows with headroom (one copy every `headroom` steps).
+A batch built by a consuming join or leave also keeps spare rows (`storage`), so that the
+next rounds join by writing their rows into them instead of copying the whole batch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -31,6 +33,9 @@ class Batch:
     past: dict[str, np.ndarray]
     next_mask: np.ndarray | None = None  # (batch, new_len): 0 = padding of a batched prefill
     append_only: bool = False  # the pass returns only new cache entries (written in place)
+    # Append-only batches this batch owns alone: name -> (rows + spare rows, heads, capacity, dim)
+    # buffers whose first len(self) rows are `past` (views). Joins write new rows into the rest.
+    storage: dict[str, np.ndarray] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.seq_ids)
@@ -77,13 +82,27 @@ class Batch:
         """Take the forward pass's `present` cache (the whole cache, or with `append_only` the
         new entries, written into the spare slots); the fed tokens become past."""
         if self.append_only:
-            length = self.past_len
-            self.past = {name: _append(self.past[name], present[name], length) for name in self.past}
+            self._append(present)
         else:
             self.past = present
         self.past_mask = np.concatenate([self.past_mask, self._new_mask()], axis=1)
         self.next_ids = self.next_ids[:, :0]
         self.next_mask = None
+
+    def _append(self, present: dict[str, np.ndarray]) -> None:
+        """Write the new entries at slot `past_len` of every buffer, growing full ones (and their
+        spare rows, whose untouched pages cost nothing)."""
+        length, rows = self.past_len, len(self)
+        for name, new in present.items():
+            end = length + new.shape[2]
+            if end > self.past[name].shape[2]:
+                old = self.storage[name] if self.storage is not None else self.past[name]
+                grown = np.zeros(old.shape[:2] + (_with_headroom(end), old.shape[3]), dtype=old.dtype)
+                grown[:rows, :, :length] = old[:rows, :, :length]
+                if self.storage is not None:
+                    self.storage[name] = grown
+                self.past[name] = grown[:rows]
+            self.past[name][:, :, length:end] = new
 
     def set_next(self, tokens: np.ndarray) -> None:
         """Tokens (one per row) to feed at the next step."""
@@ -109,6 +128,8 @@ class Batch:
         start = int(real[0]) if real.size else self.past_len
         start = start if 4 * start >= self.past_len else 0
         on_host = all(isinstance(value, np.ndarray) for value in self.past.values())
+        if rows and start == 0 and consume and self.storage is not None:
+            return self._compacted(rows)  # keeps the spare rows for the next join
         if rows and start == 0 and on_host and rows[-1] - rows[0] + 1 == len(rows):
             run = slice(rows[0], rows[-1] + 1)  # first-axis slices of C-contiguous arrays stay contiguous
             return Batch(seq_ids, self.next_ids[run], self.past_mask[run],
@@ -135,7 +156,8 @@ class Batch:
         for hole, mover in zip(holes, movers):
             order[hole] = mover
         return Batch([self.seq_ids[i] for i in order], self.next_ids[order], self.past_mask[order],
-                     {name: value[:n] for name, value in self.past.items()}, append_only=self.append_only)
+                     {name: value[:n] for name, value in self.past.items()}, append_only=self.append_only,
+                     storage=self.storage)
 
     def _copy_layers(self, sources: list["Batch"], block_of, consume: bool) -> dict:
         """New cache tensors for this batch, one per name, each built by `_buffer` from
@@ -143,20 +165,27 @@ class Batch:
         dropped once copied, so a join or a leave holds one layer more than the cache at its
         peak, not two caches."""
         past = {}
+        spare_rows = _spare_rows(len(self)) if consume and self.append_only else 0
+        if spare_rows:
+            self.storage = {}
         for name in list(sources[0].past):
-            past[name] = self._buffer([block_of(source, to_host(source.past[name])) for source in sources])
+            past[name] = self._buffer([block_of(source, to_host(source.past[name])) for source in sources],
+                                      spare_rows)
+            if spare_rows:
+                self.storage[name], past[name] = past[name], past[name][:len(self)]
             if consume:
                 for source in sources:
                     del source.past[name]
         return past
 
-    def _buffer(self, blocks: list[np.ndarray]) -> np.ndarray:
+    def _buffer(self, blocks: list[np.ndarray], spare_rows: int = 0) -> np.ndarray:
         """Cache blocks (rows, heads, length, dim) stacked on the row axis, each right-aligned to
-        the longest (left padding), with spare slots under `append_only`."""
+        the longest (left padding), with spare slots under `append_only` and `spare_rows` zero
+        rows after them (np.zeros: untouched spare pages take no memory)."""
         length = max(b.shape[2] for b in blocks)
         rows, (heads, dim) = sum(b.shape[0] for b in blocks), blocks[0].shape[1::2]
         width = _with_headroom(length) if self.append_only else length
-        out = np.zeros((rows, heads, width, dim), dtype=blocks[0].dtype)
+        out = np.zeros((rows + spare_rows, heads, width, dim), dtype=blocks[0].dtype)
         row = 0
         for block in blocks:
             out[row:row + block.shape[0], :, length - block.shape[2]:length] = block
@@ -186,6 +215,8 @@ class Batch:
         widths = {b.next_ids.shape[1] for b in batches}
         if len(widths) != 1:
             raise ValueError("batches to concatenate must feed the same number of tokens")
+        if consume and batches[0]._has_room_for(batches[1:]):
+            return batches[0]._joined_in_place(batches[1:])
         past_len = max(b.past_len for b in batches)
         seq_ids = [s for b in batches for s in b.seq_ids]
         next_ids = np.concatenate([b.next_ids for b in batches], axis=0)
@@ -193,6 +224,34 @@ class Batch:
         merged = cls(seq_ids, next_ids, mask, {}, append_only=batches[0].append_only)
         merged.past = merged._copy_layers(batches, lambda source, value: value[:, :, :source.past_len], consume)
         return merged
+
+
+    def _has_room_for(self, newcomers: list["Batch"]) -> bool:
+        """Whether the newcomers' rows fit this batch's spare rows and cache slots as they are."""
+        if self.storage is None:
+            return False
+        spare = next(iter(self.storage.values())).shape[0] - len(self)
+        return (sum(len(b) for b in newcomers) <= spare and all(b.past_len <= self.past_len for b in newcomers)
+                and all(b.next_mask is None for b in [self, *newcomers]))
+
+    def _joined_in_place(self, newcomers: list["Batch"]) -> "Batch":
+        """This batch with the newcomers' rows written into its spare rows, each right-aligned to
+        `past_len` (the columns before it are padding, masked out); this batch is spent."""
+        rows, length = len(self), self.past_len
+        for name, buffer in self.storage.items():
+            row = rows
+            for batch in newcomers:
+                block = to_host(batch.past[name])[:, :, :batch.past_len]
+                buffer[row:row + len(batch), :, length - batch.past_len:length] = block
+                row += len(batch)
+            for batch in newcomers:
+                del batch.past[name]
+        total = rows + sum(len(b) for b in newcomers)
+        return Batch(self.seq_ids + [s for b in newcomers for s in b.seq_ids],
+                     np.concatenate([self.next_ids] + [b.next_ids for b in newcomers], axis=0),
+                     np.concatenate([self.past_mask] + [_left_pad(b.past_mask, length, axis=1) for b in newcomers]),
+                     {name: buffer[:total] for name, buffer in self.storage.items()}, append_only=True,
+                     storage=self.storage)
 
 
 def to_host(value) -> np.ndarray:
@@ -206,16 +265,9 @@ def _with_headroom(length: int) -> int:
     return length + max(16, length // 8)
 
 
-def _append(buffer: np.ndarray, new: np.ndarray, length: int) -> np.ndarray:
-    """Write `new` (rows, heads, new_len, dim) at slot `length` of `buffer`, growing it when full.
-    Only slots from `length` on are written, which no other holder of the buffer reads as past."""
-    end = length + new.shape[2]
-    if end > buffer.shape[2]:
-        grown = np.zeros(buffer.shape[:2] + (_with_headroom(end), buffer.shape[3]), dtype=buffer.dtype)
-        grown[:, :, :length] = buffer[:, :, :length]
-        buffer = grown
-    buffer[:, :, length:end] = new
-    return buffer
+def _spare_rows(rows: int) -> int:
+    """Spare rows a joined batch keeps for the next rounds: a quarter more, at least 4."""
+    return max(4, rows // 4)
 
 
 def _left_pad(array: np.ndarray, length: int, axis: int) -> np.ndarray:

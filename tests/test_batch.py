@@ -209,3 +209,66 @@ def test_consuming_leave_compacts_a_whole_cache_batch_too():
     for row, seq in enumerate(kept.seq_ids):
         assert kept.past[NAMES[0]][row, 0, :, 0].tolist() == [5 + seq, 6 + seq, 20 + seq]
         assert kept.past_mask[row].tolist() == [1, 1, 1]
+
+
+def valid_markers(batch: Batch) -> list[list[float]]:
+    """Each row's markers at its real (unmasked) slots, in batch order."""
+    return [[m for m, real in zip(markers(batch, row), batch.past_mask[row]) if real] for row in range(len(batch))]
+
+
+def test_consuming_join_writes_newcomers_into_spare_rows():
+    first, second = append_prompt(1, [5, 6, 7, 8]), append_prompt(2, [9, 10, 11])
+    first.set_next([12])
+    second.set_next([13])
+    merged = Batch.concatenate([first, second], consume=True)
+    assert merged.storage is not None and merged.storage[NAMES[0]].shape[0] >= len(merged) + 2  # spare rows
+    fake_forward_append(merged)
+    merged.set_next([14, 15])
+    late, later = append_prompt(3, [20, 21]), append_prompt(4, [30, 31, 32])
+    late.set_next([22])
+    later.set_next([33])
+    expected = Batch.concatenate([merged, late, later])  # the copying join, for comparison
+    joined = Batch.concatenate([merged, late, later], consume=True)
+    assert all(np.shares_memory(joined.past[n], merged.storage[n]) for n in NAMES)  # no copy of the batch
+    assert late.past == {} and later.past == {}
+    assert joined.seq_ids == expected.seq_ids == [1, 2, 3, 4]
+    assert joined.past_mask.tolist() == expected.past_mask.tolist()
+    assert valid_markers(joined) == valid_markers(expected) == [[5, 6, 7, 8, 12], [9, 10, 11, 13], [20, 21],
+                                                                [30, 31, 32]]
+    assert joined.feed()["position_ids"].tolist() == expected.feed()["position_ids"].tolist()
+    fake_forward_append(joined)
+    assert valid_markers(joined)[2] == [20, 21, 22]
+
+
+def test_consuming_join_copies_when_a_newcomer_is_longer_or_rows_run_out():
+    first, second = append_prompt(1, [5]), append_prompt(2, [6])
+    first.set_next([7])
+    second.set_next([8])
+    merged = Batch.concatenate([first, second], consume=True)
+    long = append_prompt(3, [9, 10, 11, 12])  # longer than the batch's past: the batch is copied
+    long.set_next([13])
+    joined = Batch.concatenate([merged, long], consume=True)
+    assert not np.shares_memory(joined.past[NAMES[0]], merged.storage[NAMES[0]])
+    assert valid_markers(joined) == [[5], [6], [9, 10, 11, 12]]
+    many = [append_prompt(10 + i, [40 + i]) for i in range(joined.storage[NAMES[0]].shape[0])]
+    for b in many:
+        b.set_next([0])
+    crowded = Batch.concatenate([joined] + many, consume=True)  # more rows than spare ones
+    assert len(crowded) == 3 + len(many) and valid_markers(crowded)[3:] == [[40 + i] for i in range(len(many))]
+
+
+def test_consuming_leave_keeps_the_spare_rows_for_the_next_join():
+    rows = [append_prompt(i, [5 + i, 6 + i]) for i in range(4)]
+    for b in rows:
+        b.set_next([20 + b.seq_ids[0]])
+    merged = Batch.concatenate(rows, consume=True)
+    fake_forward_append(merged)
+    storage = merged.storage
+    kept = merged.filter([0, 3], consume=True)
+    assert kept.storage is storage
+    kept.set_next([1, 1])
+    newcomer = append_prompt(9, [50])
+    newcomer.set_next([51])
+    joined = Batch.concatenate([kept, newcomer], consume=True)
+    assert all(np.shares_memory(joined.past[n], storage[n]) for n in NAMES)
+    assert sorted(map(tuple, valid_markers(joined))) == [(5, 6, 20), (8, 9, 23), (50,)]
