@@ -165,6 +165,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--prompt-examples", type=int, default=25,
                    help="real examples shown per prompt (drawn anew each round when the intent has more)")
     p.add_argument("--temperature", type=float, default=0.9, help="sampling temperature of the generator")
+    p.add_argument("--group-by-intent", action="store_true",
+                   help="fine-tune on blocks of one intent's lines in a row, as the prompts show them "
+                        "(default: lines of all intents shuffled together)")
     p.add_argument("--min-fidelity", type=float, default=0.0,
                    help="drop records the few-shot classifier scores below this")
     p.add_argument("--no-agreement-filter", dest="agreement_filter", action="store_false",
@@ -272,7 +275,7 @@ def cmd_evaluate(args) -> None:
                             per_intent=args.per_intent, seeds=args.seeds, base_model=args.base_model,
                             steps=args.steps, prompt_examples=args.prompt_examples, temperature=args.temperature,
                             min_fidelity=args.min_fidelity, agreement_filter=args.agreement_filter,
-                            reuse_bundles=args.reuse_bundles, reuse_synthetic=args.reuse_synthetic,
+                            group_by_intent=args.group_by_intent, reuse_bundles=args.reuse_bundles, reuse_synthetic=args.reuse_synthetic,
                             text_column=args.text_column,
                             label_column=args.label_column, quick=args.quick)
     if args.quick:

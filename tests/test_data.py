@@ -64,6 +64,19 @@ def test_further_passes_reshuffle_the_lines():
     assert pack_blocks(lines, 4, min_blocks=30, seed=1) == blocks  # seeded: resumable
 
 
+def test_grouped_packing_puts_each_intents_lines_next_to_each_other():
+    lines = [[i] * 2 for i in range(12)]  # line i belongs to group "abc"[i % 3]
+    groups = ["abc"[i % 3] for i in range(12)]
+    blocks = pack_blocks(lines, 8, min_blocks=9, seed=3, groups=groups)  # 3 blocks per pass
+    for start in range(0, 9, 3):
+        stream = [t for b in blocks[start:start + 3] for t in b][::2]  # one token per line
+        assert sorted(stream) == list(range(12))  # every line once per pass
+        runs = [groups[line] for line in stream]
+        assert sum(a != b for a, b in zip(runs, runs[1:])) == 2  # three runs: one per group
+    assert blocks[:3] != blocks[3:6]  # every pass draws a new order
+    assert pack_blocks(lines, 8, min_blocks=9, seed=3, groups=groups) == blocks
+
+
 def test_split_and_examples(tmp_path):
     path = write_csv(tmp_path / "g.csv", ["text", "intent"], [[f"t{i}", "a" if i % 2 else "b"] for i in range(20)])
     records = load_records(str(path))

@@ -67,6 +67,9 @@ class TrainingConfig:
     save_steps: int = 50
     logging_steps: int = 10
     separator: str = ","
+    # Pack each intent's lines next to each other, as generation prompts show them, so the
+    # model learns to write a new line of the intent its context shows.
+    group_by_intent: bool = False
 
     def __post_init__(self) -> None:
         self.validate()

@@ -123,7 +123,7 @@ def encode_lines(records: Iterable[LabelledText], separator: str = ",") -> list[
 
 
 def pack_blocks(token_lists: Sequence[Sequence[int]], block_size: int, min_blocks: int = 0,
-                seed: int = 0) -> list[list[int]]:
+                seed: int = 0, groups: Sequence[str] | None = None) -> list[list[int]]:
     """Concatenate tokenised lines and cut them into full blocks of `block_size` tokens.
 
     One pass packs the lines in their given order. When `min_blocks` asks for more blocks
@@ -131,15 +131,17 @@ def pack_blocks(token_lists: Sequence[Sequence[int]], block_size: int, min_block
     so that repeated epochs see every line in new neighbourhoods and at new offsets instead
     of the same block over and over. A pass's tail shorter than a block is carried over
     into the next pass; with a single short pass, that tail is the only block.
+
+    `groups` (one key per line, e.g. its intent): every pass, the first included, packs each
+    group's lines next to each other (groups and the lines within them in a seeded random order),
+    so that a block reads like a generation prompt: several lines of one intent in a row.
     """
-    order = list(range(len(token_lists)))
     rng = random.Random(seed)
     blocks: list[list[int]] = []
     stream: list[int] = []
     passes = 0
     while passes == 0 or len(blocks) < min_blocks:
-        if passes:
-            rng.shuffle(order)
+        order = _pass_order(len(token_lists), groups, rng, first=passes == 0)
         stream.extend(t for i in order for t in token_lists[i])
         cut = len(stream) - len(stream) % block_size
         blocks.extend(stream[i:i + block_size] for i in range(0, cut, block_size))
@@ -150,3 +152,24 @@ def pack_blocks(token_lists: Sequence[Sequence[int]], block_size: int, min_block
     if not blocks and stream:
         blocks = [stream]
     return blocks
+
+
+def _pass_order(count: int, groups: Sequence[str] | None, rng: random.Random, first: bool) -> list[int]:
+    """Line order of one packing pass: given (first pass) or shuffled; with `groups`, shuffled
+    group by group."""
+    if groups is None:
+        order = list(range(count))
+        if not first:
+            rng.shuffle(order)
+        return order
+    members: dict[str, list[int]] = defaultdict(list)
+    for index, key in enumerate(groups):
+        members[key].append(index)
+    keys = sorted(members)
+    rng.shuffle(keys)
+    order = []
+    for key in keys:
+        lines = members[key]
+        rng.shuffle(lines)
+        order.extend(lines)
+    return order

@@ -51,6 +51,7 @@ class EvaluateConfig:
     prompt_examples: int = 25
     min_fidelity: float = 0.0
     agreement_filter: bool = True
+    group_by_intent: bool = False
     reuse_bundles: bool = False
     reuse_synthetic: bool = False
     text_column: str | None = None
@@ -107,7 +108,8 @@ def train_generator(config: EvaluateConfig, few_shot_csv: Path, folder: Path) ->
                               batch_size=config.batch_size, max_tokens=config.max_tokens,
                               learning_rate=config.learning_rate, warmup_steps=max(1, config.steps // 10),
                               validation_fraction=0.0, eval_steps=10_000, save_steps=10_000,
-                              logging_steps=max(1, config.steps // 5), seed=0)
+                              logging_steps=max(1, config.steps // 5), seed=0,
+                              group_by_intent=config.group_by_intent)
     finetune(training, folder / "checkpoint")
     from condgen.training.export import export_bundle
 

@@ -96,9 +96,10 @@ def training_blocks(tokenizer, records, config: TrainingConfig, processes: int =
     process its own share, so the group holds exactly one pass of the sampler.
     """
     lines = tokenize_lines(tokenizer, records, config)
+    groups = [r.intent for r in records] if config.group_by_intent else None
     steps = planned_steps(config, len(pack_blocks(lines, config.max_tokens)), processes)
     needed = steps * config.batch_size * config.gradient_accumulation_steps * processes
-    return pack_blocks(lines, config.max_tokens, min_blocks=needed, seed=config.seed), steps
+    return pack_blocks(lines, config.max_tokens, min_blocks=needed, seed=config.seed, groups=groups), steps
 
 
 def text_length_stats(texts: list[str]) -> dict:
