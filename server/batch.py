@@ -90,19 +90,30 @@ class Batch:
         self.next_mask = None
 
     def _append(self, present: dict[str, np.ndarray]) -> None:
-        """Write the new entries at slot `past_len` of every buffer, growing full ones (and their
-        spare rows, whose untouched pages cost nothing)."""
-        length, rows = self.past_len, len(self)
+        """Write the new entries at slot `past_len` of every buffer, regrowing full ones first."""
+        new_len = next(iter(present.values())).shape[2]
+        if self.past_len + new_len > self.capacity:
+            self._regrow(new_len)
+        length = self.past_len
         for name, new in present.items():
-            end = length + new.shape[2]
-            if end > self.past[name].shape[2]:
-                old = self.storage[name] if self.storage is not None else self.past[name]
-                grown = np.zeros(old.shape[:2] + (_with_headroom(end), old.shape[3]), dtype=old.dtype)
-                grown[:rows, :, :length] = old[:rows, :, :length]
-                if self.storage is not None:
-                    self.storage[name] = grown
-                self.past[name] = grown[:rows]
-            self.past[name][:, :, length:end] = new
+            self.past[name][:, :, length:length + new_len] = new
+
+    def _regrow(self, new_len: int) -> None:
+        """New buffers with headroom for `new_len` more entries. The copy leaves out the leading
+        columns that are padding in every row (rows that set them have left), at no extra cost.
+        Spare rows are kept (their untouched pages cost nothing)."""
+        rows, length = len(self), self.past_len
+        real = np.flatnonzero(self.past_mask.any(axis=0))
+        start = int(real[0]) if real.size else length
+        kept = length - start
+        for name in self.past:
+            old = self.storage[name] if self.storage is not None else self.past[name]
+            grown = np.zeros(old.shape[:2] + (_with_headroom(kept + new_len), old.shape[3]), dtype=old.dtype)
+            grown[:rows, :, :kept] = old[:rows, :, start:length]
+            if self.storage is not None:
+                self.storage[name] = grown
+            self.past[name] = grown[:rows]
+        self.past_mask = self.past_mask[:, start:]
 
     def set_next(self, tokens: np.ndarray) -> None:
         """Tokens (one per row) to feed at the next step."""

@@ -272,3 +272,24 @@ def test_consuming_leave_keeps_the_spare_rows_for_the_next_join():
     joined = Batch.concatenate([kept, newcomer], consume=True)
     assert all(np.shares_memory(joined.past[n], storage[n]) for n in NAMES)
     assert sorted(map(tuple, valid_markers(joined))) == [(5, 6, 20), (8, 9, 23), (50,)]
+
+
+def test_a_regrown_cache_drops_the_padding_columns_every_row_shares():
+    short, long = append_prompt(1, [5, 6, 7, 8]), append_prompt(2, [9, 10, 11, 12, 13])
+    short.set_next([20])
+    long.set_next([30])
+    merged = Batch.concatenate([short, long], consume=True)
+    fake_forward_append(merged)
+    alone = merged.filter([1], consume=True)  # one shared padding column: too few to trim by copying
+    assert alone.past_mask.tolist() == [[0, 1, 1, 1, 1, 1]]
+    token = 40
+    while alone.past_len < alone.capacity:  # fill the spare slots, then grow
+        alone.set_next([token])
+        fake_forward_append(alone)
+        token += 1
+    alone.set_next([token])
+    fake_forward_append(alone)  # regrown: the padding column is gone
+    assert alone.past_mask.all() and alone.capacity > alone.past_len
+    assert markers(alone) == [5, 6, 7, 8, 20, *range(40, token + 1)]
+    alone.set_next([0])
+    assert alone.feed()["position_ids"].tolist() == [[len(markers(alone))]]  # positions count real tokens
