@@ -36,6 +36,16 @@ def softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
     return probs / probs.sum()
 
 
+def softmax_rows(logits: np.ndarray, temperatures: np.ndarray) -> np.ndarray:
+    """`softmax` of every row of a 2-D logit array at its own temperature (all > 0), in a few
+    whole-array operations instead of several per row; each row equals `softmax` of that row."""
+    scaled = logits.astype(np.float64) / temperatures[:, None]
+    scaled -= scaled.max(axis=1, keepdims=True)
+    probs = np.exp(scaled, out=scaled)
+    probs /= probs.sum(axis=1, keepdims=True)
+    return probs
+
+
 def _top_k_candidates(probs: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k most likely tokens, most likely first."""
     k = min(k, probs.shape[0])
@@ -71,11 +81,14 @@ def _draw(probs: np.ndarray, rng: np.random.Generator) -> int:
     return int(cdf.searchsorted(rng.random(), side="right"))
 
 
-def sample_token(logits: np.ndarray, settings: SamplingSettings, rng: np.random.Generator) -> int:
-    """Pick the next token from one row of logits (shape: (vocab,))."""
+def sample_token(logits: np.ndarray, settings: SamplingSettings, rng: np.random.Generator,
+                 probs: np.ndarray | None = None) -> int:
+    """Pick the next token from one row of logits (shape: (vocab,)); `probs`, where given, is
+    that row's `softmax` at the settings' temperature, computed beforehand (`softmax_rows`)."""
     if settings.greedy:
         return int(np.argmax(logits))
-    probs = softmax(logits, settings.temperature)
+    if probs is None:
+        probs = softmax(logits, settings.temperature)
     candidates = _top_k_candidates(probs, settings.top_k) if settings.top_k > 0 else None
     if settings.top_p < 1.0:
         candidates = _nucleus(probs, candidates, settings.top_p)

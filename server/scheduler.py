@@ -49,7 +49,7 @@ from condgen.server.errors import Overloaded, ShuttingDown
 from condgen.server.prefix_cache import PrefixCache
 from condgen.server.prompts import build_prompt, line_prefix
 from condgen.server.records import REJECTION_REASONS, CopyIndex, JudgeSettings, LengthBounds, RecordJudge
-from condgen.server.sampling import SamplingSettings, sample_token, sequence_rng
+from condgen.server.sampling import SamplingSettings, sample_token, sequence_rng, softmax_rows
 
 log = logging.getLogger(__name__)
 
@@ -474,16 +474,31 @@ class Scheduler:
     # ---- decoding ---------------------------------------------------------------------
     def _after_forward(self, logits: np.ndarray) -> None:
         batch = self.batch
-        next_tokens = [self._guarded_next_token(s, logits[row]) for row, s in enumerate(batch.seq_ids)]
+        probs = self._sampling_probs(batch.seq_ids, logits)
+        next_tokens = [self._guarded_next_token(s, logits[row], probs.get(row))
+                       for row, s in enumerate(batch.seq_ids)]
         self._set_next_or_drop(batch, next_tokens)
         self.batch = batch.filter([s for s in batch.seq_ids if s in self.sequences], consume=True)
 
-    def _guarded_next_token(self, seq_id: int, row: np.ndarray) -> int | None:
+    def _sampling_probs(self, seq_ids: list[int], logits: np.ndarray) -> dict[int, np.ndarray]:
+        """Row -> next-token probabilities, for the rows that sample this step (not forced, not
+        greedy), computed together (`softmax_rows`)."""
+        rows, temperatures = [], []
+        for row, seq_id in enumerate(seq_ids):
+            seq = self.sequences.get(seq_id)
+            if seq is not None and not seq.forced and not seq.request.spec.sampling.greedy:
+                rows.append(row)
+                temperatures.append(seq.request.spec.sampling.temperature)
+        if not rows:
+            return {}
+        return dict(zip(rows, softmax_rows(logits[rows], np.array(temperatures))))
+
+    def _guarded_next_token(self, seq_id: int, row: np.ndarray, probs: np.ndarray | None = None) -> int | None:
         seq = self.sequences.get(seq_id)
         if seq is None or seq.request.finished:
             return None
         try:
-            return self._next_token(seq, row)
+            return self._next_token(seq, row, probs)
         except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
             self._fail(seq.request, exc)
             return None
@@ -494,15 +509,16 @@ class Scheduler:
                 self._drop_sequence(seq_id)
         batch.set_next([t if t is not None else 0 for t in next_tokens])
 
-    def _next_token(self, seq: Sequence, row: np.ndarray) -> int | None:
-        """Feed one token to `seq`; None when the sequence is finished."""
+    def _next_token(self, seq: Sequence, row: np.ndarray, probs: np.ndarray | None = None) -> int | None:
+        """Feed one token to `seq` (`probs`: the row's probabilities, where computed already);
+        None when the sequence is finished."""
         state, job, spec = seq.request, seq.job, seq.request.spec
         if state.cancelled or job.satisfied:
             return None
         if seq.forced:
             token = seq.forced.popleft()
         else:
-            token = sample_token(row, spec.sampling, seq.rng)
+            token = sample_token(row, spec.sampling, seq.rng, probs)
             seq.generated += 1
             state.summary.tokens_generated += 1
             self._totals.tokens_generated += 1

@@ -1,7 +1,7 @@
 """numpy sampling: greedy, top-k, top-p, per-sequence determinism."""
 import numpy as np
 
-from condgen.server.sampling import SamplingSettings, sample_token, sequence_rng, softmax
+from condgen.server.sampling import SamplingSettings, sample_token, sequence_rng, softmax, softmax_rows
 
 
 def logits_with(probs):
@@ -65,3 +65,15 @@ def test_draws_equal_numpy_choice_for_the_same_generator():
     probs = np.random.default_rng(3).dirichlet(np.full(500, 0.1))
     ours, numpys = sequence_rng(9, 1), sequence_rng(9, 1)
     assert [_draw(probs, ours) for _ in range(300)] == [int(numpys.choice(500, p=probs)) for _ in range(300)]
+
+
+def test_row_batched_softmax_equals_softmax_row_by_row():
+    rng = np.random.default_rng(3)
+    logits = (rng.standard_normal((5, 49152)) * 4).astype(np.float32)
+    temperatures = np.array([0.7, 1.0, 0.9, 1.3, 0.5])
+    batched = softmax_rows(logits, temperatures)
+    for row, temperature in enumerate(temperatures):
+        assert np.array_equal(batched[row], softmax(logits[row], temperature))  # bit for bit
+        settings = SamplingSettings(temperature=float(temperature), top_p=0.9)
+        assert (sample_token(logits[row], settings, sequence_rng(7, row), batched[row])
+                == sample_token(logits[row], settings, sequence_rng(7, row)))
