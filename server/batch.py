@@ -187,6 +187,8 @@ class Batch:
             if consume:
                 for source in sources:
                     del source.past[name]
+                    if source.storage is not None:
+                        del source.storage[name]  # the buffer the view was of
         return past
 
     def _buffer(self, blocks: list[np.ndarray], spare_rows: int = 0) -> np.ndarray:

@@ -247,8 +247,10 @@ def test_consuming_join_copies_when_a_newcomer_is_longer_or_rows_run_out():
     merged = Batch.concatenate([first, second], consume=True)
     long = append_prompt(3, [9, 10, 11, 12])  # longer than the batch's past: the batch is copied
     long.set_next([13])
+    storage = dict(merged.storage)
     joined = Batch.concatenate([merged, long], consume=True)
-    assert not np.shares_memory(joined.past[NAMES[0]], merged.storage[NAMES[0]])
+    assert not np.shares_memory(joined.past[NAMES[0]], storage[NAMES[0]])
+    assert merged.storage == {} and merged.past == {}  # the old buffers are released as they are copied
     assert valid_markers(joined) == [[5], [6], [9, 10, 11, 12]]
     many = [append_prompt(10 + i, [40 + i]) for i in range(joined.storage[NAMES[0]].shape[0])]
     for b in many:
