@@ -20,6 +20,7 @@ next rounds join by writing their rows into them instead of copying the whole ba
 """
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -108,7 +109,7 @@ class Batch:
         kept = length - start
         for name in self.past:
             old = self.storage[name] if self.storage is not None else self.past[name]
-            grown = np.zeros(old.shape[:2] + (_with_headroom(kept + new_len), old.shape[3]), dtype=old.dtype)
+            grown = cache_zeros(old.shape[:2] + (_with_headroom(kept + new_len), old.shape[3]), old.dtype)
             grown[:rows, :, :kept] = old[:rows, :, start:length]
             if self.storage is not None:
                 self.storage[name] = grown
@@ -194,11 +195,11 @@ class Batch:
     def _buffer(self, blocks: list[np.ndarray], spare_rows: int = 0) -> np.ndarray:
         """Cache blocks (rows, heads, length, dim) stacked on the row axis, each right-aligned to
         the longest (left padding), with spare slots under `append_only` and `spare_rows` zero
-        rows after them (np.zeros: untouched spare pages take no memory)."""
+        rows after them (`cache_zeros`: untouched spare pages take no memory)."""
         length = max(b.shape[2] for b in blocks)
         rows, (heads, dim) = sum(b.shape[0] for b in blocks), blocks[0].shape[1::2]
         width = _with_headroom(length) if self.append_only else length
-        out = np.zeros((rows + spare_rows, heads, width, dim), dtype=blocks[0].dtype)
+        out = cache_zeros((rows + spare_rows, heads, width, dim), blocks[0].dtype)
         row = 0
         for block in blocks:
             out[row:row + block.shape[0], :, length - block.shape[2]:length] = block
@@ -265,6 +266,18 @@ class Batch:
                      np.concatenate([self.past_mask] + [_left_pad(b.past_mask, length, axis=1) for b in newcomers]),
                      {name: buffer[:total] for name, buffer in self.storage.items()}, append_only=True,
                      storage=self.storage)
+
+
+def cache_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A zeroed cache buffer in its own anonymous memory map: pages are mapped only once
+    written (spare rows and slots cost nothing until used) and go back to the system as soon as
+    the last view of the buffer is dropped. (np.zeros may take a recycled heap block that calloc
+    clears page by page, and a freed heap block may stay with the process.)"""
+    count = int(np.prod(shape))
+    if count == 0:
+        return np.zeros(shape, dtype=dtype)
+    memory = mmap.mmap(-1, count * np.dtype(dtype).itemsize)
+    return np.frombuffer(memory, dtype=dtype, count=count).reshape(shape)
 
 
 def to_host(value) -> np.ndarray:
