@@ -295,3 +295,14 @@ def test_a_regrown_cache_drops_the_padding_columns_every_row_shares():
     assert markers(alone) == [5, 6, 7, 8, 20, *range(40, token + 1)]
     alone.set_next([0])
     assert alone.feed()["position_ids"].tolist() == [[len(markers(alone))]]  # positions count real tokens
+
+
+def test_cache_buffers_are_zeroed_writable_and_contiguous():
+    from condgen.server.batch import cache_zeros
+
+    buffer = cache_zeros((3, 2, 5, 4), np.float16)
+    assert buffer.shape == (3, 2, 5, 4) and buffer.dtype == np.float16 and buffer.flags["C_CONTIGUOUS"]
+    assert not buffer.any()
+    buffer[1:, :, 2] = 7
+    assert buffer.sum() == 7 * 2 * 2 * 4
+    assert cache_zeros((2, 2, 0, 4), np.float32).shape == (2, 2, 0, 4)
