@@ -276,7 +276,8 @@ def cache_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
     count = int(np.prod(shape))
     if count == 0:
         return np.zeros(shape, dtype=dtype)
-    memory = mmap.mmap(-1, count * np.dtype(dtype).itemsize)
+    # Private: a page that is only read (a spare slot fed masked) maps the system's zero page.
+    memory = mmap.mmap(-1, count * np.dtype(dtype).itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     return np.frombuffer(memory, dtype=dtype, count=count).reshape(shape)
 
 
