@@ -104,8 +104,7 @@ class Batch:
         columns that are padding in every row (rows that set them have left), at no extra cost.
         Spare rows are kept (their untouched pages cost nothing)."""
         rows, length = len(self), self.past_len
-        real = np.flatnonzero(self.past_mask.any(axis=0))
-        start = int(real[0]) if real.size else length
+        start = _shared_padding(self.past_mask)
         kept = length - start
         for name in self.past:
             old = self.storage[name] if self.storage is not None else self.past[name]
@@ -136,8 +135,7 @@ class Batch:
         if len(rows) == len(self):
             return self
         seq_ids = [self.seq_ids[i] for i in rows]
-        real = np.flatnonzero(self.past_mask[rows].any(axis=0)) if rows else np.array([], dtype=np.int64)
-        start = int(real[0]) if real.size else self.past_len
+        start = _shared_padding(self.past_mask[rows]) if rows else self.past_len
         start = start if 4 * start >= self.past_len else 0
         on_host = all(isinstance(value, np.ndarray) for value in self.past.values())
         if rows and start == 0 and consume and self.storage is not None:
@@ -239,7 +237,6 @@ class Batch:
         merged.past = merged._copy_layers(batches, lambda source, value: value[:, :, :source.past_len], consume)
         return merged
 
-
     def _has_room_for(self, newcomers: list["Batch"]) -> bool:
         """Whether the newcomers' rows fit this batch's spare rows and cache slots as they are."""
         if self.storage is None:
@@ -290,6 +287,12 @@ def _with_headroom(length: int) -> int:
     """Slots to allocate for a cache of `length`: an eighth more (at least 16), so that a buffer
     grows (and is copied) once every ~length/8 steps."""
     return length + max(16, length // 8)
+
+
+def _shared_padding(mask: np.ndarray) -> int:
+    """Leading columns of a (rows, length) mask that are padding in every row."""
+    real = np.flatnonzero(mask.any(axis=0))
+    return int(real[0]) if real.size else mask.shape[1]
 
 
 def _spare_rows(rows: int) -> int:
