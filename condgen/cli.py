@@ -275,7 +275,8 @@ def cmd_evaluate(args) -> None:
                             per_intent=args.per_intent, seeds=args.seeds, base_model=args.base_model,
                             steps=args.steps, prompt_examples=args.prompt_examples, temperature=args.temperature,
                             min_fidelity=args.min_fidelity, agreement_filter=args.agreement_filter,
-                            group_by_intent=args.group_by_intent, reuse_bundles=args.reuse_bundles, reuse_synthetic=args.reuse_synthetic,
+                            group_by_intent=args.group_by_intent, reuse_bundles=args.reuse_bundles,
+                            reuse_synthetic=args.reuse_synthetic,
                             text_column=args.text_column,
                             label_column=args.label_column, quick=args.quick)
     if args.quick:

@@ -136,12 +136,16 @@ def pack_blocks(token_lists: Sequence[Sequence[int]], block_size: int, min_block
     group's lines next to each other (groups and the lines within them in a seeded random order),
     so that a block reads like a generation prompt: several lines of one intent in a row.
     """
+    order = list(range(len(token_lists)))
     rng = random.Random(seed)
     blocks: list[list[int]] = []
     stream: list[int] = []
     passes = 0
     while passes == 0 or len(blocks) < min_blocks:
-        order = _pass_order(len(token_lists), groups, rng, first=passes == 0)
+        if groups is not None:
+            order = _grouped_order(groups, rng)
+        elif passes:
+            rng.shuffle(order)
         stream.extend(t for i in order for t in token_lists[i])
         cut = len(stream) - len(stream) % block_size
         blocks.extend(stream[i:i + block_size] for i in range(0, cut, block_size))
@@ -154,14 +158,8 @@ def pack_blocks(token_lists: Sequence[Sequence[int]], block_size: int, min_block
     return blocks
 
 
-def _pass_order(count: int, groups: Sequence[str] | None, rng: random.Random, first: bool) -> list[int]:
-    """Line order of one packing pass: given (first pass) or shuffled; with `groups`, shuffled
-    group by group."""
-    if groups is None:
-        order = list(range(count))
-        if not first:
-            rng.shuffle(order)
-        return order
+def _grouped_order(groups: Sequence[str], rng: random.Random) -> list[int]:
+    """Line indices with each group's lines next to each other, groups and lines shuffled."""
     members: dict[str, list[int]] = defaultdict(list)
     for index, key in enumerate(groups):
         members[key].append(index)
