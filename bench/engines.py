@@ -63,7 +63,7 @@ def hf_generate(model, tokenizer, prompts: list[str], new_tokens: int, device) -
                        use_cache=True, pad_token_id=tokenizer.pad_token_id)
 
 
-def _tokenizer(checkpoint: Path):
+def hf_tokenizer(checkpoint: Path):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
@@ -80,7 +80,7 @@ def transformers_generate(checkpoint: Path, prompts: list[str], new_tokens: int,
     torch.set_num_threads(os.cpu_count() or 1)
     target = "cuda" if device in ("cuda", "auto") and torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(str(checkpoint)).to(target).eval()
-    tokenizer = _tokenizer(checkpoint)
+    tokenizer = hf_tokenizer(checkpoint)
     return timed(lambda: hf_generate(model, tokenizer, prompts, new_tokens, target), len(prompts) * new_tokens)
 
 
@@ -99,6 +99,6 @@ def optimum_generate(checkpoint: Path, prompts: list[str], new_tokens: int, devi
 
     cuda = device in ("cuda", "auto") and "CUDAExecutionProvider" in ort.get_available_providers()
     model = _optimum_model(str(checkpoint), "CUDAExecutionProvider" if cuda else "CPUExecutionProvider")
-    tokenizer = _tokenizer(checkpoint)
+    tokenizer = hf_tokenizer(checkpoint)
     target = "cuda" if cuda else "cpu"
     return timed(lambda: hf_generate(model, tokenizer, prompts, new_tokens, target), len(prompts) * new_tokens)

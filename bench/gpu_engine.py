@@ -1,10 +1,12 @@
 """Engine figures under the CUDA provider (run on a GPU machine with onnxruntime-gpu).
 
-    python -m condgen.bench.gpu_engine --bundle demo_out/bundle-fp16 --output gpu.json
+    python -m condgen.bench.gpu_engine --bundle demo_out/bundle-fp16 --checkpoint demo_out/checkpoint
 
 Our engine alone at batch 1 and 16 (fp16 bundle, IO binding keeping the KV cache on the
-GPU), with IO binding off for comparison, and the 16-request in-process scheduler load.
-Prints and writes JSON. Fails loudly if CUDA is not what the session runs on.
+GPU), with IO binding off for comparison; with `--checkpoint`, transformers `generate` in
+half precision on the same GPU, prompts and token counts, side by side; and the 16-request
+in-process scheduler load. Prints and writes JSON. Fails loudly if CUDA is not what the
+session runs on (`--device cpu` only rehearses the script).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from condgen.bench.engines import bench_prompts, engine_greedy
+from condgen.bench.engines import bench_prompts, engine_greedy, hf_generate, hf_tokenizer, timed
 from condgen.bench.load import StreamLoad, in_process, spec_for
 from condgen.bundle import read_examples, read_manifest
 from condgen.server.engine import Engine, EngineConfig
@@ -29,11 +31,24 @@ def engine_tok_s(engine: Engine, prompts: list[str], new_tokens: int) -> float:
     return len(ids) * new_tokens / (time.perf_counter() - started)
 
 
+def transformers_half(checkpoint: Path, prompts: list[str], new_tokens: int, device: str) -> float:
+    """transformers `generate` with the weights in half precision (fp32 on a CPU rehearsal)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=dtype).to(device).eval()
+    tokenizer = hf_tokenizer(checkpoint)
+    return timed(lambda: hf_generate(model, tokenizer, prompts, new_tokens, device), len(prompts) * new_tokens)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--bundle", type=Path, required=True)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-examples", type=int, default=10)
+    parser.add_argument("--checkpoint", type=Path, help="also time transformers generate (fp16) on it")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a rehearsal only")
     parser.add_argument("--output", type=Path, default=Path("bench/results/gpu.json"))
     args = parser.parse_args(argv)
     import onnxruntime as ort
@@ -42,24 +57,33 @@ def main(argv=None) -> int:
         ort.preload_dlls()  # CUDA / cuDNN from the nvidia-* wheels
     manifest = read_manifest(args.bundle, verify=False)
     prompts = bench_prompts(args.bundle, 16, args.prompt_examples, manifest.separator)
+    device = args.device
     report = {"bundle": str(args.bundle), "variant": manifest.onnx.variant, "ort": ort.__version__,
               "providers": ort.get_available_providers(), "new_tokens": args.new_tokens}
     for binding in ("on", "off"):
-        engine = Engine(args.bundle, manifest, EngineConfig(device="cuda", io_binding=binding))
+        engine = Engine(args.bundle, manifest, EngineConfig(device=device, io_binding=binding))
         report["device"] = engine.provider
         for batch in (1, 16):
             report[f"engine_tok_s_b{batch}_iobinding_{binding}"] = engine_tok_s(engine, prompts[:batch],
                                                                                  args.new_tokens)
             print(f"io binding {binding}, batch {batch}: {report[f'engine_tok_s_b{batch}_iobinding_{binding}']:.1f} "
                   f"tok/s", flush=True)
+    if args.checkpoint:
+        for batch in (1, 16):
+            report[f"transformers_fp16_tok_s_b{batch}"] = transformers_half(args.checkpoint, prompts[:batch],
+                                                                            args.new_tokens, device)
+            print(f"transformers fp16, batch {batch}: {report[f'transformers_fp16_tok_s_b{batch}']:.1f} tok/s",
+                  flush=True)
+            report[f"engine_over_transformers_b{batch}"] = round(
+                report[f"engine_tok_s_b{batch}_iobinding_on"] / report[f"transformers_fp16_tok_s_b{batch}"], 2)
     load = StreamLoad(prompt_examples=args.prompt_examples)
     intents = sorted(read_examples(args.bundle))
     specs = [spec_for(intents[i % len(intents)], i, load.num_records, load) for i in range(16)]
-    report["inproc_tok_s_c16"] = in_process(args.bundle, "cuda", specs, SchedulerConfig(max_batch_size=64))
+    report["inproc_tok_s_c16"] = in_process(args.bundle, device, specs, SchedulerConfig(max_batch_size=64))
     print(json.dumps(report, indent=2))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2))
-    return 0 if report["device"] == "CUDAExecutionProvider" else 1
+    return 0 if report["device"] == "CUDAExecutionProvider" or device == "cpu" else 1
 
 
 if __name__ == "__main__":
