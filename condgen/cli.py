@@ -93,6 +93,12 @@ def _add_serve(sub) -> None:
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (off unless given)")
     p.add_argument("--log-format", choices=LOG_FORMATS, default=argparse.SUPPRESS,
                    help="text (default) or json: one JSON object per line, one line per finished request")
+    heap = p.add_argument_group("process heap (glibc; keeps peak memory steady from run to run)")
+    heap.add_argument("--mmap-threshold-mib", type=float, default=4.0,
+                      help="freed buffers this big or bigger go back to the system at once (default 4; "
+                           "0 keeps glibc's sliding threshold)")
+    heap.add_argument("--heap-trim-seconds", type=float, default=1.0,
+                      help="hand free heap pages back to the system this often (default 1; 0 never)")
     limits = p.add_argument_group("request limits (violations get INVALID_ARGUMENT)")
     for field in dataclasses.fields(Limits):
         limits.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default,
@@ -223,6 +229,7 @@ def cmd_serve(args) -> None:
 
     from condgen.server.app import ServeConfig, serve_forever
     from condgen.server.engine import EngineConfig
+    from condgen.server.heap import HeapConfig
     from condgen.server.scheduler import SchedulerConfig
     from condgen.server.security import SecurityConfig
 
@@ -234,10 +241,19 @@ def cmd_serve(args) -> None:
                                                    max_batch_tokens=args.max_batch_tokens),
                          grace_seconds=args.grace_seconds, metrics_port=args.metrics_port,
                          max_connection_age_seconds=args.max_connection_age_seconds,
+                         heap=heap_config(HeapConfig, args),
                          limits=Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)}),
                          security=SecurityConfig.from_files(args.tls_cert, args.tls_key, args.tls_client_ca,
                                                             args.auth_token_file))
     asyncio.run(serve_forever(config))
+
+
+def heap_config(config_type, args):
+    try:
+        return config_type(mmap_threshold_bytes=int(args.mmap_threshold_mib * (1 << 20)),
+                           trim_interval_seconds=args.heap_trim_seconds)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
 
 
 def cmd_generate(args) -> None:

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from condgen.bundle import read_examples, read_manifest
 from condgen.server.engine import Engine, EngineConfig
+from condgen.server.heap import HeapConfig, HeapKeeper
 from condgen.server.records import RecordJudge
 from condgen.server.security import SecurityConfig
 from condgen.server.scheduler import Scheduler, SchedulerConfig
@@ -50,6 +51,7 @@ class ServeConfig:
     # After this long a client connection is asked (GOAWAY) to reconnect for new calls, so
     # dns:/// round-robin clients find replicas added by a scale-out. Streams in flight finish.
     max_connection_age_seconds: float | None = None
+    heap: HeapConfig = HeapConfig()  # process-wide: applied by serve_forever only
 
 
 @dataclass
@@ -124,6 +126,14 @@ async def start_server(config: ServeConfig) -> RunningServer:
 
 async def serve_forever(config: ServeConfig) -> None:
     """Serve until SIGTERM or SIGINT, then drain and return."""
+    heap = HeapKeeper(config.heap).start()  # before the model loads, so its buffers follow the same rules
+    try:
+        await _serve_until_signalled(config)
+    finally:
+        heap.stop()
+
+
+async def _serve_until_signalled(config: ServeConfig) -> None:
     running = await start_server(config)
     print(f"condgen server listening on {config.host}:{running.port}", flush=True)
     loop = asyncio.get_running_loop()
