@@ -57,3 +57,15 @@ def test_trim_thread_returns_freed_heap_pages_and_stops():
     assert keeper.trims >= 2
     assert before - after > 50, f"RSS {before:.0f} -> {after:.0f} MiB"
     assert not keeper._thread.is_alive()
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--heap-trim-seconds", "-1", "trim interval -1.0 s"),
+    ("--mmap-threshold-mib", "64", "mmap threshold 64 MiB"),
+])
+def test_serve_refuses_bad_heap_flags_in_one_line(tmp_path, capsys, flag, value, message):
+    from condgen.cli import main
+
+    assert main(["serve", "--bundle", str(tmp_path), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
