@@ -229,7 +229,6 @@ def cmd_serve(args) -> None:
 
     from condgen.server.app import ServeConfig, serve_forever
     from condgen.server.engine import EngineConfig
-    from condgen.server.heap import HeapConfig
     from condgen.server.scheduler import SchedulerConfig
     from condgen.server.security import SecurityConfig
 
@@ -241,16 +240,19 @@ def cmd_serve(args) -> None:
                                                    max_batch_tokens=args.max_batch_tokens),
                          grace_seconds=args.grace_seconds, metrics_port=args.metrics_port,
                          max_connection_age_seconds=args.max_connection_age_seconds,
-                         heap=heap_config(HeapConfig, args),
+                         heap=heap_config(args),
                          limits=Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)}),
                          security=SecurityConfig.from_files(args.tls_cert, args.tls_key, args.tls_client_ca,
                                                             args.auth_token_file))
     asyncio.run(serve_forever(config))
 
 
-def heap_config(config_type, args):
+def heap_config(args):
+    """`condgen serve`'s heap flags as a HeapConfig; a bad value is a one-line error."""
+    from condgen.server.heap import HeapConfig
+
     try:
-        return config_type(mmap_threshold_bytes=int(args.mmap_threshold_mib * (1 << 20)),
+        return HeapConfig(mmap_threshold_bytes=int(args.mmap_threshold_mib * (1 << 20)),
                            trim_interval_seconds=args.heap_trim_seconds)
     except ValueError as exc:
         raise CliError(str(exc)) from None
