@@ -63,7 +63,7 @@ def hf_generate(model, tokenizer, prompts: list[str], new_tokens: int, device) -
                        use_cache=True, pad_token_id=tokenizer.pad_token_id)
 
 
-def hf_tokenizer(checkpoint: Path):
+def _tokenizer(checkpoint: Path):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
@@ -73,14 +73,18 @@ def hf_tokenizer(checkpoint: Path):
     return tokenizer
 
 
-def transformers_generate(checkpoint: Path, prompts: list[str], new_tokens: int, device: str) -> float:
+def transformers_generate(checkpoint: Path, prompts: list[str], new_tokens: int, device: str,
+                          half_on_gpu: bool = False) -> float:
+    """transformers `generate` in its default precision (fp32), or in fp16 when it runs on a GPU
+    and `half_on_gpu` (to match an fp16 bundle)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(os.cpu_count() or 1)
     target = "cuda" if device in ("cuda", "auto") and torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(str(checkpoint)).to(target).eval()
-    tokenizer = hf_tokenizer(checkpoint)
+    half = {"dtype": torch.float16} if half_on_gpu and target == "cuda" else {}
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), **half).to(target).eval()
+    tokenizer = _tokenizer(checkpoint)
     return timed(lambda: hf_generate(model, tokenizer, prompts, new_tokens, target), len(prompts) * new_tokens)
 
 
@@ -99,6 +103,6 @@ def optimum_generate(checkpoint: Path, prompts: list[str], new_tokens: int, devi
 
     cuda = device in ("cuda", "auto") and "CUDAExecutionProvider" in ort.get_available_providers()
     model = _optimum_model(str(checkpoint), "CUDAExecutionProvider" if cuda else "CPUExecutionProvider")
-    tokenizer = hf_tokenizer(checkpoint)
+    tokenizer = _tokenizer(checkpoint)
     target = "cuda" if cuda else "cpu"
     return timed(lambda: hf_generate(model, tokenizer, prompts, new_tokens, target), len(prompts) * new_tokens)

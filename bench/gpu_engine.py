@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from condgen.bench.engines import bench_prompts, engine_greedy, hf_generate, hf_tokenizer, timed
+from condgen.bench.engines import bench_prompts, engine_greedy, transformers_generate
 from condgen.bench.load import StreamLoad, in_process, spec_for
 from condgen.bundle import read_examples, read_manifest
 from condgen.server.engine import Engine, EngineConfig
@@ -29,17 +29,6 @@ def engine_tok_s(engine: Engine, prompts: list[str], new_tokens: int) -> float:
     started = time.perf_counter()
     engine_greedy(engine, ids, new_tokens)
     return len(ids) * new_tokens / (time.perf_counter() - started)
-
-
-def transformers_half(checkpoint: Path, prompts: list[str], new_tokens: int, device: str) -> float:
-    """transformers `generate` with the weights in half precision (fp32 on a CPU rehearsal)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    dtype = torch.float16 if device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=dtype).to(device).eval()
-    tokenizer = hf_tokenizer(checkpoint)
-    return timed(lambda: hf_generate(model, tokenizer, prompts, new_tokens, device), len(prompts) * new_tokens)
 
 
 def main(argv=None) -> int:
@@ -57,7 +46,7 @@ def main(argv=None) -> int:
         ort.preload_dlls()  # CUDA / cuDNN from the nvidia-* wheels
     manifest = read_manifest(args.bundle, verify=False)
     prompts = bench_prompts(args.bundle, 16, args.prompt_examples, manifest.separator)
-    device = args.device
+    device = args.device  # cpu only rehearses the script
     report = {"bundle": str(args.bundle), "variant": manifest.onnx.variant, "ort": ort.__version__,
               "providers": ort.get_available_providers(), "new_tokens": args.new_tokens}
     for binding in ("on", "off"):
@@ -70,8 +59,8 @@ def main(argv=None) -> int:
                   f"tok/s", flush=True)
     if args.checkpoint:
         for batch in (1, 16):
-            report[f"transformers_fp16_tok_s_b{batch}"] = transformers_half(args.checkpoint, prompts[:batch],
-                                                                            args.new_tokens, device)
+            report[f"transformers_fp16_tok_s_b{batch}"] = transformers_generate(
+                args.checkpoint, prompts[:batch], args.new_tokens, device, half_on_gpu=True)
             print(f"transformers fp16, batch {batch}: {report[f'transformers_fp16_tok_s_b{batch}']:.1f} tok/s",
                   flush=True)
             report[f"engine_over_transformers_b{batch}"] = round(
