@@ -42,11 +42,11 @@ class EvaluateConfig:
     per_intent: int = 20
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     base_model: str = "smollm2-135m"
-    steps: int = 80
+    steps: int = 160
     batch_size: int = 8
     max_tokens: int = 64
     learning_rate: float = 3e-4
-    temperature: float = 0.9
+    temperature: float = 1.2
     top_p: float = 0.95
     prompt_examples: int = 25
     min_fidelity: float = 0.0
