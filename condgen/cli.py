@@ -168,11 +168,11 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--base-model", default="smollm2-135m")
     p.add_argument("--steps", type=int, default=160,
-                   help="fine-tuning steps per seed (160 and temperature 1.2 did best on a development "
-                        "split in scripts/recipe_sweep.py)")
+                   help="fine-tuning steps per seed (default 160: with temperature 1.2 the best usable "
+                        "recipe on a development split, see scripts/recipe_sweep.py)")
     p.add_argument("--prompt-examples", type=int, default=25,
                    help="real examples shown per prompt (drawn anew each round when the intent has more)")
-    p.add_argument("--temperature", type=float, default=1.2, help="sampling temperature of the generator")
+    p.add_argument("--temperature", type=float, default=1.2, help="sampling temperature of the generator (default 1.2)")
     p.add_argument("--group-by-intent", action="store_true",
                    help="fine-tune on blocks of one intent's lines in a row, as the prompts show them "
                         "(default: lines of all intents shuffled together)")
