@@ -160,23 +160,28 @@ def _add_evaluate(sub) -> None:
                                    "generator on them alone, generate PER_INTENT records per intent, and compare "
                                    "a TF-IDF + logistic-regression classifier trained on real vs real + synthetic "
                                    "rows on the test split. Writes OUTPUT/report.json and OUTPUT/report.md.")
+    from condgen.training.evaluate import EvaluateConfig
+
+    defaults = EvaluateConfig(data="", test="", output=Path("eval_out"))  # the one place they are set
     p.add_argument("--data", required=True, help="training CSV (or hf:NAME)")
     p.add_argument("--test", required=True, help="test CSV (or hf:NAME) with the same columns")
-    p.add_argument("--output", type=Path, default=Path("eval_out"))
-    p.add_argument("--shots", type=int, default=10, help="real examples per intent")
-    p.add_argument("--per-intent", type=int, default=20, help="synthetic records per intent")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--base-model", default="smollm2-135m")
-    p.add_argument("--steps", type=int, default=160,
-                   help="fine-tuning steps per seed (default 160: with temperature 1.2 the best usable "
-                        "recipe on a development split, see scripts/recipe_sweep.py)")
-    p.add_argument("--prompt-examples", type=int, default=25,
+    p.add_argument("--output", type=Path, default=defaults.output)
+    p.add_argument("--shots", type=int, default=defaults.shots, help="real examples per intent")
+    p.add_argument("--per-intent", type=int, default=defaults.per_intent, help="synthetic records per intent")
+    p.add_argument("--seeds", type=int, nargs="+", default=defaults.seeds)
+    p.add_argument("--base-model", default=defaults.base_model)
+    p.add_argument("--steps", type=int, default=defaults.steps,
+                   help=f"fine-tuning steps per seed (default {defaults.steps}: with temperature "
+                        f"{defaults.temperature:g} the best usable recipe on a development split, see "
+                        "scripts/recipe_sweep.py)")
+    p.add_argument("--prompt-examples", type=int, default=defaults.prompt_examples,
                    help="real examples shown per prompt (drawn anew each round when the intent has more)")
-    p.add_argument("--temperature", type=float, default=1.2, help="sampling temperature of the generator (default 1.2)")
+    p.add_argument("--temperature", type=float, default=defaults.temperature,
+                   help=f"sampling temperature of the generator (default {defaults.temperature:g})")
     p.add_argument("--group-by-intent", action="store_true",
                    help="fine-tune on blocks of one intent's lines in a row, as the prompts show them "
                         "(default: lines of all intents shuffled together)")
-    p.add_argument("--min-fidelity", type=float, default=0.0,
+    p.add_argument("--min-fidelity", type=float, default=defaults.min_fidelity,
                    help="drop records the few-shot classifier scores below this")
     p.add_argument("--no-agreement-filter", dest="agreement_filter", action="store_false",
                    help="keep records the few-shot classifier assigns to another intent (kept out by default)")
