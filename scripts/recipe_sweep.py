@@ -23,10 +23,12 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+
 import numpy as np
 import torch
-from concurrent.futures import ProcessPoolExecutor
-import multiprocessing
+from sklearn.feature_extraction.text import TfidfVectorizer
 
 from condgen.codec import CodecError, LabelledText, decode_line, normalize_for_match
 from condgen.server.copy_index import CopyIndex
@@ -75,6 +77,9 @@ for r in few:
     examples[r.intent].append(r.text)
 few_csv = write_csv(OUT / "few_shot.csv", few)
 copies = CopyIndex(r.text for r in few)
+few_intents = np.array([r.intent for r in few])
+few_chars = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True).fit([r.text for r in few])
+few_vectors = few_chars.transform([r.text for r in few])
 
 
 def fit(rows):
@@ -82,44 +87,41 @@ def fit(rows):
 
 
 def dev_acc(rows):
-    model = fit_classifier([r.text for r in few + rows], [r.intent for r in few + rows])
+    model = fit(few + rows)
     return float((model.predict([r.text for r in dev]) == np.array([r.intent for r in dev])).mean())
 
 
 # Workers fork now, before CUDA starts, and inherit the data; classifier fits run there while the GPU samples.
 workers = ProcessPoolExecutor(max_workers=max(2, (os.cpu_count() or 2) - 2), mp_context=multiprocessing.get_context("fork"))
 judge_future, fs_future, baseline_future = workers.submit(fit, train), workers.submit(fit, few), workers.submit(dev_acc, [])
-_base_cache = {}
 
 
-def cached_base_model(name):
-    """The base model loads (and dequantises) once; each recipe fine-tunes a fresh copy."""
-    import copy
+def local_base_model() -> str:
+    """The base model as a local folder: an offline GGUF model loads and dequantises once,
+    and every recipe starts from the saved copy."""
+    from condgen.training.base_models import OFFLINE_MODELS, load_base_model
+    if ARGS.base_model not in OFFLINE_MODELS:
+        return ARGS.base_model
+    folder = OUT / "base"
+    if not (folder / "config.json").is_file():
+        model, tokenizer = load_base_model(ARGS.base_model)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def train_recipe(name, steps, lr, group):
+    """The recipe's model and tokenizer: the base model for 0 steps, else fine-tuned on the few-shot set."""
     from condgen.training.base_models import load_base_model
-    if name not in _base_cache:
-        _base_cache[name] = load_base_model(name)
-    model, tok = _base_cache[name]
-    return copy.deepcopy(model), tok
-
-
-def train_recipe(name, steps, lr=3e-4, group=False):
-    if steps == 0:
-        return cached_base_model(ARGS.base_model)
-    from condgen.training import finetune as finetune_module
     from condgen.training.config import TrainingConfig
-    finetune_module.load_base_model = cached_base_model
-    finetune = finetune_module.finetune
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    cfg = TrainingConfig(data_source=str(few_csv), pretrained_model=ARGS.base_model,
+    from condgen.training.finetune import finetune
+    if steps == 0:
+        return load_base_model(BASE)
+    cfg = TrainingConfig(data_source=str(few_csv), pretrained_model=BASE,
                          steps=steps, batch_size=8, max_tokens=64, learning_rate=lr,
                          warmup_steps=max(1, steps // 10), validation_fraction=0.0, eval_steps=10_000,
                          save_steps=10_000, logging_steps=max(1, steps // 5), seed=0, group_by_intent=group)
-    folder = OUT / name
-    finetune(cfg, folder)
-    tok = AutoTokenizer.from_pretrained(folder)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return AutoModelForCausalLM.from_pretrained(folder), tok
+    return load_base_model(str(finetune(cfg, OUT / name).output_dir))
 
 
 @torch.no_grad()
@@ -127,12 +129,10 @@ def sample_pool(model, tok, temperature, k, top_p=0.95, max_new=64):
     """CANDIDATES first lines per intent."""
     tok.padding_side = "left"
     newline = tok("\n", add_special_tokens=False)["input_ids"][-1]
-    prompts, owners, shown_keys = [], [], {}
+    prompts, owners = [], []
     for i, intent in enumerate(intents):
         for j in range(CANDIDATES):
-            rng = np.random.default_rng([0, i, j])
-            prompt, shown = build_prompt(intent, examples[intent], k, rng, ",")
-            prompts.append(prompt)
+            prompts.append(build_prompt(intent, examples[intent], k, np.random.default_rng([0, i, j]), ",")[0])
             owners.append(intent)
     lines = []
     chunk = 1024
@@ -166,10 +166,9 @@ def sample_pool(model, tok, temperature, k, top_p=0.95, max_new=64):
 
 
 def novelty(rows):
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    vec = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True).fit([r.text for r in few])
-    sim = (vec.transform([r.text for r in rows]) @ vec.transform([r.text for r in few]).T).toarray()
-    same = np.array([[f.intent == r.intent for f in few] for r in rows])
+    """Each row's highest character n-gram cosine to a few-shot text of its own intent."""
+    sim = (few_chars.transform([r.text for r in rows]) @ few_vectors.T).toarray()
+    same = few_intents[None, :] == np.array([r.intent for r in rows])[:, None]
     return np.where(same, sim, 0).max(1)
 
 
@@ -199,14 +198,13 @@ def evaluate_pool(name, pool, reasons):
                   "agree-novel": cap(pool, agree, nov), "agree-confident": cap(pool, agree, -own),
                   "oracle": cap(pool, jok), "oracle-novel": cap(pool, jok, nov)}
     futures = [workers.submit(dev_acc, [pool[i] for i in keep]) for keep in selections.values()]
-    return name, pool, reasons, jok, nov, selections, futures
-
-
-def finish_pool(name, pool, reasons, jok, nov, selections, futures):
-    texts = [r.text for r in pool]
-    accs = [f.result() for f in futures]
     row = {"recipe": name, "pool": len(pool), "rejected": reasons, "judge_ok_raw": float(jok.mean()),
            "novelty_median": float(np.median(nov)), "distinct_2": distinct_2(texts)}
+    return row, selections, jok, futures
+
+
+def finish_pool(row, selections, jok, futures):
+    accs = [f.result() for f in futures]
     for (sel, keep), acc in zip(selections.items(), accs):
         row[sel] = {"n": len(keep), "judge_ok": float(jok[keep].mean()) if keep else 0.0,
                     "gain": round((acc - baseline) * 100, 2)}
@@ -220,6 +218,7 @@ TRAIN = [(n, int(st), float(lr), g == "1") for n, st, lr, g in (item.split(":") 
 SAMPLE = [(float(t), int(k)) for t, k in (item.split(":") for item in ARGS.sample)]
 pending = []
 torch.backends.cuda.matmul.allow_tf32 = True
+BASE = local_base_model()
 for name, steps, lr, group in TRAIN:
     model, tok = train_recipe(name, steps, lr, group)
     model = model.to(DEVICE).eval()
@@ -233,7 +232,6 @@ for name, steps, lr, group in TRAIN:
     if time.time() - t0 > BUDGET_S:
         log("time budget spent: no more recipes")
         break
-    torch.cuda.empty_cache() if DEVICE == "cuda" else None
 baseline = baseline_future.result()
 log("baseline dev acc", round(baseline, 4))
 results = {"baseline_dev_acc": baseline, "dev_rows": len(dev), "candidates_per_intent": CANDIDATES, "rows": []}
