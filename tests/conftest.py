@@ -8,20 +8,40 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import os
+import subprocess
 import threading
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-BANKING77_TRAIN = ROOT.parent / "shared" / "data" / "banking77" / "train.csv"
+
+
+def _shared_data() -> Path:
+    """The shared data folder: $CONDGEN_SHARED_DATA, else ../shared/data beside the checkout, else
+    beside the checkout this one was cloned from (a local clone made elsewhere, say in /tmp)."""
+    if os.environ.get("CONDGEN_SHARED_DATA"):
+        return Path(os.environ["CONDGEN_SHARED_DATA"])
+    beside = ROOT.parent / "shared" / "data"
+    if beside.is_dir():
+        return beside
+    origin = subprocess.run(["git", "-C", str(ROOT), "config", "--get", "remote.origin.url"],
+                            capture_output=True, text=True).stdout.strip()
+    if origin and Path(origin).is_dir():
+        return Path(origin).resolve().parent / "shared" / "data"
+    return beside
+
+
+BANKING77_TRAIN = _shared_data() / "banking77" / "train.csv"
 TEST_INTENTS = ("card_arrival", "lost_or_stolen_card", "exchange_rate")
 EXAMPLES_PER_INTENT = 6
 
 
 def _short_examples(path: Path) -> list[dict]:
     if not path.is_file():
-        raise FileNotFoundError(f"the tests read banking77 from {path}: put ../shared/data beside the checkout")
+        raise FileNotFoundError(f"the tests read banking77 from {path}: put ../shared/data beside the checkout "
+                                "or set CONDGEN_SHARED_DATA")
     with open(path, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     picked = []
