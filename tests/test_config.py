@@ -108,3 +108,123 @@ def test_missing_and_invalid_files(tmp_path):
     bad.write_text("models: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+# The shapes of Gretel's public gpt_x blueprints (written here, not copied): the flat layout
+# with YAML 1.2 numbers, the `params` layout with `gretelai/gpt-auto`, and the DP one.
+GRETEL_FLAT_GPT = """
+schema_version: "1.0"
+name: "natural-language-gpt"
+models:
+  - gpt_x:
+      data_source: "__tmp__"
+      pretrained_model: 'EleutherAI/gpt-neo-125M'
+      batch_size: 4
+      epochs: 3
+      weight_decay: 0.1
+      warmup_steps: 100
+      lr_scheduler: "cosine"
+      learning_rate: 5e-6
+"""
+
+GRETEL_GPT_AUTO = """
+schema_version: "1.0"
+name: "natural-language-gpt"
+models:
+  - gpt_x:
+      data_source: "__temp__"
+      pretrained_model: "gretelai/gpt-auto"
+      column_name: null
+      params:
+        batch_size: 4
+        steps: 750
+        weight_decay: 0.01
+        warmup_steps: 100
+        lr_scheduler: "linear"
+        learning_rate: 0.0001
+        max_tokens: 128
+      generate:
+        num_records: 1000
+        maximum_text_length: 128
+"""
+
+GRETEL_DP = """
+schema_version: "1.0"
+name: "natural-language-dp"
+models:
+  - gpt_x:
+      data_source: "__temp__"
+      pretrained_model: "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
+      column_name: null
+      params:
+        batch_size: 16
+        gradient_accumulation_steps: 8
+        epochs: 3
+        weight_decay: 0.01
+        warmup_steps: 100
+        lr_scheduler: "linear"
+        learning_rate: 0.001
+        max_tokens: 128
+      peft_params:
+        lora_r: 8
+        lora_alpha_over_r: 1
+      privacy_params:
+        dp: true
+        epsilon: 5
+        delta: auto
+      generate:
+        num_records: 1000
+        maximum_text_length: 128
+"""
+
+
+def _load(tmp_path, text):
+    path = tmp_path / "blueprint.yml"
+    path.write_text(text)
+    return load_config(path)
+
+
+def test_gretel_flat_blueprint_reads_yaml12_numbers(tmp_path):
+    config = _load(tmp_path, GRETEL_FLAT_GPT)
+    assert config.learning_rate == pytest.approx(5e-6)
+    assert (config.batch_size, config.epochs, config.steps) == (4, 3, None)
+    assert (config.weight_decay, config.warmup_steps, config.lr_scheduler) == (0.1, 100, "cosine")
+    assert config.pretrained_model == "EleutherAI/gpt-neo-125M"
+
+
+def test_gretel_gpt_auto_blueprint_loads_and_maps_to_the_default_model(tmp_path):
+    from condgen.training.base_models import resolve_model_name
+
+    config = _load(tmp_path, GRETEL_GPT_AUTO)
+    assert (config.steps, config.lr_scheduler, config.max_tokens) == (750, "linear", 128)
+    assert resolve_model_name(config.pretrained_model) == "smollm2-135m"
+    assert resolve_model_name("distilgpt2") == "distilgpt2"
+
+
+def test_gretel_dp_blueprint_is_refused_in_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"privacy_params.dp: true") as caught:
+        _load(tmp_path, GRETEL_DP)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("written, value", [("5e-6", 5e-6), ("1E-4", 1e-4), (".5", 0.5), ("2.5e-5", 2.5e-5),
+                                            ("'5e-6'", 5e-6), ('"0.001"', 0.001)])
+def test_numbers_in_yaml12_form_and_numeric_strings(tmp_path, written, value):
+    config = _load(tmp_path, f"models:\n  - gpt_x:\n      learning_rate: {written}\n")
+    assert config.learning_rate == pytest.approx(value)
+
+
+def test_numeric_strings_of_integer_fields_and_what_stays_refused():
+    assert parse_config(_one(batch_size="4", epochs="3")).batch_size == 4
+    with pytest.raises(ConfigError, match="`batch_size` must be a int, got '4.5'"):
+        parse_config(_one(batch_size="4.5"))
+    with pytest.raises(ConfigError, match="`learning_rate` must be a number, got 'fast'"):
+        parse_config(_one(learning_rate="fast"))
+
+
+def test_a_model_that_cannot_be_loaded_says_to_pass_base_model(tmp_path):
+    from condgen.training.base_models import BaseModelError, load_base_model
+
+    with pytest.raises(BaseModelError, match="--base-model") as caught:
+        load_base_model(str(tmp_path / "no-such-model"))
+    assert "smollm2-135m" in str(caught.value)

@@ -31,6 +31,17 @@ OFFLINE_MODELS = {
 }
 
 
+# Gretel's model names, as its GPT-X blueprints write them, and what runs in their place here.
+GRETEL_ALIASES = {
+    "gretelai/gpt-auto": "smollm2-135m",  # Gretel picks a model for the data; ours is the offline default
+}
+
+
+def resolve_model_name(name: str) -> str:
+    """The model condgen loads for `name`: Gretel's aliases mapped, everything else as given."""
+    return GRETEL_ALIASES.get(name, name)
+
+
 class BaseModelError(RuntimeError):
     """A base model that cannot be found or loaded."""
 
@@ -39,6 +50,7 @@ def load_base_model(name: str):
     """Return (model, tokenizer) for a name in OFFLINE_MODELS, a local folder or a hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    name = resolve_model_name(name)
     try:
         if name in OFFLINE_MODELS:
             spec = OFFLINE_MODELS[name]
@@ -50,8 +62,15 @@ def load_base_model(name: str):
             model = AutoModelForCausalLM.from_pretrained(name)
     except (OSError, ValueError, FileNotFoundError) as exc:
         known = ", ".join(OFFLINE_MODELS)
-        raise BaseModelError(f"cannot load base model {name!r}: {exc}\n"
-                             f"Use a local folder, a hub id (where a hub is reachable) or one of: {known}") from exc
+        raise BaseModelError(f"cannot load base model {name!r} (no local folder of that name, and the model hub "
+                             f"is unreachable or does not have it): {_first_line(exc)}\n"
+                             f"Pass --base-model with a local folder or one of: {known} "
+                             f"(e.g. --base-model smollm2-135m works offline)") from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

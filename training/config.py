@@ -19,13 +19,16 @@ service works here unchanged:
             max_tokens: 128  # tokens per packed training block
           seed: 42
 
-Unknown or mistyped fields are errors that name the field and its closest valid name.
+Numbers may be written as YAML 1.2 does (`5e-6`, `1E-4`, `.5`), which YAML 1.1 loaders read as
+strings, and a numeric field given as a numeric string (`"0.001"`) is accepted. Unknown or
+mistyped fields are errors that name the field and its closest valid name.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import json
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,17 @@ IGNORED_BLOCKS = ("peft_params", "generate")
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the field."""
+
+
+# YAML 1.2's float forms that YAML 1.1 (PyYAML) leaves as strings: `5e-6`, `1E-4`, `.5`, `1_000.0`.
+_YAML12_FLOAT = re.compile(r"""^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?$""")
+
+
+class _GretelYamlLoader(yaml.SafeLoader):
+    """SafeLoader that reads YAML 1.2 floats (`5e-6`) as numbers, as Gretel's service does."""
+
+
+_GretelYamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789."))
 
 
 @dataclass
@@ -129,10 +143,24 @@ def _unknown(key: str, valid, where: str) -> ConfigError:
     return ConfigError(f"unknown field `{key}` in {where}{hint}")
 
 
+def _number_from_text(value: str, expected: type | tuple) -> int | float | None:
+    """A numeric string as the number a numeric field wants; None when it is not one."""
+    text = value.strip()
+    if not _YAML12_FLOAT.match(text) and text.lower() not in ("inf", "-inf", "+inf"):
+        return None
+    number = float(text.replace("_", ""))
+    if expected is int:
+        return int(number) if number.is_integer() else None
+    return number
+
+
 def _check_value(key: str, value: Any, kinds: dict) -> Any:
     if value is None:
         return None
     expected = kinds[key]
+    if isinstance(value, str) and expected is not str:
+        number = _number_from_text(value, expected)
+        value = number if number is not None else value
     if isinstance(value, bool) or not isinstance(value, expected):
         names = expected.__name__ if isinstance(expected, type) else "number"
         raise ConfigError(f"field `{key}` must be a {names}, got {value!r}")
@@ -204,7 +232,7 @@ def load_config(path: str | Path | None) -> TrainingConfig:
         raise ConfigError(f"config file {path} does not exist")
     text = path.read_text()
     try:
-        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        raw = json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=_GretelYamlLoader)  # noqa: S506 - a SafeLoader
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from exc
     return parse_config(raw)
