@@ -228,3 +228,46 @@ def test_a_model_that_cannot_be_loaded_says_to_pass_base_model(tmp_path):
     with pytest.raises(BaseModelError, match="--base-model") as caught:
         load_base_model(str(tmp_path / "no-such-model"))
     assert "smollm2-135m" in str(caught.value)
+
+
+GRETEL_FULL_DEFAULTS = """
+schema_version: "1.0"
+name: "natural-language-gpt"
+notifications: null
+label_predictors: null
+models:
+  - gpt_x:
+      data_source: "__"
+      pretrained_model: "gretelai/gpt-auto"
+      prompt_template: null
+      column_name: null
+      validation: null
+      ref_data: {}
+      params:
+        batch_size: 4
+        epochs: null
+        steps: 750
+        weight_decay: 0.01
+        warmup_steps: 100
+        lr_scheduler: "linear"
+        learning_rate: 0.0001
+        max_tokens: 512
+        gradient_accumulation_steps: 8
+      peft_params: {lora_r: 8, lora_alpha_over_r: 1.0, target_modules: null}
+      privacy_params: {dp: false, epsilon: 8.0, delta: "auto", per_sample_max_grad_norm: 1.0}
+      generate: {num_records: 80, maximum_text_length: 100, top_p: 0.9, top_k: 43, temperature: null}
+"""
+
+
+def test_gretel_blueprint_with_every_default_written_out(tmp_path):
+    config = _load(tmp_path, GRETEL_FULL_DEFAULTS)
+    assert (config.steps, config.max_tokens, config.gradient_accumulation_steps) == (750, 512, 8)
+    assert config.data_source is None  # Gretel's placeholder: the data comes from --data
+
+
+@pytest.mark.parametrize("field, value", [("prompt_template", "'{text}'"), ("validation", "0.1"),
+                                          ("ref_data", "{data: x.csv}")])
+def test_gretel_fields_condgen_cannot_honour_are_refused_in_one_line(tmp_path, field, value):
+    with pytest.raises(ConfigError, match=f"`{field}` is set, which condgen cannot honour") as caught:
+        _load(tmp_path, f"models:\n  - gpt_x:\n      {field}: {value}\n")
+    assert "\n" not in str(caught.value)

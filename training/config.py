@@ -38,8 +38,18 @@ import yaml
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                  "constant_with_warmup", "inverse_sqrt")
 TOP_LEVEL_KEYS = ("schema_version", "name", "models")
+# Top-level keys of Gretel's service that a training run does not use (accepted, ignored).
+IGNORED_TOP_LEVEL = ("notifications", "label_predictors")
 # Blocks of Gretel configs that describe features condgen handles elsewhere or not at all.
 IGNORED_BLOCKS = ("peft_params", "generate")
+# gpt_x fields of Gretel's that condgen accepts only unset (null or empty), with the reason.
+UNSET_ONLY = {
+    "prompt_template": "condgen fine-tunes on `intent,text` lines and has no prompt templates",
+    "validation": "condgen holds out `validation_fraction` of the lines instead",
+    "ref_data": "condgen takes no reference data",
+}
+# Gretel's placeholders for "the data comes with the API call": condgen takes it from --data.
+DATA_PLACEHOLDERS = ("__tmp__", "__temp__", "__")
 
 
 class ConfigError(ValueError):
@@ -187,11 +197,17 @@ def _flatten_gpt_x(block: dict) -> dict:
                                   "is not supported by condgen; set it to false")
         elif key in IGNORED_BLOCKS:
             continue
+        elif key in UNSET_ONLY:
+            if value not in (None, {}, [], ""):
+                raise ConfigError(f"`{key}` is set, which condgen cannot honour: {UNSET_ONLY[key]}; "
+                                  f"remove it or set it to null")
+        elif key == "data_source" and value in DATA_PLACEHOLDERS:
+            continue  # the data comes from --data
         elif key in kinds:
             flat[key] = _check_value(key, value, kinds)
         else:
             raise _unknown(key, list(kinds) + ["params", "column_name", "privacy_params",
-                                               *IGNORED_BLOCKS], "models[0].gpt_x")
+                                               *IGNORED_BLOCKS, *UNSET_ONLY], "models[0].gpt_x")
     return flat
 
 
@@ -200,7 +216,7 @@ def parse_config(raw: Any) -> TrainingConfig:
     if not isinstance(raw, dict):
         raise ConfigError("the config must be a mapping with a `models:` list")
     for key in raw:
-        if key not in TOP_LEVEL_KEYS:
+        if key not in TOP_LEVEL_KEYS + IGNORED_TOP_LEVEL:
             raise _unknown(key, TOP_LEVEL_KEYS, "the top level")
     models = raw.get("models")
     if not isinstance(models, list) or len(models) != 1:
