@@ -20,6 +20,8 @@ EXAMPLES_NAME = "examples.json"
 TOKENIZER_NAME = "tokenizer.json"
 # Names of the serving rewrites of the graph (training/graph.py) recorded in `OnnxInfo.rewrites`.
 LAST_POSITION_LOGITS = "last_position_logits"
+LOGITS_WINDOW = "logits_window"  # the graph input LOGITS_TO_KEEP sets how many last positions get logits
+LOGITS_TO_KEEP = "num_logits_to_keep"
 SHARED_ATTENTION_BIAS = "shared_attention_bias"
 GROUPED_QUERY_ATTENTION = "grouped_query_attention"
 APPEND_ONLY_CACHE = "append_only_cache"  # present.* hold only new entries: the server must append them

@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from condgen.bundle import APPEND_ONLY_CACHE, TOKENIZER_NAME, Manifest
+from condgen.bundle import APPEND_ONLY_CACHE, LAST_POSITION_LOGITS, LOGITS_TO_KEEP, LOGITS_WINDOW, TOKENIZER_NAME, Manifest
 from condgen.server.batch import Batch
 
 log = logging.getLogger(__name__)
@@ -94,11 +94,16 @@ class Engine:
         self.tokenizer = Tokenizer.from_file(str(bundle_dir / TOKENIZER_NAME))
         self.dtype = np.float16 if self.info.dtype == "float16" else np.float32
         self.input_names = set(self.info.inputs)
+        self.session_inputs = ({i.name for i in self.session.get_inputs()}
+                               | {i.name for i in self.session.get_overridable_initializers()})
         self.output_names = ["logits", *self.info.present_key_names]
         self.vocab_size = self.session.get_outputs()[0].shape[-1]
         if not isinstance(self.vocab_size, int):
             self.vocab_size = self.tokenizer.get_vocab_size()
         self.newline_tokens = self._tokens_containing("\n")
+        # Scoring a line needs the logits of its every token: a graph that keeps all positions,
+        # or one whose last-position slice takes a window (`num_logits_to_keep`).
+        self.can_score = LOGITS_WINDOW in self.info.rewrites or LAST_POSITION_LOGITS not in self.info.rewrites
         log.info("engine on %s: %d layers, %d KV heads of %d, vocab %d", self.provider, self.info.num_layers,
                  self.info.num_kv_heads, self.info.head_dim, self.vocab_size)
 
@@ -137,6 +142,40 @@ class Engine:
             for row, index in enumerate(group):
                 results[index] = (batch.filter([seq_ids[index]]), logits[row])
         return results
+
+    def score(self, contexts: list[list[int]], continuations: list[list[int]],
+              max_tokens: int = 1024) -> np.ndarray:
+        """Mean log-probability per token of each continuation after its context, (rows,).
+
+        One pass (no cache kept) per group of rows of similar length, at most `max_tokens`
+        padded tokens each; the graph returns logits for the last len(continuation) + 1
+        positions only, so a pass holds at most max_tokens x vocab floats of logits."""
+        if not self.can_score:
+            raise EngineError("this bundle's graph returns last-position logits only; re-export it with this "
+                              "version of condgen to score lines")
+        rows = [list(c) + list(t) for c, t in zip(contexts, continuations)]
+        means = np.zeros(len(rows), dtype=np.float64)
+        for group in _length_groups(rows, max_tokens):
+            keep = max(len(continuations[i]) for i in group) + 1
+            batch = self.prompts_batch(list(range(len(group))), [rows[i] for i in group])
+            logits = self._window_logits(batch, keep)  # (group, keep, vocab)
+            for row, index in enumerate(group):
+                tokens = np.asarray(continuations[index], dtype=np.int64)
+                if not len(tokens):
+                    continue
+                # Right-aligned rows: position keep-1-n+i predicts continuation token i.
+                window = logits[row, keep - 1 - len(tokens):keep - 1].astype(np.float64)  # (n, vocab)
+                top = window.max(axis=-1, keepdims=True)
+                log_norm = top[:, 0] + np.log(np.exp(window - top).sum(axis=-1))
+                means[index] = float((window[np.arange(len(tokens)), tokens] - log_norm).mean())
+        return means
+
+    def _window_logits(self, batch: Batch, keep: int) -> np.ndarray:
+        feed = {k: v for k, v in batch.feed().items() if k in self.input_names}
+        if LOGITS_TO_KEEP in self.session_inputs:
+            feed[LOGITS_TO_KEEP] = np.array([keep], dtype=np.int64)
+        logits = self.session.run(["logits"], feed)[0]  # (batch, keep or all positions, vocab)
+        return logits[:, -keep:, :]
 
     def forward(self, batch: Batch) -> np.ndarray:
         """Run `batch.next_ids` through the model; return last-position logits (batch, vocab)."""

@@ -130,3 +130,36 @@ def test_batched_prefill_matches_separate_prefills(engine, checkpoint, prompts):
     for row in range(2):
         expected = transformers_greedy(checkpoint, ids[row])
         assert tokens[row][:len(expected)] == expected
+
+
+def transformers_mean_logprob(checkpoint, context, continuation) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint)).eval()
+    ids = torch.tensor([list(context) + list(continuation)])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
+    start = len(context)
+    return float(sum(logp[start + i - 1, t] for i, t in enumerate(continuation)) / len(continuation))
+
+
+def test_score_matches_transformers_log_probabilities_in_one_padded_pass(engine, checkpoint):
+    """Lines of different lengths scored together (left-padded, a window of logits) give
+    the same mean log-probability as transformers on each line alone."""
+    pairs = [("card_arrival,", "When will my card arrive?\n"), ("exchange_rate,", "What is the exchange rate\n"),
+             ("lost_or_stolen_card,", "I lost my card\n")]
+    contexts = [engine.encode(c) for c, _ in pairs]
+    continuations = [engine.encode(t) for _, t in pairs]
+    scores = engine.score(contexts, continuations)
+    expected = [transformers_mean_logprob(checkpoint, c, t) for c, t in zip(contexts, continuations)]
+    assert scores == pytest.approx(expected, abs=1e-3)
+    assert engine.score(contexts[:1], continuations[:1])[0] == pytest.approx(expected[0], abs=1e-3)
+
+
+def test_scores_prefer_the_intent_a_training_text_belongs_to(engine, train_records):
+    """The overfit tiny model scores a training text highest under its own intent."""
+    record = next(r for r in train_records if r.intent == "lost_or_stolen_card")
+    intents = ["card_arrival", "lost_or_stolen_card", "exchange_rate"]
+    scores = engine.score([engine.encode(f"{i},") for i in intents], [engine.encode(record.text + "\n")] * 3)
+    assert intents[int(np.argmax(scores))] == "lost_or_stolen_card"

@@ -11,10 +11,11 @@ import pytest
 
 from condgen.bundle import read_manifest
 from condgen.training.graph import (APPEND_ONLY_CACHE, GROUPED_QUERY_ATTENTION, LAST_POSITION_LOGITS,
-                                    SHARED_ATTENTION_BIAS, optimise_graph)
+                                    LOGITS_WINDOW, SHARED_ATTENTION_BIAS, optimise_graph)
 
-ALL = [LAST_POSITION_LOGITS, SHARED_ATTENTION_BIAS, GROUPED_QUERY_ATTENTION, APPEND_ONLY_CACHE]
-WHOLE_CACHE = [LAST_POSITION_LOGITS, SHARED_ATTENTION_BIAS, GROUPED_QUERY_ATTENTION]
+ALL = [LAST_POSITION_LOGITS, LOGITS_WINDOW, SHARED_ATTENTION_BIAS, GROUPED_QUERY_ATTENTION, APPEND_ONLY_CACHE]
+WHOLE_CACHE = [LAST_POSITION_LOGITS, LOGITS_WINDOW, SHARED_ATTENTION_BIAS, GROUPED_QUERY_ATTENTION]
+SLICED_ONLY = [LAST_POSITION_LOGITS, LOGITS_WINDOW, SHARED_ATTENTION_BIAS]
 
 
 def run(model_path, info, ids: np.ndarray, mask: np.ndarray | None = None, past: dict | None = None):
@@ -116,7 +117,7 @@ def test_a_graph_without_grouped_heads_keeps_its_attention(tmp_path, bundle, pla
     shutil.copy(plain_graph, rewritten)
     # Told the heads are not grouped (as for GPT-2): only the logits are sliced.
     assert optimise_graph(rewritten, heads=2, kv_heads=2, head_dim=info.head_dim,
-                          layers=info.num_layers) == [LAST_POSITION_LOGITS, SHARED_ATTENTION_BIAS]
+                          layers=info.num_layers) == SLICED_ONLY
     presents = set(info.present_key_names)
     assert "Unsqueeze" in {n.op_type for n in onnx.load(str(rewritten)).graph.node if presents & set(n.input)}
 
@@ -127,7 +128,7 @@ def test_a_graph_of_another_shape_is_left_whole(tmp_path, bundle, plain_graph):
     shutil.copy(plain_graph, rewritten)
     # One layer more than the graph has: the last one cannot match, so no layer is rewritten.
     assert optimise_graph(rewritten, heads=4, kv_heads=2, head_dim=info.head_dim,
-                          layers=info.num_layers + 1, append_only=False) == [LAST_POSITION_LOGITS, SHARED_ATTENTION_BIAS]
+                          layers=info.num_layers + 1, append_only=False) == SLICED_ONLY
     nodes = onnx.load(str(rewritten)).graph.node
     assert "Expand" in {n.op_type for n in nodes}  # the cache is still repeated
     assert not any(n.name.startswith("/condgen/gqa/") for n in nodes)

@@ -8,6 +8,9 @@ shape it expects:
   graph projects every position onto the vocabulary. A Slice of the hidden states before the
   LM head makes `logits` (batch, 1, vocab): at prefill that saves (batch, prompt_len, vocab)
   floats (200 MB for a 1,024-token pass of a 49k vocabulary) and the head's multiply-adds.
+  How many positions it keeps is the graph input `num_logits_to_keep` (int64 [1]), an
+  initializer that defaults to 1: the label check (server/label_check.py) feeds it a larger
+  window to score every token of a line in one pass (`logits_window` in the manifest).
 - `grouped_query_attention`: for models with fewer KV heads than query heads (Llama, SmolLM2)
   the exported attention repeats every layer's whole KV cache to the query heads at every step
   (Unsqueeze -> Expand -> Reshape, and scales the repeated keys), which on a CPU costs more than
@@ -36,7 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from condgen.bundle import APPEND_ONLY_CACHE, GROUPED_QUERY_ATTENTION, LAST_POSITION_LOGITS, SHARED_ATTENTION_BIAS
+from condgen.bundle import (APPEND_ONLY_CACHE, GROUPED_QUERY_ATTENTION, LAST_POSITION_LOGITS, LOGITS_TO_KEEP,
+                            LOGITS_WINDOW, SHARED_ATTENTION_BIAS)
 
 log = logging.getLogger(__name__)
 
@@ -104,15 +108,22 @@ def keep_last_position_logits(graph: _Graph) -> bool:
     if head is None or head.op_type != "MatMul":
         log.warning("no MatMul produces `logits`; the graph keeps logits for every position")
         return False
+    from onnx import TensorProto
+
     hidden, last = head.input[0], head.input[0] + "/last_position"
+    # An input with a default: feeding it overrides the initializer of the same name.
+    graph.constant(LOGITS_TO_KEEP, [1])
+    graph.graph.input.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1]))
+    starts = "/condgen/last/starts"
     names = [graph.constant(f"/condgen/last/{key}", [value]) for key, value in
-             (("starts", -1), ("ends", np.iinfo(np.int64).max), ("axes", 1))]
-    graph.insert_before(head, [helper.make_node("Slice", [hidden, *names], [last], name="/condgen/last/Slice")])
+             (("ends", np.iinfo(np.int64).max), ("axes", 1))]
+    graph.insert_before(head, [helper.make_node("Neg", [LOGITS_TO_KEEP], [starts], name="/condgen/last/Neg"),
+                               helper.make_node("Slice", [hidden, starts, *names], [last], name="/condgen/last/Slice")])
     head.input[0] = last
     output = next(o for o in graph.graph.output if o.name == "logits")
     dim = output.type.tensor_type.shape.dim[1]
     dim.Clear()
-    dim.dim_value = 1  # (batch, 1, vocab)
+    dim.dim_param = "logits_positions"  # (batch, num_logits_to_keep, vocab); 1 unless fed
     return True
 
 
@@ -353,7 +364,7 @@ def optimise_graph(model_path: Path, heads: int, kv_heads: int, head_dim: int, l
     graph = _Graph(model.graph)
     applied = []
     if keep_last_position_logits(graph):
-        applied.append(LAST_POSITION_LOGITS)
+        applied += [LAST_POSITION_LOGITS, LOGITS_WINDOW]
     if share_attention_bias(graph):
         applied.append(SHARED_ATTENTION_BIAS)
     if group_query_attention(graph, heads, kv_heads, head_dim, layers):
