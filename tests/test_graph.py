@@ -57,7 +57,15 @@ def test_export_applies_every_rewrite_and_never_copies_the_cache(bundle):
     readers = {n.op_type for n in graph.node if pasts & set(n.input)}
     assert readers <= {"Transpose", "MatMul", "Shape"}, "the cache is repeated or concatenated"
     logits = next(o for o in graph.output if o.name == "logits")
-    assert logits.type.tensor_type.shape.dim[1].dim_value == 1
+    assert logits.type.tensor_type.shape.dim[1].dim_param == "logits_positions"  # 1 unless a window is fed
+    session = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+    ids = np.array([[5, 6, 7, 8]], dtype=np.int64)
+    assert run(bundle / "model.onnx", info, ids)[0].shape[1] == 1
+    empty = {n: np.zeros((1, info.num_kv_heads, 0, info.head_dim), np.float32) for n in info.past_key_names}
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(4)[None], **empty}
+    window = session.run(["logits"], {**feed, "num_logits_to_keep": np.array([3])})[0]
+    assert window.shape[1] == 3
+    np.testing.assert_allclose(window[:, -1], run(bundle / "model.onnx", info, ids)[0][:, -1], atol=1e-5)
 
 
 def test_whole_cache_export_repeats_nothing_but_concatenates(whole_cache_bundle):
