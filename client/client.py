@@ -3,6 +3,9 @@
     from condgen.client import Client
     with Client("127.0.0.1:50051") as client:
         df = client.generate_df(["card_arrival", "lost_or_stolen_card"], num_records=20, seed=1)
+        # an intent the model was never trained on, from a few examples sent with the request
+        new = client.generate_df(["crypto_refund"], 10, examples={"crypto_refund": ["Can I get my bitcoin back?",
+                                                                                  "Refund my crypto purchase"]})
 
 Records stream in as the server accepts them; the closing summary (acceptance, rejections
 by reason, tokens, time) is kept in `client.last_summary`. A client may know several
@@ -20,7 +23,7 @@ import random
 import time
 import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Iterator, Sequence
+from typing import AsyncIterator, Callable, Iterator, Mapping, Sequence
 
 import grpc
 
@@ -38,6 +41,7 @@ class Record:
     index: int
     fidelity: float = 0.0
     predicted_intent: str = ""
+    label_margin: float = float("nan")  # the label check's margin (nats per token); NaN: not checked
 
 
 REQUEST_ID_KEY = "x-request-id"
@@ -75,20 +79,30 @@ def build_request(intents: Sequence[str], num_records: int, *, temperature: floa
                   max_new_tokens: int | None = None, num_prompt_examples: int | None = None,
                   sequences_per_round: int | None = None, max_rounds: int | None = None,
                   allow_training_copies: bool = False, avoid_recent_duplicates: bool | None = None,
-                  min_fidelity: float | None = None, require_predicted_intent: bool = False) -> pb.GenerateRequest:
-    """A GenerateRequest; None leaves a setting to the server's default."""
+                  min_fidelity: float | None = None, require_predicted_intent: bool = False,
+                  examples: Mapping[str, Sequence[str]] | None = None, label_check: bool | None = None,
+                  label_margin: float | None = None) -> pb.GenerateRequest:
+    """A GenerateRequest; None leaves a setting to the server's default.
+
+    `examples` maps intents (each also in `intents`) to real texts the server builds their
+    prompts from: an intent new to the served model needs nothing else. `label_check` and
+    `label_margin` switch and tune the server's check that the model itself prefers the
+    requested intent for each line. With a `seed` the same request gives the same records
+    (unless `avoid_recent_duplicates=True`)."""
     if isinstance(intents, str):
         intents = [intents]
+    supplied = [pb.IntentExamples(intent=name, texts=list(texts)) for name, texts in (examples or {}).items()]
     sampling = pb.SamplingParams(**{k: v for k, v in dict(
         temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_new_tokens=max_new_tokens).items()
         if v is not None})
     optional = {k: v for k, v in dict(num_prompt_examples=num_prompt_examples,
                                       sequences_per_round=sequences_per_round, max_rounds=max_rounds,
                                       avoid_recent_duplicates=avoid_recent_duplicates,
-                                      min_fidelity=min_fidelity).items() if v is not None}
+                                      min_fidelity=min_fidelity, label_check=label_check,
+                                      label_margin=label_margin).items() if v is not None}
     return pb.GenerateRequest(intents=list(intents), num_records=num_records, sampling=sampling,
                               allow_training_copies=allow_training_copies,
-                              require_predicted_intent=require_predicted_intent, **optional)
+                              require_predicted_intent=require_predicted_intent, examples=supplied, **optional)
 
 
 def _echoed_request_id(metadata) -> str | None:
@@ -99,7 +113,8 @@ def _echoed_request_id(metadata) -> str | None:
 
 
 def _record(message: pb.Record, index: int) -> Record:
-    return Record(message.intent, message.text, index, message.fidelity, message.predicted_intent)
+    return Record(message.intent, message.text, index, message.fidelity, message.predicted_intent,
+                  message.label_margin)
 
 
 def _channel_options(target: str) -> list:
@@ -208,8 +223,11 @@ class Client(_Base):
     def generate_df(self, intents: Sequence[str], num_records: int, *, return_summary: bool = False,
                     with_scores: bool = False, **settings):
         """All records of one request as a pandas DataFrame with columns `intent`, `text`
-        (plus `fidelity`, `predicted_intent` with `with_scores=True`); `return_summary=True`
-        returns (frame, Summary)."""
+        (plus `fidelity`, `predicted_intent`, `label_margin` with `with_scores=True`);
+        `return_summary=True` returns (frame, Summary).
+
+            frame = client.generate_df(["card_arrival"], 20, seed=7, examples=None)
+        """
         from condgen.client.frames import records_to_frame
 
         frame = records_to_frame(self.generate(intents, num_records, **settings), with_scores)

@@ -59,6 +59,9 @@ class Progress:
             request.CopyFrom(self.request)
             del request.intents[:]
             request.intents.extend(intents)
+            kept = [e for e in request.examples if e.intent in intents]  # examples of these intents only
+            del request.examples[:]
+            request.examples.extend(kept)
             request.num_records = missing
             if self.attempt and request.sampling.HasField("seed"):
                 request.sampling.seed = (request.sampling.seed + self.attempt * SEED_STRIDE) % (1 << 63)

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from condgen.logs import LOG_FORMATS, configure_logging
-from condgen.server.limits import Limits
+from condgen.server.limits import Defaults, LabelCheckConfig, Limits
 
 EXIT_USAGE = 2
 
@@ -99,6 +99,22 @@ def _add_serve(sub) -> None:
                            "0 keeps glibc's sliding threshold)")
     heap.add_argument("--heap-trim-seconds", type=float, default=1.0,
                       help="hand free heap pages back to the system this often (default 1; 0 never)")
+    label = p.add_argument_group("label check (the served model scores each line under the requested intent and "
+                                 "its closest rivals; requests may override label_check and label_margin)")
+    checks = label.add_mutually_exclusive_group()
+    checks.add_argument("--label-check", dest="label_check", action="store_true", default=Defaults.label_check,
+                        help=f"on for requests that do not say (default: {'on' if Defaults.label_check else 'off'})")
+    checks.add_argument("--no-label-check", dest="label_check", action="store_false",
+                        help="off for requests that do not say")
+    label.add_argument("--label-margin", type=float, default=Defaults.label_margin,
+                       help="nats per token by which the requested intent must beat its best rival, for requests "
+                            f"that do not say (default {Defaults.label_margin})")
+    label.add_argument("--label-rivals", type=int, default=LabelCheckConfig.rivals,
+                       help=f"the bundle classifier's most likely other intents scored as rivals "
+                            f"(default {LabelCheckConfig.rivals})")
+    label.add_argument("--label-context-examples", type=int, default=LabelCheckConfig.context_examples,
+                       help="examples of each candidate intent before its `intent,` prefix when scoring "
+                            f"(default {LabelCheckConfig.context_examples}: the bare prefix)")
     limits = p.add_argument_group("request limits (violations get INVALID_ARGUMENT)")
     for field in dataclasses.fields(Limits):
         limits.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default,
@@ -119,8 +135,23 @@ def _add_generate(sub) -> None:
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--prompt-examples", type=int, help="real examples per prompt (server default 25)")
     p.add_argument("--allow-training-copies", action="store_true", help="keep records that copy a training text")
-    p.add_argument("--allow-recent-duplicates", action="store_true",
-                   help="keep records the server recently streamed for the same intent")
+    recent = p.add_mutually_exclusive_group()
+    recent.add_argument("--allow-recent-duplicates", action="store_true",
+                        help="keep records the server recently streamed for the same intent (the default with "
+                             "--seed, so that a seeded request gives the same records every time)")
+    recent.add_argument("--avoid-recent-duplicates", action="store_true",
+                        help="drop records the server recently streamed for the same intent (the default "
+                             "without --seed)")
+    p.add_argument("--examples", type=Path,
+                   help="CSV of real examples (columns text and intent, or category/label) for intents the "
+                        "model may never have seen; each such intent must also be given with --intent")
+    check = p.add_mutually_exclusive_group()
+    check.add_argument("--label-check", dest="label_check", action="store_true", default=None,
+                       help="have the served model check each line's label (the server's default: on)")
+    check.add_argument("--no-label-check", dest="label_check", action="store_false",
+                       help="skip the label check")
+    p.add_argument("--label-margin", type=float,
+                   help="nats per token by which the requested intent must beat its best rival (server default)")
     p.add_argument("--min-fidelity", type=float, help="drop records the bundle's classifier scores below this")
     p.add_argument("--require-predicted-intent", action="store_true",
                    help="drop records the bundle's classifier assigns to another intent")
@@ -248,6 +279,9 @@ def cmd_serve(args) -> None:
                          grace_seconds=args.grace_seconds, metrics_port=args.metrics_port,
                          max_connection_age_seconds=args.max_connection_age_seconds,
                          heap=heap_config(args),
+                         defaults=Defaults(label_check=args.label_check, label_margin=args.label_margin),
+                         label_check=LabelCheckConfig(rivals=args.label_rivals,
+                                                      context_examples=args.label_context_examples),
                          limits=Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)}),
                          security=SecurityConfig.from_files(args.tls_cert, args.tls_key, args.tls_client_ca,
                                                             args.auth_token_file))
@@ -265,12 +299,20 @@ def heap_config(args):
         raise CliError(str(exc)) from None
 
 
+def recent_duplicates_setting(args) -> bool | None:
+    """True/False when a flag says so; None leaves it to the server (off with a seed, else on)."""
+    if args.allow_recent_duplicates:
+        return False
+    return True if args.avoid_recent_duplicates else None
+
+
 def cmd_generate(args) -> None:
     from tqdm import tqdm
 
-    from condgen.client.frames import check_output_path, records_to_frame, write_frame
+    from condgen.client.frames import check_output_path, read_examples_csv, records_to_frame, write_frame
 
     check_output_path(args.output)
+    examples = read_examples_csv(args.examples) if args.examples else None
     total = len(args.intent) * args.num_records
     with connect(args, args.timeout) as client, \
             tqdm(total=total, unit="rec", desc="generating", file=sys.stderr) as bar:
@@ -278,8 +320,9 @@ def cmd_generate(args) -> None:
             args.intent, args.num_records, on_record=lambda _: bar.update(1), seed=args.seed,
             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
             num_prompt_examples=args.prompt_examples, allow_training_copies=args.allow_training_copies,
-            avoid_recent_duplicates=False if args.allow_recent_duplicates else None, min_fidelity=args.min_fidelity,
-            require_predicted_intent=args.require_predicted_intent, request_id=args.request_id))
+            avoid_recent_duplicates=recent_duplicates_setting(args), min_fidelity=args.min_fidelity,
+            require_predicted_intent=args.require_predicted_intent, request_id=args.request_id, examples=examples,
+            label_check=args.label_check, label_margin=args.label_margin))
         summary = client.last_summary
     write_frame(records_to_frame(records), args.output)
     print(f"wrote {len(records)} records to {args.output}")

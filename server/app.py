@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from condgen.bundle import read_examples, read_manifest
 from condgen.server.engine import Engine, EngineConfig
 from condgen.server.heap import HeapConfig, HeapKeeper
+from condgen.server.label_check import LabelChecker, LabelCheckConfig
 from condgen.server.records import RecordJudge
 from condgen.server.security import SecurityConfig
 from condgen.server.scheduler import Scheduler, SchedulerConfig
@@ -44,6 +45,7 @@ class ServeConfig:
     scheduler: SchedulerConfig = SchedulerConfig()
     limits: Limits = Limits()
     defaults: Defaults = Defaults()
+    label_check: LabelCheckConfig = LabelCheckConfig()
     grace_seconds: float = 30.0
     verify_bundle: bool = True
     security: SecurityConfig = SecurityConfig()
@@ -82,6 +84,15 @@ class RunningServer:
         self.stopped.set()
 
 
+def label_checker(engine: Engine, judge: RecordJudge, examples: dict[str, list[str]],
+                  config: ServeConfig) -> LabelChecker | None:
+    """The label check over the engine, or None (with a warning) for a bundle that cannot score."""
+    if not engine.can_score:
+        log.warning("this bundle's graph keeps only the last logits: no label check (re-export the bundle)")
+        return None
+    return LabelChecker(engine, judge.scorer, examples, engine.manifest.separator, config.label_check)
+
+
 async def start_server(config: ServeConfig) -> RunningServer:
     """Load the bundle and start serving; returns once the port is bound."""
     manifest = read_manifest(config.bundle, verify=config.verify_bundle)
@@ -90,7 +101,7 @@ async def start_server(config: ServeConfig) -> RunningServer:
     judge = RecordJudge.for_bundle(config.bundle, manifest, examples)
     telemetry = Telemetry()
     scheduler = Scheduler(engine, examples, manifest.separator, config.scheduler, judge,
-                          on_step=telemetry.observe_step)
+                          on_step=telemetry.observe_step, label_checker=label_checker(engine, judge, examples, config))
     telemetry.watch(scheduler)
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]

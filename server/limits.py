@@ -17,7 +17,9 @@ class Limits:
     max_sequences_per_round: int = 64
     max_rounds: int = 10_000
     max_intent_chars: int = 200
-    max_request_bytes: int = 65_536
+    max_request_bytes: int = 262_144
+    max_examples_per_intent: int = 200  # request-supplied examples of one intent
+    max_example_chars: int = 1_000  # characters of one request-supplied example
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -31,3 +33,22 @@ class Defaults:
     max_new_tokens: int = 128
     num_prompt_examples: int = 25
     sequences_per_round: int = 8
+    label_check: bool = True  # the served model checks each line's label (request field label_check)
+    label_margin: float = 0.0  # nats per token the requested intent must win by
+
+
+@dataclass(frozen=True)
+class LabelCheckConfig:
+    """How the label check scores lines (settings of `condgen serve`)."""
+
+    rivals: int = 3  # the classifier's most likely other intents scored against the requested one
+    context_examples: int = 0  # examples of the candidate intent before its prefix; 0: the bare prefix
+    max_tokens_per_pass: int = 1024  # padded tokens of one scoring pass (its logits: this x vocab floats)
+
+    def __post_init__(self) -> None:
+        if self.rivals < 1:
+            raise ValueError("label check: rivals must be at least 1")
+        if self.context_examples < 0:
+            raise ValueError("label check: context_examples must not be negative")
+        if self.max_tokens_per_pass < 64:
+            raise ValueError("label check: max_tokens_per_pass must be at least 64")

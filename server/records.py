@@ -6,7 +6,8 @@ counts. The checks, in order: the line parses as `intent,text`; the intent is th
 round asked for; the text is not empty and its length is within the bundle's bounds; it
 does not echo a line of the round's prompt; it repeats no earlier record of the request
 nor (unless the request allows it) a recent record of the server for the same intent; it
-is no exact or near copy of a training text (unless allowed); its fidelity (probability of
+is no exact or near copy of a training text, nor of an example the request brought (unless
+allowed); its fidelity (probability of
 the intent under the bundle's classifier) is at least the request's `min_fidelity` and, if
 the request asks, the classifier's most likely intent is the requested one.
 """
@@ -21,7 +22,7 @@ from condgen.server.copy_index import CopyIndex
 from condgen.server.fidelity import FidelityScorer
 
 REJECTION_REASONS = ("malformed", "wrong_intent", "empty_text", "too_short", "too_long", "truncated",
-                     "prompt_echo", "duplicate", "training_copy", "low_fidelity")
+                     "prompt_echo", "duplicate", "training_copy", "low_fidelity", "label_check")
 RECENT_PER_INTENT = 5000
 
 
@@ -96,8 +97,9 @@ class RecordJudge:
                    FidelityScorer.load(bundle_dir))
 
     def judge(self, line: str, intent: str, settings: JudgeSettings, seen: set[str],
-              prompt_texts: frozenset[str]) -> Verdict:
-        """Check one line generated for `intent`; `seen` holds the request's accepted keys."""
+              prompt_texts: frozenset[str], supplied: CopyIndex | None = None) -> Verdict:
+        """Check one line generated for `intent`; `seen` holds the request's accepted keys,
+        `supplied` the examples the request brought for the intent."""
         try:
             record = decode_line(line, self.separator)
         except CodecError:
@@ -116,12 +118,18 @@ class RecordJudge:
             return Verdict(reason="prompt_echo")
         if key in seen or (settings.avoid_recent_duplicates and (intent, key) in self.recent):
             return Verdict(reason="duplicate")
-        if not settings.allow_training_copies and self.copies.is_copy(text):
+        if not settings.allow_training_copies and (self.copies.is_copy(text)
+                                                   or (supplied is not None and supplied.is_copy(text))):
             return Verdict(reason="training_copy")
         fidelity, predicted = self.scorer.score(text, intent) if self.scorer is not None else (1.0, intent)
         if fidelity < settings.min_fidelity or (settings.require_predicted_intent and predicted != intent):
             return Verdict(reason="low_fidelity", fidelity=fidelity, predicted_intent=predicted)
         return Verdict(text=text, fidelity=fidelity, predicted_intent=predicted)
+
+    @staticmethod
+    def seen_before(text: str, seen: set[str]) -> bool:
+        """Whether the request already accepted `text` (normalised) for the job of `seen`."""
+        return normalize_for_match(text) in seen
 
     def remember(self, intent: str, text: str, seen: set[str]) -> None:
         key = normalize_for_match(text)

@@ -25,8 +25,14 @@ The `static` policy (for comparison in benchmarks) batches whole requests at a t
 group of requests starts only when every request of the previous group has finished, and
 each request keeps a fixed set of rows (one round at a time).
 
+A request may bring its own examples for some intents (known to the bundle or new): those
+intents' prompts are drawn from them, in a seeded order, and its lines are also checked for
+copies of them. Under the label check (server/label_check.py), a line that passes the judge's
+checks waits until the end of its step; then all such lines are scored together by the
+engine and each is accepted or rejected (`label_check`) by its margin.
+
 All state lives on the event loop thread; only the engine's passes (`Engine.forward`,
-`Engine.prefill`) run in a worker thread.
+`Engine.prefill`, `Engine.score`) run in a worker thread.
 """
 from __future__ import annotations
 
@@ -38,7 +44,7 @@ import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -46,9 +52,10 @@ from condgen.codec import normalize_for_match
 from condgen.server.batch import Batch
 from condgen.server.engine import Engine
 from condgen.server.errors import Overloaded, ShuttingDown
+from condgen.server.label_check import NOT_CHECKED, LabelChecker, LineToCheck
 from condgen.server.prefix_cache import PrefixCache
 from condgen.server.prompts import build_prompt, line_prefix
-from condgen.server.records import REJECTION_REASONS, CopyIndex, JudgeSettings, LengthBounds, RecordJudge
+from condgen.server.records import REJECTION_REASONS, CopyIndex, JudgeSettings, LengthBounds, RecordJudge, Verdict
 from condgen.server.sampling import SamplingSettings, sample_token, sequence_rng, softmax_rows
 
 log = logging.getLogger(__name__)
@@ -89,6 +96,9 @@ class GenerationSpec:
     avoid_recent_duplicates: bool = True
     min_fidelity: float = 0.0
     require_predicted_intent: bool = False
+    examples: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # request-supplied, per intent
+    label_check: bool = False
+    label_margin: float = 0.0
 
     @property
     def judging(self) -> JudgeSettings:
@@ -108,6 +118,7 @@ class GeneratedRecord:
     index: int
     fidelity: float = 0.0
     predicted_intent: str = ""
+    label_margin: float = NOT_CHECKED
 
 
 @dataclass
@@ -143,6 +154,8 @@ class Job:
     number: int
     prefix_tokens: list[int]
     target: int
+    examples: list[str] = field(default_factory=list)  # texts its prompts are drawn from
+    supplied: CopyIndex | None = None  # the request's own examples of the intent (copy checks)
     accepted: int = 0
     rounds: int = 0
     tokens_per_line: float = 24.0
@@ -190,6 +203,15 @@ class Sequence:
 
 
 @dataclass
+class PendingLine:
+    """A line that passed the judge and waits for the label check at the end of the step."""
+
+    state: RequestState
+    job: Job
+    verdict: Verdict
+
+
+@dataclass
 class RoundPlan:
     """A round about to start: its sequences, its prompt and (once run) its prefill."""
 
@@ -227,7 +249,8 @@ class Scheduler:
 
     def __init__(self, engine: Engine, examples: dict[str, list[str]], separator: str,
                  config: SchedulerConfig = SchedulerConfig(), judge: RecordJudge | None = None,
-                 on_step: Callable[[str, int, float], None] | None = None):
+                 on_step: Callable[[str, int, float], None] | None = None,
+                 label_checker: LabelChecker | None = None):
         self.engine = engine
         self.examples = examples
         self.separator = separator
@@ -246,6 +269,8 @@ class Scheduler:
         self.steps = 0
         self._totals = Totals()
         self._on_step = on_step or (lambda phase, rows, seconds: None)
+        self.label_checker = label_checker  # None: the label check is not available
+        self._pending: list[PendingLine] = []
 
     # ---- public API -------------------------------------------------------------------
     def submit(self, spec: GenerationSpec) -> RequestHandle:
@@ -254,12 +279,19 @@ class Scheduler:
         if len(self.requests) >= self.config.max_active_requests:
             raise Overloaded(f"the server is full ({len(self.requests)} requests in flight, "
                              f"limit {self.config.max_active_requests}); retry later")
-        jobs = [Job(intent, number, self.engine.encode(line_prefix(intent, self.separator)), spec.num_records)
-                for number, intent in enumerate(spec.intents)]
+        if spec.label_check and self.label_checker is None:
+            raise ValueError("this server has no label check (its bundle cannot score lines)")
+        jobs = [self._job(spec, number, intent) for number, intent in enumerate(spec.intents)]
         state = RequestState(next(self._ids), spec, jobs)
         self.requests.append(state)
         self._wake.set()
         return RequestHandle(self, state)
+
+    def _job(self, spec: GenerationSpec, number: int, intent: str) -> Job:
+        supplied = spec.examples.get(intent)
+        return Job(intent, number, self.engine.encode(line_prefix(intent, self.separator)), spec.num_records,
+                   examples=list(supplied) if supplied else self.examples[intent],
+                   supplied=CopyIndex(supplied) if supplied else None)
 
     def cancel(self, state: RequestState) -> None:
         if not state.finished:
@@ -299,8 +331,10 @@ class Scheduler:
                     await self._wake.wait()
                     continue
                 await self._admit_rounds(loop)
+                await self._check_labels(loop)
                 if self.batch is not None and len(self.batch):
                     await self._decode_step(loop)
+                    await self._check_labels(loop)
                 else:  # nothing to decode: requests whose budget is spent finish; never spin
                     self._retire_requests()
                     await asyncio.sleep(0)
@@ -406,8 +440,9 @@ class Scheduler:
         depends only on the request's seed and round number, so it is drawn the same later."""
         spec = state.spec
         prompt_rng = sequence_rng(spec.seed, job.number, job.rounds, 1 << 20)
-        examples = self.examples[job.intent]
-        prompt, shown = build_prompt(job.intent, examples, spec.num_prompt_examples, prompt_rng, self.separator)
+        examples = job.examples
+        prompt, shown = build_prompt(job.intent, examples, spec.num_prompt_examples, prompt_rng, self.separator,
+                                     shuffle=job.supplied is not None)
         prompt_ids = self.engine.encode(prompt)
         tokens_per_line = len(prompt_ids) / len(shown) if shown else job.tokens_per_line
         reserve = self._reserve(len(prompt_ids), spec.max_new_tokens, len(job.prefix_tokens), tokens_per_line)
@@ -423,7 +458,7 @@ class Scheduler:
             job.active.add(seq_id)
         job.rounds += 1
         state.summary.rounds += 1
-        return RoundPlan(state, seq_ids, prompt_ids, recurs=len(shown) == len(examples))
+        return RoundPlan(state, seq_ids, prompt_ids, recurs=len(shown) == len(examples) and job.supplied is None)
 
     @staticmethod
     def _reserve(prompt_tokens: int, max_new_tokens: int, prefix_tokens: int, tokens_per_line: float) -> int:
@@ -549,18 +584,46 @@ class Scheduler:
         state, job = seq.request, seq.job
         state.summary.lines_parsed += 1
         self._totals.lines_parsed += 1
-        verdict = self.judge.judge(line, job.intent, state.spec.judging, job.seen, seq.prompt_keys)
+        verdict = self.judge.judge(line, job.intent, state.spec.judging, job.seen, seq.prompt_keys, job.supplied)
         if verdict.reason is not None:
             return self._reject(state, verdict.reason)
-        if job.satisfied or state.cancelled:
+        if state.spec.label_check:
+            self._pending.append(PendingLine(state, job, verdict))
             return None
+        return self._accept(state, job, verdict)
+
+    def _accept(self, state: RequestState, job: Job, verdict: Verdict, label_margin: float = NOT_CHECKED) -> None:
+        if job.satisfied or state.cancelled or state.finished:
+            return
+        if self.judge.seen_before(verdict.text, job.seen):  # an earlier line of this step
+            return self._reject(state, "duplicate")
         self.judge.remember(job.intent, verdict.text, job.seen)
         state.outbox.put_nowait(GeneratedRecord(job.intent, verdict.text, job.accepted, verdict.fidelity,
-                                                verdict.predicted_intent))
+                                                verdict.predicted_intent, label_margin))
         job.accepted += 1
         state.summary.records_accepted += 1
         self._totals.records_accepted += 1
-        return None
+
+    async def _check_labels(self, loop) -> None:
+        """Score the step's waiting lines together; accept those whose margin is enough."""
+        pending, self._pending = self._pending, []
+        pending = [p for p in pending if not (p.state.finished or p.state.cancelled or p.job.satisfied)]
+        if not pending:
+            return
+        lines = [LineToCheck(p.verdict.text, p.job.intent, p.state.spec.examples) for p in pending]
+        started = time.perf_counter()
+        try:
+            margins = await loop.run_in_executor(self._executor, self.label_checker.margins, lines)
+        except Exception as exc:  # noqa: BLE001 - the requests of these lines fail, the others go on
+            for state in {p.state for p in pending}:
+                self._fail(state, exc)
+            return
+        self._on_step("label_check", len(lines), time.perf_counter() - started)
+        for line, margin in zip(pending, margins):
+            if margin < line.state.spec.label_margin:  # NaN (no rival to compare with) passes
+                self._reject(line.state, "label_check")
+            else:
+                self._accept(line.state, line.job, line.verdict, margin)
 
     def _reject(self, state: RequestState, reason: str) -> None:
         state.summary.rejected[reason] += 1

@@ -39,14 +39,16 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
     @grpc_errors
     async def Generate(self, request, context):
         spec = to_spec(request, self.manifest.intents, self.limits, self.defaults,
-                       self.scheduler.config.max_batch_size)
+                       self.scheduler.config.max_batch_size, self.manifest.separator,
+                       self.scheduler.label_checker is not None)
         handle = self.scheduler.submit(spec)
         try:
             async for item in handle:
                 if isinstance(item, GeneratedRecord):
                     yield pb.GenerateResponse(record=pb.Record(intent=item.intent, text=item.text, index=item.index,
                                                                fidelity=item.fidelity,
-                                                               predicted_intent=item.predicted_intent))
+                                                               predicted_intent=item.predicted_intent,
+                                                               label_margin=item.label_margin))
                 else:
                     yield pb.GenerateResponse(summary=summary_message(item))
         finally:

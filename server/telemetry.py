@@ -100,7 +100,7 @@ class Telemetry:
         self.registry.register(_SchedulerCollector(scheduler))
 
     def observe_step(self, phase: str, rows: int, seconds: float) -> None:
-        """Called by the scheduler after every engine pass (`prefill` or `decode`)."""
+        """Called by the scheduler after every engine pass (`prefill`, `decode` or `label_check`)."""
         self.step_seconds.labels(phase).observe(seconds)
         if phase == "decode":
             self.batch_size.observe(rows)

@@ -72,7 +72,7 @@ def test_records_carry_fidelity_and_min_fidelity_filters(client):
     strict = list(client.generate(["exchange_rate"], 2, min_fidelity=0.5, **{**SETTINGS, "seed": 5}))
     assert all(r.fidelity >= 0.5 for r in strict)
     frame = client.generate_df(["card_arrival"], 2, with_scores=True, **SETTINGS)
-    assert list(frame.columns) == ["intent", "text", "fidelity", "predicted_intent"]
+    assert list(frame.columns) == ["intent", "text", "fidelity", "predicted_intent", "label_margin"]
 
 
 def test_health_reports_serving(server):

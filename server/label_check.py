@@ -1,0 +1,100 @@
+"""The label check: does the served model itself prefer the requested intent for a line?
+
+A generated text is scored as the continuation of each candidate intent's line prefix,
+`intent,` + `text\\n`, by the served model: the mean log-probability per token. The
+candidates are the requested intent and its closest rivals: the bundle classifier's most
+likely other intents for the text, plus the request's other intents that brought their own
+examples (the classifier has never seen those). The margin is the requested intent's score
+minus the best rival's; a line passes when the margin reaches the request's `label_margin`.
+
+Context: with `context_examples` k = 0 (the default) the score of a candidate is taken right
+after its bare `intent,` prefix; with k > 0 the candidate's first k examples (the bundle's, or
+the ones the request brought) come first as lines, as in a prompt. All lines that end in one
+decoding step are scored together, in as few padded passes as the token budget allows.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from condgen.codec import encode_line
+from condgen.server.fidelity import FidelityScorer
+from condgen.server.limits import LabelCheckConfig
+from condgen.server.prompts import line_prefix
+
+NOT_CHECKED = math.nan  # the margin of a line that had no rival to be compared with
+
+
+@dataclass(frozen=True)
+class LineToCheck:
+    """One accepted-so-far line: its text, the intent it was written for, and the examples
+    its request brought (intent -> texts), which make those intents candidates too."""
+
+    text: str
+    intent: str
+    supplied: Mapping[str, Sequence[str]] = field(default_factory=dict)
+
+
+class LabelChecker:
+    """Scores lines under competing intents with the served engine."""
+
+    def __init__(self, engine, scorer: FidelityScorer | None, examples: Mapping[str, Sequence[str]],
+                 separator: str, config: LabelCheckConfig = LabelCheckConfig()):
+        self.engine = engine
+        self.scorer = scorer
+        self.examples = examples
+        self.separator = separator
+        self.config = config
+        self._contexts: dict[tuple[str, tuple[str, ...]], list[int]] = {}
+
+    def rivals(self, lines: Sequence[LineToCheck]) -> list[list[str]]:
+        """Each line's rival intents: the classifier's top other intents, then the request's
+        other supplied intents."""
+        ranked: list[list[str]] = [[] for _ in lines]
+        if self.scorer is not None and lines:
+            probs = self.scorer.predict_proba([line.text for line in lines])  # (lines, classes)
+            order = np.argsort(-probs, axis=1)
+            for row, line in enumerate(lines):
+                names = (self.scorer.classes[int(i)] for i in order[row, :self.config.rivals + 1])
+                ranked[row] = [n for n in names if n != line.intent][:self.config.rivals]
+        for row, line in enumerate(lines):
+            ranked[row] += [i for i in line.supplied if i != line.intent and i not in ranked[row]]
+        return ranked
+
+    def margins(self, lines: Sequence[LineToCheck]) -> list[float]:
+        """Per line: score(requested) - max score(rival), or NOT_CHECKED without rivals."""
+        rivals = self.rivals(lines)
+        rows: dict[tuple[tuple[int, ...], str], int] = {}  # (context ids, text) -> row
+        contexts, continuations = [], []
+
+        def row_of(line: LineToCheck, intent: str) -> int:
+            context = self._context(intent, line.supplied)
+            key = (tuple(context), line.text)
+            if key not in rows:
+                rows[key] = len(contexts)
+                contexts.append(context)
+                continuations.append(self.engine.encode(line.text + "\n"))
+            return rows[key]
+
+        plan = [(row_of(line, line.intent), [row_of(line, r) for r in rival])
+                for line, rival in zip(lines, rivals)]
+        if not contexts:
+            return []
+        scores = self.engine.score(contexts, continuations, self.config.max_tokens_per_pass)
+        return [float(scores[own] - max(scores[r] for r in others)) if others else NOT_CHECKED
+                for own, others in plan]
+
+    def _context(self, intent: str, supplied: Mapping[str, Sequence[str]]) -> list[int]:
+        """Token ids before the text: k example lines of `intent` (if configured), then `intent,`."""
+        k = self.config.context_examples
+        texts = tuple(supplied.get(intent, self.examples.get(intent, ())))[:k] if k else ()
+        key = (intent, texts)
+        if key not in self._contexts:
+            if len(self._contexts) > 10_000:
+                self._contexts.clear()  # request-supplied intents come and go: keep the memo bounded
+            lines = "".join(encode_line(intent, t, self.separator) + "\n" for t in texts)
+            self._contexts[key] = self.engine.encode(lines + line_prefix(intent, self.separator))
+        return self._contexts[key]
