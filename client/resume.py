@@ -59,7 +59,8 @@ class Progress:
             request.CopyFrom(self.request)
             del request.intents[:]
             request.intents.extend(intents)
-            kept = [e for e in request.examples if e.intent in intents]  # examples of these intents only
+            # Examples of the intents still asked for (and any the server must refuse as unlisted).
+            kept = [e for e in request.examples if e.intent in intents or e.intent not in self.request.intents]
             del request.examples[:]
             request.examples.extend(kept)
             request.num_records = missing
