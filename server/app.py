@@ -16,11 +16,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from condgen.bundle import read_examples, read_manifest
-from condgen.server.engine import Engine, EngineConfig
+from condgen.bundle import read_manifest
+from condgen.server.engine import EngineConfig
 from condgen.server.heap import HeapConfig, HeapKeeper
-from condgen.server.label_check import LabelChecker, LabelCheckConfig
-from condgen.server.records import RecordJudge
+from condgen.server.limits import LabelCheckConfig
 from condgen.server.security import SecurityConfig
 from condgen.server.scheduler import Scheduler, SchedulerConfig
 from condgen.server.servicer import GeneratorServicer
@@ -84,24 +83,13 @@ class RunningServer:
         self.stopped.set()
 
 
-def label_checker(engine: Engine, judge: RecordJudge, examples: dict[str, list[str]],
-                  config: ServeConfig) -> LabelChecker | None:
-    """The label check over the engine, or None (with a warning) for a bundle that cannot score."""
-    if not engine.can_score:
-        log.warning("this bundle's graph keeps only the last logits: no label check (re-export the bundle)")
-        return None
-    return LabelChecker(engine, judge.scorer, examples, engine.manifest.separator, config.label_check)
-
-
 async def start_server(config: ServeConfig) -> RunningServer:
     """Load the bundle and start serving; returns once the port is bound."""
     manifest = read_manifest(config.bundle, verify=config.verify_bundle)
-    engine = Engine(config.bundle, manifest, config.engine)
-    examples = read_examples(config.bundle)
-    judge = RecordJudge.for_bundle(config.bundle, manifest, examples)
     telemetry = Telemetry()
-    scheduler = Scheduler(engine, examples, manifest.separator, config.scheduler, judge,
-                          on_step=telemetry.observe_step, label_checker=label_checker(engine, judge, examples, config))
+    scheduler = Scheduler.build(config.bundle, config.scheduler, config.engine, config.label_check,
+                                on_step=telemetry.observe_step)
+    engine = scheduler.engine
     telemetry.watch(scheduler)
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]

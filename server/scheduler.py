@@ -37,6 +37,7 @@ All state lives on the event loop thread; only the engine's passes (`Engine.forw
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import math
@@ -44,15 +45,18 @@ import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from pathlib import Path
+from typing import AsyncIterator, Callable, Mapping
 
 import numpy as np
 
 from condgen.codec import normalize_for_match
+from condgen.bundle import read_examples, read_manifest
 from condgen.server.batch import Batch
-from condgen.server.engine import Engine
+from condgen.server.engine import Engine, EngineConfig
 from condgen.server.errors import Overloaded, ShuttingDown
 from condgen.server.label_check import NOT_CHECKED, LabelChecker, LineToCheck
+from condgen.server.limits import LabelCheckConfig
 from condgen.server.prefix_cache import PrefixCache
 from condgen.server.prompts import build_prompt, line_prefix
 from condgen.server.records import REJECTION_REASONS, CopyIndex, JudgeSettings, LengthBounds, RecordJudge, Verdict
@@ -271,6 +275,50 @@ class Scheduler:
         self._on_step = on_step or (lambda phase, rows, seconds: None)
         self.label_checker = label_checker  # None: the label check is not available
         self._pending: list[PendingLine] = []
+
+    @classmethod
+    def build(cls, bundle: str | Path, config: SchedulerConfig = SchedulerConfig(),
+              engine_config: EngineConfig = EngineConfig(), label_check: LabelCheckConfig = LabelCheckConfig(),
+              on_step: Callable[[str, int, float], None] | None = None) -> "Scheduler":
+        """A scheduler over a bundle: its engine, judge and (where the graph can score) label check."""
+        bundle = Path(bundle)
+        manifest = read_manifest(bundle)
+        engine = Engine(bundle, manifest, engine_config)
+        examples = read_examples(bundle)
+        judge = RecordJudge.for_bundle(bundle, manifest, examples)
+        checker = None
+        if engine.can_score:
+            checker = LabelChecker(engine, judge.scorer, examples, manifest.separator, label_check)
+        else:
+            log.warning("this bundle's graph keeps only the last logits: no label check (re-export the bundle)")
+        return cls(engine, examples, manifest.separator, config, judge, on_step, checker)
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def for_bundle(cls, bundle: str | Path, config: SchedulerConfig = SchedulerConfig(),
+                         engine_config: EngineConfig = EngineConfig(),
+                         label_check: LabelCheckConfig = LabelCheckConfig()) -> AsyncIterator["Scheduler"]:
+        """Build a scheduler, run its loop for the `async with` block, then stop it."""
+        scheduler = cls.build(bundle, config, engine_config, label_check)
+        task = asyncio.create_task(scheduler.run(), name="condgen-scheduler")
+        try:
+            yield scheduler
+        finally:
+            scheduler.stop()
+            await task
+
+    async def collect(self, spec: "GenerationSpec", on_record: Callable[["GeneratedRecord"], None] | None = None
+                      ) -> tuple[list["GeneratedRecord"], "GenerationSummary"]:
+        """Every record of one request (each also handed to `on_record`), and its summary."""
+        records, summary = [], None
+        async for item in self.submit(spec):
+            if isinstance(item, GeneratedRecord):
+                records.append(item)
+                if on_record is not None:
+                    on_record(item)
+            else:
+                summary = item
+        return records, summary
 
     # ---- public API -------------------------------------------------------------------
     def submit(self, spec: GenerationSpec) -> RequestHandle:

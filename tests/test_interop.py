@@ -84,6 +84,24 @@ def test_node_and_python_clients_get_the_same_records_for_the_same_request(serve
 
 
 @needs_node
+def test_node_client_sends_examples_of_a_new_intent_and_label_settings(server, client):
+    """--example INTENT=TEXT and the label check flags reach the server as the Python client's do."""
+    texts = ["Can I get a refund on my crypto purchase?", "I want my bitcoin money back", "Refund my ethereum"]
+    result = run_node("--target", server.target, "--intent", "crypto_refund", "--intent", "card_arrival",
+                      "--num-records", "2", *[a for t in texts for a in ("--example", f"crypto_refund={t}")],
+                      "--label-check", "--label-margin=-50", *NODE_SETTINGS)
+    assert result.returncode == 0, result.stderr
+    from_node = sorted(tuple(row) for row in csv_rows(result.stdout))
+    from_python = sorted((r.intent, r.text) for r in client.generate(
+        ["crypto_refund", "card_arrival"], 2, examples={"crypto_refund": texts}, label_check=True,
+        label_margin=-50.0, **PY_SETTINGS))
+    assert from_node == from_python and Counter(i for i, _ in from_node) == {"crypto_refund": 2, "card_arrival": 2}
+    unlisted = run_node("--target", server.target, "--intent", "card_arrival", "--example", "other=a text")
+    assert unlisted.returncode == 1 and "INVALID_ARGUMENT" in unlisted.stderr and "add it there" in unlisted.stderr
+    assert run_node("--intent", "card_arrival", "--example", "no-equals-sign").returncode == 2
+
+
+@needs_node
 def test_node_client_reports_invalid_argument_for_an_unknown_intent(server):
     result = run_node("--target", server.target, "--intent", "card_arival", "--num-records", "1")
     assert result.returncode != 0

@@ -117,37 +117,21 @@ def train_generator(config: EvaluateConfig, few_shot_csv: Path, folder: Path) ->
 
 
 async def _generate(bundle: Path, intents: list[str], config: EvaluateConfig, seed: int):
-    from condgen.bundle import read_examples, read_manifest
-    from condgen.server.engine import Engine
-    from condgen.server.records import RecordJudge
-    from condgen.server.sampling import SamplingSettings
-    from condgen.server.scheduler import GeneratedRecord, GenerationSpec, Scheduler, SchedulerConfig
+    from tqdm import tqdm
 
-    manifest = read_manifest(bundle)
-    examples = read_examples(bundle)
-    # Every intent's prompt recurs when it shows all of a few-shot set: keep all of them.
-    scheduling = SchedulerConfig(prefix_cache_tokens=16384)
-    scheduler = Scheduler(Engine(bundle, manifest), examples, manifest.separator, scheduling,
-                          judge=RecordJudge.for_bundle(bundle, manifest, examples))
-    task = asyncio.create_task(scheduler.run())
+    from condgen.server.sampling import SamplingSettings
+    from condgen.server.scheduler import GenerationSpec, Scheduler, SchedulerConfig
+
     spec = GenerationSpec(intents=tuple(intents), num_records=config.per_intent, seed=seed,
                           sampling=SamplingSettings(temperature=config.temperature, top_p=config.top_p),
                           max_new_tokens=48 if config.quick else 128, num_prompt_examples=config.prompt_examples,
                           min_fidelity=config.min_fidelity, avoid_recent_duplicates=False,
                           require_predicted_intent=config.agreement_filter)
-    records, summary = [], None
-    from tqdm import tqdm
-
-    with tqdm(total=len(intents) * config.per_intent, unit="rec", desc=f"generating (seed {seed})") as bar:
-        async for item in scheduler.submit(spec):
-            if isinstance(item, GeneratedRecord):
-                records.append(LabelledText(item.intent, item.text))
-                bar.update(1)
-            else:
-                summary = item
-    scheduler.stop()
-    await task
-    return records, summary
+    # Every intent's prompt recurs when it shows all of a few-shot set: keep all of them.
+    async with Scheduler.for_bundle(bundle, SchedulerConfig(prefix_cache_tokens=16384)) as scheduler:
+        with tqdm(total=len(intents) * config.per_intent, unit="rec", desc=f"generating (seed {seed})") as bar:
+            generated, summary = await scheduler.collect(spec, on_record=lambda _: bar.update(1))
+    return [LabelledText(r.intent, r.text) for r in generated], summary
 
 
 def score(train: list[LabelledText], test: list[LabelledText]) -> tuple[float, float, dict[str, float]]:

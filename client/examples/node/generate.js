@@ -48,7 +48,14 @@ request:
   --min-fidelity F            drop records the label classifier scores below F (0..1)
   --require-predicted-intent  drop records the classifier assigns to another intent
   --allow-training-copies     keep records that copy a training text
-  --allow-recent-duplicates   keep records the server streamed recently
+  --allow-recent-duplicates   keep records the server streamed recently (the default with --seed)
+  --avoid-recent-duplicates   drop records the server streamed recently (the default without --seed)
+  --example INTENT=TEXT       a real example of INTENT sent with the request (repeat); the
+                              server builds INTENT's prompts from these, so INTENT may be one the
+                              model never saw (list it with --intent too)
+  --label-check               have the served model check each line's label (server default: on)
+  --no-label-check            skip the label check
+  --label-margin M            nats per token by which the requested intent must beat its rivals
 
 output:
   --header                    print the header line "intent,text" first
@@ -82,6 +89,11 @@ const OPTIONS = {
   'require-predicted-intent': { type: 'boolean' },
   'allow-training-copies': { type: 'boolean' },
   'allow-recent-duplicates': { type: 'boolean' },
+  'avoid-recent-duplicates': { type: 'boolean' },
+  example: { type: 'string', multiple: true },
+  'label-check': { type: 'boolean' },
+  'no-label-check': { type: 'boolean' },
+  'label-margin': { type: 'string' },
   header: { type: 'boolean' },
   help: { type: 'boolean', short: 'h' },
 };
@@ -108,6 +120,21 @@ function parseSeed(text) {
     throw new UsageError(`--seed takes a whole number between 0 and 2^64-1, got "${text}"`);
   }
   return text;
+}
+
+/** `--example INTENT=TEXT` options to IntentExamples messages, texts grouped by intent. */
+function parseExamples(values) {
+  const byIntent = new Map();
+  for (const item of values || []) {
+    const split = item.indexOf('=');
+    if (split <= 0 || split === item.length - 1) {
+      throw new UsageError(`--example takes INTENT=TEXT, got "${item}"`);
+    }
+    const intent = item.slice(0, split);
+    if (!byIntent.has(intent)) byIntent.set(intent, []);
+    byIntent.get(intent).push(item.slice(split + 1));
+  }
+  return [...byIntent].map(([intent, texts]) => ({ intent, texts }));
 }
 
 /** Command line to settings; throws UsageError on anything it cannot use. */
@@ -142,7 +169,18 @@ function parseCommandLine(argv, env) {
   setIf(request, 'sequences_per_round', parseInteger('sequences-per-round', values['sequences-per-round'], { min: 1 }));
   setIf(request, 'max_rounds', parseInteger('max-rounds', values['max-rounds'], { min: 1 }));
   setIf(request, 'min_fidelity', parseFloatOption('min-fidelity', values['min-fidelity']));
+  if (values['allow-recent-duplicates'] && values['avoid-recent-duplicates']) {
+    throw new UsageError('give --allow-recent-duplicates or --avoid-recent-duplicates, not both');
+  }
   if (values['allow-recent-duplicates']) request.avoid_recent_duplicates = false;
+  if (values['avoid-recent-duplicates']) request.avoid_recent_duplicates = true;
+  request.examples = parseExamples(values.example);
+  if (values['label-check'] && values['no-label-check']) {
+    throw new UsageError('give --label-check or --no-label-check, not both');
+  }
+  if (values['label-check']) request.label_check = true;
+  if (values['no-label-check']) request.label_check = false;
+  setIf(request, 'label_margin', parseFloatOption('label-margin', values['label-margin']));
 
   const timeout = parseFloatOption('timeout', values.timeout);
   if (timeout !== undefined && timeout <= 0) throw new UsageError('--timeout must be above 0 seconds');
