@@ -2,6 +2,10 @@
 
 Runs the real commands (`condgen train`, `condgen export`, `condgen serve`) as a user
 would, then uses the Python client to fetch a DataFrame and writes demo_out/synthetic.csv.
+The server's label check is on (its default); the bundle classifier's filter is off, so the
+share of rows it assigns to their requested intent judges the generator and its label check.
+A second request brings five texts of an intent the model was never trained on
+(`NEW_INTENT`) and gets new rows of it.
 """
 from __future__ import annotations
 
@@ -15,6 +19,12 @@ import time
 from pathlib import Path
 
 INTENTS = ["card_arrival", "lost_or_stolen_card", "exchange_rate", "top_up_failed", "pin_blocked"]
+NEW_INTENT = "crypto_purchase"  # not one of banking77's intents: its examples come with the request
+NEW_INTENT_TEXTS = ["Can I buy bitcoin with the money in my account?",
+                    "How do I purchase cryptocurrency in the app?",
+                    "I want to buy some ethereum, is that possible?",
+                    "Which cryptocurrencies can I buy with my card?",
+                    "Is there a fee for buying crypto?"]
 
 
 def run_step(title: str, command: list[str]) -> float:
@@ -46,12 +56,21 @@ def copy_rate(frame, train_csv: Path) -> float:
     return float(frame["text"].map(lambda t: normalize_for_match(t) in train).mean()) if len(frame) else 0.0
 
 
+def describe(summary, what: str) -> str:
+    acceptance = summary.records_accepted / summary.lines_parsed if summary.lines_parsed else 0.0
+    rejected = {f.name: v for f, v in summary.rejected.ListFields()}
+    return (f"{what}: accepted {summary.records_accepted}/{summary.lines_parsed} lines = {acceptance:.1%}; "
+            f"rejected: {rejected or 'none'}; tokens generated: {summary.tokens_generated}"
+            f"{'' if summary.complete else ' (INCOMPLETE: round budget spent)'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("demo_out"))
     parser.add_argument("--config", default="configs/banking77-demo.yaml")
     parser.add_argument("--data", default="../shared/data/banking77/train.csv")
     parser.add_argument("--num-records", type=int, default=20)
+    parser.add_argument("--new-intent-records", type=int, default=10)
     parser.add_argument("--skip-training", action="store_true", help="reuse an existing demo_out/bundle")
     args = parser.parse_args()
     started = time.time()
@@ -72,11 +91,20 @@ def main() -> None:
 
         print(f"\n=== 4/4 generate {args.num_records} records for each of {', '.join(INTENTS)}", flush=True)
         gen_started = time.time()
-        with Client(target, timeout=1800) as client, tqdm(total=len(INTENTS) * args.num_records, unit="rec") as bar:
-            frame, summary = client.generate_df(INTENTS, args.num_records, seed=7, temperature=0.9, top_p=0.95,
-                                                on_record=lambda _: bar.update(1), return_summary=True,
-                                                with_scores=True)
-        times["generate_s"] = time.time() - gen_started
+        with Client(target, timeout=1800) as client:
+            with tqdm(total=len(INTENTS) * args.num_records, unit="rec") as bar:
+                frame, summary = client.generate_df(INTENTS, args.num_records, seed=7, temperature=0.9, top_p=0.95,
+                                                    on_record=lambda _: bar.update(1), return_summary=True,
+                                                    with_scores=True)
+            times["generate_s"] = time.time() - gen_started
+            print(f"\n=== 4/4 (cont.) {args.new_intent_records} records of a new intent, {NEW_INTENT!r}, "
+                  f"from {len(NEW_INTENT_TEXTS)} examples sent with the request", flush=True)
+            new_started = time.time()
+            new_frame, new_summary = client.generate_df([NEW_INTENT], args.new_intent_records, seed=7,
+                                                        temperature=0.9, top_p=0.95, max_rounds=40,
+                                                        examples={NEW_INTENT: NEW_INTENT_TEXTS},
+                                                        return_summary=True, with_scores=True)
+            times["new_intent_s"] = time.time() - new_started
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
@@ -84,16 +112,19 @@ def main() -> None:
     frame[["intent", "text"]].to_csv(out_csv, index=False)
     import pandas as pd
 
-    with pd.option_context("display.max_rows", 200, "display.max_colwidth", 90, "display.width", 140):
-        print(frame)
-    acceptance = summary.records_accepted / summary.lines_parsed if summary.lines_parsed else 0.0
-    rejected = {f.name: v for f, v in summary.rejected.ListFields()}
+    with pd.option_context("display.max_colwidth", 90, "display.width", 140):
+        print("\na sample (3 rows per intent):")
+        print(frame.groupby("intent", sort=False).head(3)[["intent", "text", "label_margin"]].to_string(index=False))
+        print(f"\nthe new intent {NEW_INTENT!r} ({len(new_frame)} rows):")
+        print(new_frame[["intent", "text", "label_margin"]].to_string(index=False))
     print(f"\nwrote {len(frame)} rows to {out_csv}")
-    print(f"acceptance: {summary.records_accepted}/{summary.lines_parsed} lines = {acceptance:.1%}; "
-          f"rejected: {rejected or 'none'}; tokens generated: {summary.tokens_generated}")
+    print(describe(summary, "the five intents"))
+    print(describe(new_summary, f"the new intent {NEW_INTENT!r}"))
+    on_label = (frame["predicted_intent"] == frame["intent"]).mean() if len(frame) else 0.0
     print(f"copies of a training text: {copy_rate(frame, Path(args.data)):.1%}; mean fidelity (bundle classifier): "
-          f"{frame['fidelity'].mean():.3f}, predicted intent = requested for "
-          f"{(frame['predicted_intent'] == frame['intent']).mean():.0%}")
+          f"{frame['fidelity'].mean():.3f}")
+    print(f"on-label: the bundle classifier assigns {on_label:.0%} of the rows to their requested intent "
+          f"(its filter off; the served model's label check on)")
     times["total_s"] = time.time() - started
     print("timings: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
 
