@@ -280,12 +280,19 @@ def cmd_serve(args) -> None:
                          max_connection_age_seconds=args.max_connection_age_seconds,
                          heap=heap_config(args),
                          defaults=Defaults(label_check=args.label_check, label_margin=args.label_margin),
-                         label_check=LabelCheckConfig(rivals=args.label_rivals,
-                                                      context_examples=args.label_context_examples),
+                         label_check=label_check_config(args),
                          limits=Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)}),
                          security=SecurityConfig.from_files(args.tls_cert, args.tls_key, args.tls_client_ca,
                                                             args.auth_token_file))
     asyncio.run(serve_forever(config))
+
+
+def label_check_config(args) -> LabelCheckConfig:
+    """`condgen serve`'s label check flags; a bad value is a one-line error."""
+    try:
+        return LabelCheckConfig(rivals=args.label_rivals, context_examples=args.label_context_examples)
+    except ValueError as exc:
+        raise CliError(f"{exc} (see condgen serve --help)") from exc
 
 
 def heap_config(args):

@@ -194,3 +194,13 @@ def test_a_retry_sends_the_examples_of_the_missing_intents_only():
     (retry,) = progress.next_requests()
     assert list(retry.intents) == ["card_arrival"]
     assert [e.intent for e in retry.examples] == ["card_arrival"]
+
+
+@pytest.mark.parametrize("flag, value, message", [("--label-rivals", "0", "rivals must be at least 1"),
+                                                  ("--label-context-examples", "-1", "must not be negative")])
+def test_serve_refuses_bad_label_check_flags_in_one_line(tmp_path, capsys, flag, value, message):
+    from condgen.cli import main
+
+    assert main(["serve", "--bundle", str(tmp_path), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
