@@ -69,6 +69,9 @@ def session_options(threads: int) -> ort.SessionOptions:
     # and grow to several GB; plain allocations give the memory back.
     options.enable_cpu_mem_arena = False
     options.enable_mem_pattern = False
+    # Errors only: ORT warns at every load that `num_logits_to_keep` (an input with a default,
+    # by design) is not folded as a constant.
+    options.log_severity_level = 3
     return options
 
 

@@ -43,6 +43,23 @@ def plot_per_intent(path: Path, report: dict) -> Path:
     return path
 
 
+def plot_margin_precision(path: Path, sweep: list[dict]) -> Path:
+    """The label check's margin against the share of rows it keeps and their judged precision."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    margins = [row["margin"] for row in sweep]
+    ax.plot(margins, [row["label_precision"] * 100 for row in sweep], marker="o", label="labelled as requested")
+    ax.plot(margins, [row["kept_share"] * 100 for row in sweep], marker="s", linestyle="--", label="rows kept")
+    ax.set_xlabel("label margin (nats per token)")
+    ax.set_ylabel("%")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_lengths(path: Path, real, synthetic) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 4))

@@ -1,0 +1,406 @@
+"""`condgen evaluate --setting novel`: do synthetic rows help where a dataset is thin?
+
+The generalized few-shot setting: most intents keep all their rows, a few ("novel") intents
+have only `shots` real rows. The intents are split, seeded, into folds of `novel_per_fold`
+novel intents; fold 0 is for tuning only and never reported. Per fold:
+
+1. the training rows: every row of the base intents, `shots` seeded rows of each novel one;
+   the other rows of the novel intents are held back (they never reach the generator);
+2. the generator: fine-tuned on exactly those rows (`generator="fold"`), or on the base
+   intents alone (`generator="base-only"`), in which case the novel intents' `shots` rows go
+   with the request as examples;
+3. `per_intent` rows per novel intent through the server's own scheduler, with the label check
+   at the fold's margin (the tuning fold generates with every margin kept and picks one);
+4. one TF-IDF + logistic-regression recipe trained on: real rows; real rows with the novel rows
+   oversampled; real rows with balanced class weights; real + synthetic rows; and, as a topline,
+   real rows plus as many held-back real rows of the novel intents as synthetic ones;
+5. scored on the test split: accuracy on the novel intents' test rows (primary), their macro-F1,
+   base-intent accuracy, overall accuracy, per-intent recall gains.
+
+The tuning fold picks the strongest real-data baseline, the label margin and the number of
+synthetic rows per intent; the evaluation folds report with those choices. A judge trained on
+the full training split measures the share of kept rows labelled as requested (a diagnostic,
+never a filter).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import statistics
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from condgen.codec import LabelledText
+
+log = logging.getLogger(__name__)
+
+GENERATORS = ("fold", "base-only")
+BASELINES = ("real", "oversampled", "balanced")
+TUNE_MARGINS = (-0.5, -0.25, 0.0, 0.1, 0.25, 0.5)
+SCORED_MARGIN = -100.0  # keeps every row, with its margin (the tuning fold filters afterwards)
+
+
+@dataclass
+class NovelConfig:
+    """Settings of the novel-intent experiment (`condgen evaluate --setting novel`)."""
+
+    data: str
+    test: str
+    output: Path
+    shots: int = 5
+    per_intent: int = 40
+    novel_per_fold: int = 11
+    folds: int = 2  # evaluation folds, after the tuning fold
+    seed: int = 0
+    generator: str = "fold"
+    base_model: str = "smollm2-135m"
+    steps: int = 120
+    batch_size: int = 8
+    max_tokens: int = 64
+    learning_rate: float = 3e-4
+    temperature: float = 0.9
+    top_p: float = 0.95
+    prompt_examples: int = 25
+    group_by_intent: bool = False
+    text_column: str | None = None
+    label_column: str | None = None
+    reuse: bool = False
+    quick: bool = False
+
+    def __post_init__(self) -> None:
+        if self.generator not in GENERATORS:
+            raise ValueError(f"generator {self.generator!r} is not one of {', '.join(GENERATORS)}")
+        if self.shots < 1 or self.per_intent < 1 or self.novel_per_fold < 1 or self.folds < 1:
+            raise ValueError("shots, per_intent, novel_per_fold and folds must be at least 1")
+
+
+@dataclass
+class FoldData:
+    """One fold's split of the training rows."""
+
+    number: int
+    novel: list[str]
+    train: list[LabelledText]  # base intents whole + `shots` rows per novel intent
+    held_back: dict[str, list[LabelledText]]  # the novel intents' other rows (topline only)
+
+
+@dataclass
+class Choices:
+    """What the tuning fold picked."""
+
+    baseline: str = "balanced"
+    margin: float = 0.0
+    rows_per_intent: int = 40
+
+
+@dataclass
+class FoldResult:
+    number: int
+    novel: list[str]
+    scores: dict[str, dict]  # recipe -> metrics
+    label_precision: float
+    train_copy_rate: float
+    records_per_second: float
+    synthetic_rows: int
+    seconds: float
+    per_intent_gain_points: dict[str, float] = field(default_factory=dict)
+
+
+def split_folds(intents: list[str], novel_per_fold: int, folds: int, seed: int) -> list[list[str]]:
+    """`folds` + 1 disjoint, seeded sets of novel intents (the first is the tuning fold)."""
+    wanted = (folds + 1) * novel_per_fold
+    if wanted > len(intents) - 1:
+        raise ValueError(f"{folds + 1} folds of {novel_per_fold} novel intents need {wanted} intents and at "
+                         f"least one base intent; the data has {len(intents)}")
+    order = sorted(intents)
+    random.Random(seed).shuffle(order)
+    return [sorted(order[i * novel_per_fold:(i + 1) * novel_per_fold]) for i in range(folds + 1)]
+
+
+def fold_data(number: int, records: list[LabelledText], novel: list[str], shots: int, seed: int) -> FoldData:
+    """Keep every base row and `shots` seeded rows per novel intent; hold the rest back."""
+    novel_set = set(novel)
+    by_intent: dict[str, list[LabelledText]] = defaultdict(list)
+    for record in records:
+        by_intent[record.intent].append(record)
+    rng = random.Random(seed * 1000 + number)
+    train = [r for r in records if r.intent not in novel_set]
+    held_back = {}
+    for intent in novel:
+        rows = list(by_intent[intent])
+        rng.shuffle(rows)
+        train += rows[:shots]
+        held_back[intent] = rows[shots:]
+    return FoldData(number, novel, train, held_back)
+
+
+def fit(rows: list[LabelledText], balanced: bool = False):
+    from condgen.training.fidelity import make_pipeline
+
+    pipeline = make_pipeline()
+    if balanced:
+        pipeline.set_params(logisticregression__class_weight="balanced")
+    return pipeline.fit([r.text for r in rows], [r.intent for r in rows])
+
+
+def oversample(rows: list[LabelledText], novel: list[str], count: int, seed: int) -> list[LabelledText]:
+    """The novel intents' rows repeated (seeded) up to `count` rows each."""
+    rng = random.Random(seed)
+    extra = []
+    for intent in novel:
+        own = [r for r in rows if r.intent == intent]
+        extra += [rng.choice(own) for _ in range(max(0, count - len(own)))]
+    return rows + extra
+
+
+def metrics(model, test: list[LabelledText], novel: list[str]) -> dict:
+    """Novel-intent accuracy (primary), their macro-F1 and recalls, base and overall accuracy."""
+    from sklearn.metrics import f1_score
+
+    predicted = model.predict([r.text for r in test])
+    truth = [r.intent for r in test]
+    novel_set = set(novel)
+    on_novel = [(t, p) for t, p in zip(truth, predicted) if t in novel_set]
+    on_base = [(t, p) for t, p in zip(truth, predicted) if t not in novel_set]
+    recall = {i: statistics.mean(p == t for t, p in on_novel if t == i) for i in novel}
+    return {"novel_acc": _accuracy(on_novel), "base_acc": _accuracy(on_base),
+            "overall_acc": _accuracy(list(zip(truth, predicted))),
+            "novel_macro_f1": float(f1_score([t for t, _ in on_novel], [p for _, p in on_novel], labels=novel,
+                                             average="macro", zero_division=0)),
+            "novel_recall": recall}
+
+
+def _accuracy(pairs) -> float:
+    return sum(t == p for t, p in pairs) / len(pairs) if pairs else 0.0
+
+
+def recipes(fold: FoldData, synthetic: list[LabelledText], seed: int) -> dict[str, tuple[list, bool]]:
+    """Training rows and class weighting of every recipe compared."""
+    per_intent = Counter(r.intent for r in synthetic)
+    topline = [r for i in fold.novel for r in fold.held_back[i][:per_intent.get(i, 0)]]
+    novel = set(fold.novel)
+    base_counts = Counter(r.intent for r in fold.train if r.intent not in novel)
+    typical = int(statistics.median(base_counts.values()))  # oversample the novel rows up to a base intent's
+    return {"real": (fold.train, False),
+            "oversampled": (oversample(fold.train, fold.novel, typical, seed), False),
+            "balanced": (fold.train, True),
+            "augmented": (fold.train + synthetic, False),
+            "topline": (fold.train + topline, False)}
+
+
+def score_recipes(fold: FoldData, synthetic: list[LabelledText], test, seed: int, only=None) -> dict[str, dict]:
+    scores = {}
+    for name, (rows, balanced) in recipes(fold, synthetic, seed).items():
+        if only is None or name in only:
+            log.info("fold %d: fitting %s (%d rows)", fold.number, name, len(rows))
+            scores[name] = metrics(fit(rows, balanced), test, fold.novel)
+    return scores
+
+
+def generator_rows(config: NovelConfig, fold: FoldData) -> list[LabelledText]:
+    """What the generator is fine-tuned on: the fold's rows, or its base intents' rows alone."""
+    if config.generator == "fold":
+        return fold.train
+    novel = set(fold.novel)
+    return [r for r in fold.train if r.intent not in novel]
+
+
+def build_generator(config: NovelConfig, fold: FoldData, folder: Path) -> Path:
+    from condgen.training.evaluate import train_generator, write_csv
+
+    bundle = folder / "bundle"
+    if config.reuse and (bundle / "condgen.json").is_file():
+        log.info("fold %d: reusing %s", fold.number, bundle)
+        return bundle
+    rows_csv = write_csv(folder / "generator_train.csv", generator_rows(config, fold))
+    return train_generator(config, rows_csv, folder)
+
+
+def request_examples(config: NovelConfig, fold: FoldData) -> dict[str, tuple[str, ...]]:
+    """The novel intents' real rows, sent with the request by the base-only generator."""
+    if config.generator == "fold":
+        return {}
+    novel = set(fold.novel)
+    examples: dict[str, list[str]] = defaultdict(list)
+    for record in fold.train:
+        if record.intent in novel:
+            examples[record.intent].append(record.text)
+    return {intent: tuple(texts) for intent, texts in examples.items()}
+
+
+async def _generate(bundle: Path, spec) -> tuple[list, object, float]:
+    from condgen.server.scheduler import Scheduler, SchedulerConfig
+
+    async with Scheduler.for_bundle(bundle, SchedulerConfig(prefix_cache_tokens=16384)) as scheduler:
+        started = time.perf_counter()
+        records, summary = await scheduler.collect(spec)
+        return records, summary, time.perf_counter() - started
+
+
+def generate(config: NovelConfig, fold: FoldData, bundle: Path, margin: float, per_intent: int):
+    """`per_intent` rows per novel intent through the server's scheduler, with the label check."""
+    from condgen.server.sampling import SamplingSettings
+    from condgen.server.scheduler import GenerationSpec
+
+    spec = GenerationSpec(intents=tuple(fold.novel), num_records=per_intent, seed=config.seed * 100 + fold.number,
+                          sampling=SamplingSettings(temperature=config.temperature, top_p=config.top_p),
+                          max_new_tokens=48 if config.quick else 128, num_prompt_examples=config.prompt_examples,
+                          avoid_recent_duplicates=False, label_check=True, label_margin=margin,
+                          examples=request_examples(config, fold))
+    records, summary, seconds = asyncio.run(_generate(bundle, spec))
+    log.info("fold %d: %d rows in %.0f s (%d lines, rejected %s)", fold.number, len(records), seconds,
+             summary.lines_parsed, dict(summary.rejected))
+    return records, summary, seconds
+
+
+def kept(records, margin: float, per_intent: int) -> list[LabelledText]:
+    """The first `per_intent` rows per intent whose margin reaches `margin`."""
+    taken: Counter = Counter()
+    rows = []
+    for record in records:
+        if record.label_margin >= margin and taken[record.intent] < per_intent:
+            taken[record.intent] += 1
+            rows.append(LabelledText(record.intent, record.text))
+    return rows
+
+
+def judged_right(judge, rows) -> list[bool]:
+    return [p == r.intent for p, r in zip(judge.predict([r.text for r in rows]), rows)] if rows else []
+
+
+def copy_share(fold: FoldData, rows: list[LabelledText]) -> float:
+    from condgen.server.copy_index import CopyIndex
+
+    index = CopyIndex(r.text for r in fold.train)
+    return sum(index.is_copy(r.text) for r in rows) / len(rows) if rows else 0.0
+
+
+def tune(config: NovelConfig, fold: FoldData, test, judge) -> tuple[Choices, dict]:
+    """On the tuning fold: generate once with every margin kept, then pick the strongest real
+    baseline, the margin and the row count by novel-intent accuracy."""
+    folder = config.output / f"fold-{fold.number}"
+    bundle = build_generator(config, fold, folder)
+    records, _, _ = generate(config, fold, bundle, SCORED_MARGIN, config.per_intent)
+    scores = score_recipes(fold, [], test, config.seed, only=BASELINES)
+    baseline = max(BASELINES, key=lambda name: scores[name]["novel_acc"])
+    right = judged_right(judge, [LabelledText(r.intent, r.text) for r in records])
+    sweep, best = [], None
+    counts = sorted({max(1, config.per_intent // 2), config.per_intent})
+    for margin in TUNE_MARGINS:
+        share = [ok for r, ok in zip(records, right) if r.label_margin >= margin]
+        entry = {"margin": margin, "kept_share": len(share) / len(records) if records else 0.0,
+                 "label_precision": sum(share) / len(share) if share else 0.0}
+        for count in counts:
+            rows = kept(records, margin, count)
+            acc = metrics(fit(fold.train + rows), test, fold.novel)["novel_acc"]
+            entry[f"novel_acc_{count}"] = acc
+            if best is None or acc > best[0]:
+                best = (acc, margin, count)
+        sweep.append(entry)
+        log.info("tuning: %s", entry)
+    choices = Choices(baseline, best[1], best[2])
+    return choices, {"fold": fold.number, "novel": fold.novel, "baselines": {k: v["novel_acc"] for k, v in scores.items()},
+                     "sweep": sweep, "choices": asdict(choices)}
+
+
+def run_fold(config: NovelConfig, fold: FoldData, test, judge, choices: Choices) -> FoldResult:
+    started = time.time()
+    folder = config.output / f"fold-{fold.number}"
+    bundle = build_generator(config, fold, folder)
+    records, _, seconds = generate(config, fold, bundle, choices.margin, choices.rows_per_intent)
+    rows = [LabelledText(r.intent, r.text) for r in records]
+    from condgen.training.evaluate import write_csv
+
+    write_csv(folder / "synthetic.csv", rows)
+    scores = score_recipes(fold, rows, test, config.seed)
+    base, aug = scores[choices.baseline]["novel_recall"], scores["augmented"]["novel_recall"]
+    right = judged_right(judge, rows)
+    return FoldResult(fold.number, fold.novel, scores, sum(right) / len(right) if right else 0.0,
+                      copy_share(fold, rows), len(rows) / seconds if seconds else 0.0, len(rows),
+                      time.time() - started, {i: (aug[i] - base[i]) * 100 for i in fold.novel})
+
+
+def summarise(config: NovelConfig, choices: Choices, results: list[FoldResult], tuning: dict, seconds: float) -> dict:
+    """report.json: the means over evaluation folds, the paired CI, and every fold's figures."""
+    from condgen.training.evaluate import paired_ci95
+
+    def mean(recipe: str, key: str) -> float:
+        return statistics.mean(r.scores[recipe][key] for r in results)
+
+    gains = [(r.scores["augmented"]["novel_acc"] - r.scores[choices.baseline]["novel_acc"]) * 100 for r in results]
+    per_intent = {i: g for r in results for i, g in r.per_intent_gain_points.items()}
+    return {
+        "setting": "novel", "generator": config.generator, "shots": config.shots,
+        "novel_per_fold": config.novel_per_fold, "folds": len(results), "per_intent": choices.rows_per_intent,
+        "label_margin": choices.margin, "baseline_name": choices.baseline,
+        "novel_acc_baseline": mean(choices.baseline, "novel_acc"), "novel_acc_augmented": mean("augmented", "novel_acc"),
+        "novel_gain_points": statistics.mean(gains), "novel_gain_ci95": paired_ci95(gains),
+        "novel_acc_topline": mean("topline", "novel_acc"),
+        "novel_acc_by_recipe": {name: mean(name, "novel_acc") for name in results[0].scores},
+        "novel_macro_f1_baseline": mean(choices.baseline, "novel_macro_f1"),
+        "novel_macro_f1_augmented": mean("augmented", "novel_macro_f1"),
+        "base_acc_delta_points": (mean("augmented", "base_acc") - mean(choices.baseline, "base_acc")) * 100,
+        "overall_gain_points": (mean("augmented", "overall_acc") - mean(choices.baseline, "overall_acc")) * 100,
+        "label_precision": statistics.mean(r.label_precision for r in results),
+        "train_copy_rate": statistics.mean(r.train_copy_rate for r in results),
+        "records_per_second": statistics.mean(r.records_per_second for r in results),
+        "per_intent_gain_points": per_intent, "seconds": seconds, "tuning": tuning,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+        "per_fold": [{**{k: v for k, v in asdict(r).items() if k != "scores"},
+                      "novel_gain_points": g,
+                      "scores": {name: {k: v for k, v in s.items() if k != "novel_recall"}
+                                 for name, s in r.scores.items()}} for r, g in zip(results, gains)],
+    }
+
+
+def write_novel_report(output: Path, report: dict) -> None:
+    from condgen.training.plots import plot_margin_precision, plot_per_intent
+
+    plots = [plot_per_intent(output / "per_intent_gain.png", report),
+             plot_margin_precision(output / "label_precision.png", report["tuning"]["sweep"])]
+    lines = [f"# condgen evaluate --setting novel ({report['generator']} generator)", "",
+             f"{report['folds']} evaluation folds of {report['novel_per_fold']} novel intents with "
+             f"{report['shots']} real rows each; every other intent keeps all its rows. Tuning fold choices: "
+             f"baseline `{report['baseline_name']}`, label margin {report['label_margin']}, "
+             f"{report['per_intent']} synthetic rows per novel intent.", "",
+             "| recipe | novel-intent accuracy (mean over folds) |", "|---|---|"]
+    lines += [f"| {name} | {acc:.1%} |" for name, acc in report["novel_acc_by_recipe"].items()]
+    lines += ["", f"- novel-intent gain over `{report['baseline_name']}`: {report['novel_gain_points']:+.1f} points "
+              f"(95% CI {report['novel_gain_ci95'][0]:+.1f} to {report['novel_gain_ci95'][1]:+.1f})",
+              f"- base-intent accuracy change: {report['base_acc_delta_points']:+.2f} points; overall: "
+              f"{report['overall_gain_points']:+.2f} points",
+              f"- kept rows labelled as requested by the full-data judge: {report['label_precision']:.1%}; "
+              f"training copies: {report['train_copy_rate']:.1%}; {report['records_per_second']:.2f} records/s",
+              ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    (output / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def evaluate_novel(config: NovelConfig) -> dict:
+    """Run the novel-intent experiment; writes report.json, report.md and plots to config.output."""
+    from condgen.training.data import load_records
+
+    started = time.time()
+    config.output.mkdir(parents=True, exist_ok=True)
+    train = load_records(config.data, config.text_column, config.label_column)
+    test = load_records(config.test, config.text_column, config.label_column)
+    judge = fit(train)  # the full-data judge: diagnostics only
+    intents = sorted({r.intent for r in train})
+    folds = [fold_data(n, train, novel, config.shots, config.seed)
+             for n, novel in enumerate(split_folds(intents, config.novel_per_fold, config.folds, config.seed))]
+    choices, tuning = tune(config, folds[0], test, judge)
+    log.info("tuning fold chose %s", choices)
+    results = [run_fold(config, fold, test, judge, choices) for fold in folds[1:]]
+    report = summarise(config, choices, results, tuning, time.time() - started)
+    (config.output / "report.json").write_text(json.dumps(report, indent=2))
+    write_novel_report(config.output, report)
+    return report
+
+
+def quick_config(config: NovelConfig) -> NovelConfig:
+    """The tests' settings: the tiny model, few steps, small folds."""
+    return replace(config, quick=True, steps=min(config.steps, 60), per_intent=min(config.per_intent, 4),
+                   novel_per_fold=min(config.novel_per_fold, 2), folds=1)
