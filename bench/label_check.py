@@ -94,6 +94,9 @@ async def measure(args) -> dict:
                         **{k: v for k, v in run.items() if k != "records"}}
     scored = runs["scored"]["records"]
     report["sweep"] = sweep(scored, right(scored))
+    predicted = judge.predict([r.text for r in scored]) if scored else []
+    report["rows"] = [{"intent": r.intent, "text": r.text, "label_margin": r.label_margin, "judge": str(p)}
+                      for r, p in zip(scored, predicted)]
     report["scoring_overhead"] = runs["scored"]["seconds"] / runs["off"]["seconds"] - 1.0
     report["records_per_s_ratio_on_vs_off"] = runs["on"]["records_per_s"] / runs["off"]["records_per_s"]
     return report

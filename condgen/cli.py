@@ -115,6 +115,10 @@ def _add_serve(sub) -> None:
     label.add_argument("--label-context-examples", type=int, default=LabelCheckConfig.context_examples,
                        help="examples of each candidate intent before its `intent,` prefix when scoring "
                             f"(default {LabelCheckConfig.context_examples}: the bare prefix)")
+    label.add_argument("--label-supplied-context-examples", type=int,
+                       default=LabelCheckConfig.supplied_context_examples,
+                       help="the same for lines where a candidate intent came with the request's examples "
+                            f"(the model may not know its name; default {LabelCheckConfig.supplied_context_examples})")
     limits = p.add_argument_group("request limits (violations get INVALID_ARGUMENT)")
     for field in dataclasses.fields(Limits):
         limits.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default,
@@ -318,7 +322,8 @@ def cmd_serve(args) -> None:
 def label_check_config(args) -> LabelCheckConfig:
     """`condgen serve`'s label check flags; a bad value is a one-line error."""
     try:
-        return LabelCheckConfig(rivals=args.label_rivals, context_examples=args.label_context_examples)
+        return LabelCheckConfig(rivals=args.label_rivals, context_examples=args.label_context_examples,
+                                supplied_context_examples=args.label_supplied_context_examples)
     except ValueError as exc:
         raise CliError(f"{exc} (see condgen serve --help)") from exc
 

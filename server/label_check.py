@@ -7,10 +7,13 @@ likely other intents for the text, plus the request's other intents that brought
 examples (the classifier has never seen those). The margin is the requested intent's score
 minus the best rival's; a line passes when the margin reaches the request's `label_margin`.
 
-Context: with `context_examples` k = 0 (the default) the score of a candidate is taken right
-after its bare `intent,` prefix; with k > 0 the candidate's first k examples (the bundle's, or
-the ones the request brought) come first as lines, as in a prompt. All lines that end in one
-decoding step are scored together, in as few padded passes as the token budget allows.
+Context: with `context_examples` k = 0 the score of a candidate is taken right after its bare
+`intent,` prefix; with k > 0 the candidate's first k examples (the bundle's, or the ones the
+request brought) come first as lines, as in a prompt. A line among whose candidates is an intent
+the request brought examples of uses `supplied_context_examples` instead: the model may never
+have seen that intent's name, so its examples, and as many of every rival's, make the scores
+comparable. All lines that end in one decoding step are scored together, in as few padded
+passes as the token budget allows.
 """
 from __future__ import annotations
 
@@ -70,8 +73,8 @@ class LabelChecker:
         rows: dict[tuple[tuple[int, ...], str], int] = {}  # (context ids, text) -> row
         contexts, continuations = [], []
 
-        def row_of(line: LineToCheck, intent: str) -> int:
-            context = self._context(intent, line.supplied)
+        def row_of(line: LineToCheck, intent: str, k: int) -> int:
+            context = self._context(intent, line.supplied, k)
             key = (tuple(context), line.text)
             if key not in rows:
                 rows[key] = len(contexts)
@@ -79,17 +82,24 @@ class LabelChecker:
                 continuations.append(self.engine.encode(line.text + "\n"))
             return rows[key]
 
-        plan = [(row_of(line, line.intent), [row_of(line, r) for r in rival])
-                for line, rival in zip(lines, rivals)]
+        plan = []
+        for line, rival in zip(lines, rivals):
+            k = self._examples_for(line, rival)
+            plan.append((row_of(line, line.intent, k), [row_of(line, r, k) for r in rival]))
         if not contexts:
             return []
         scores = self.engine.score(contexts, continuations, self.config.max_tokens_per_pass)
         return [float(scores[own] - max(scores[r] for r in others)) if others else NOT_CHECKED
                 for own, others in plan]
 
-    def _context(self, intent: str, supplied: Mapping[str, Sequence[str]]) -> list[int]:
-        """Token ids before the text: k example lines of `intent` (if configured), then `intent,`."""
-        k = self.config.context_examples
+    def _examples_for(self, line: LineToCheck, rivals: list[str]) -> int:
+        """Examples of context per candidate: more where a candidate came with the request."""
+        if any(intent in line.supplied for intent in (line.intent, *rivals)):
+            return self.config.supplied_context_examples
+        return self.config.context_examples
+
+    def _context(self, intent: str, supplied: Mapping[str, Sequence[str]], k: int) -> list[int]:
+        """Token ids before the text: k example lines of `intent`, then `intent,`."""
         texts = tuple(supplied.get(intent, self.examples.get(intent, ())))[:k] if k else ()
         key = (intent, texts)
         if key not in self._contexts:

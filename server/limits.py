@@ -43,12 +43,13 @@ class LabelCheckConfig:
 
     rivals: int = 3  # the classifier's most likely other intents scored against the requested one
     context_examples: int = 0  # examples of the candidate intent before its prefix; 0: the bare prefix
+    supplied_context_examples: int = 3  # the same, for lines with a request-supplied candidate intent
     max_tokens_per_pass: int = 1024  # padded tokens of one scoring pass (its logits: this x vocab floats)
 
     def __post_init__(self) -> None:
         if self.rivals < 1:
             raise ValueError("label check: rivals must be at least 1")
-        if self.context_examples < 0:
+        if self.context_examples < 0 or self.supplied_context_examples < 0:
             raise ValueError("label check: context_examples must not be negative")
         if self.max_tokens_per_pass < 64:
             raise ValueError("label check: max_tokens_per_pass must be at least 64")

@@ -204,3 +204,16 @@ def test_serve_refuses_bad_label_check_flags_in_one_line(tmp_path, capsys, flag,
     assert main(["serve", "--bundle", str(tmp_path), flag, value]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_lines_with_a_request_supplied_candidate_are_scored_after_examples(checker):
+    bare = LabelChecker(checker.engine, checker.scorer, checker.examples, ",",
+                        LabelCheckConfig(rivals=2, supplied_context_examples=0))
+    shown = LabelChecker(checker.engine, checker.scorer, checker.examples, ",",
+                         LabelCheckConfig(rivals=2, supplied_context_examples=2))
+    new_line = LineToCheck("I want my bitcoin back", NEW_INTENT, {NEW_INTENT: tuple(NEW_TEXTS)})
+    known_line = LineToCheck("I lost my card", "lost_or_stolen_card")
+    assert bare.margins([known_line]) == pytest.approx(shown.margins([known_line]))
+    assert bare.margins([new_line])[0] != pytest.approx(shown.margins([new_line])[0], abs=1e-4)
+    assert shown._context(NEW_INTENT, new_line.supplied, 2) == checker.engine.encode(
+        "".join(f"{NEW_INTENT},{t}\n" for t in NEW_TEXTS[:2]) + f"{NEW_INTENT},")
