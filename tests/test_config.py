@@ -271,3 +271,9 @@ def test_gretel_fields_condgen_cannot_honour_are_refused_in_one_line(tmp_path, f
     with pytest.raises(ConfigError, match=f"`{field}` is set, which condgen cannot honour") as caught:
         _load(tmp_path, f"models:\n  - gpt_x:\n      {field}: {value}\n")
     assert "\n" not in str(caught.value)
+
+
+def test_boolean_fields_take_booleans():
+    assert parse_config(_one(group_by_intent=True)).group_by_intent is True
+    with pytest.raises(ConfigError, match="`group_by_intent` must be a bool"):
+        parse_config(_one(group_by_intent="yes please"))

@@ -138,7 +138,9 @@ def _field_types() -> dict[str, type | tuple]:
     kinds = {}
     for f in fields(TrainingConfig):
         text = str(f.type)
-        if "float" in text:
+        if text == "bool":
+            kinds[f.name] = bool
+        elif "float" in text:
             kinds[f.name] = (int, float)
         elif "int" in text:
             kinds[f.name] = int
@@ -168,10 +170,10 @@ def _check_value(key: str, value: Any, kinds: dict) -> Any:
     if value is None:
         return None
     expected = kinds[key]
-    if isinstance(value, str) and expected is not str:
+    if isinstance(value, str) and expected not in (str, bool):
         number = _number_from_text(value, expected)
         value = number if number is not None else value
-    if isinstance(value, bool) or not isinstance(value, expected):
+    if (isinstance(value, bool) and expected is not bool) or not isinstance(value, expected):
         names = expected.__name__ if isinstance(expected, type) else "number"
         raise ConfigError(f"field `{key}` must be a {names}, got {value!r}")
     return value
