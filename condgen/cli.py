@@ -411,8 +411,8 @@ def cmd_evaluate_novel(args) -> None:
                              folds=args.folds, seed=args.seeds[0], generator=args.generator,
                              base_model=args.base_model, steps=args.steps or defaults.steps,
                              temperature=defaults.temperature if args.temperature is None else args.temperature,
-                             prompt_examples=args.prompt_examples, text_column=args.text_column,
-                             label_column=args.label_column, reuse=args.reuse_bundles)
+                             prompt_examples=args.prompt_examples, group_by_intent=args.group_by_intent,
+                             text_column=args.text_column, label_column=args.label_column, reuse=args.reuse_bundles)
     except ValueError as exc:
         raise CliError(str(exc)) from exc
     if args.quick:

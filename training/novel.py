@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 GENERATORS = ("fold", "base-only")
 BASELINES = ("real", "oversampled", "balanced")
-TUNE_MARGINS = (-0.5, -0.25, 0.0, 0.1, 0.25, 0.5)
+TUNE_MARGINS = (-0.1, 0.0, 0.1, 0.25)
 SCORED_MARGIN = -100.0  # keeps every row, with its margin (the tuning fold filters afterwards)
 
 
