@@ -65,7 +65,9 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
         limits = {**self.limits.to_dict(), "max_batch_size": self.scheduler.config.max_batch_size,
                   "max_batch_tokens": self.scheduler.config.max_batch_tokens,
                   "max_active_requests": self.scheduler.config.max_active_requests,
-                  "defaults": asdict(self.defaults)}
+                  "defaults": asdict(self.defaults),
+                  "label_check": (asdict(self.scheduler.label_checker.config) if self.scheduler.label_checker
+                                  else None)}
         return pb.ModelInfo(base_model=m.base_model, format_version=m.format_version,
                             training_config_json=json.dumps(m.training_config),
                             training_stats_json=json.dumps(m.training_stats),

@@ -94,6 +94,7 @@ def test_model_info(client, bundle):
     assert json.loads(info.onnx_json)["parity_max_abs_diff"] < 1e-3
     assert json.loads(info.training_config_json)["steps"] == 250
     assert json.loads(info.limits_json)["max_batch_size"] == 32
+    assert json.loads(info.limits_json)["label_check"]["rivals"] == 3
     assert json.loads(info.scheduler_json)["running_sequences"] == 0
 
 
