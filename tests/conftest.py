@@ -6,11 +6,9 @@ real `export_bundle`, served by the real gRPC server on a free loopback port.
 """
 from __future__ import annotations
 
-import asyncio
 import csv
 import os
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
@@ -117,49 +115,33 @@ def whole_cache_bundle(workdir, checkpoint) -> Path:
 
 
 class ServerThread:
-    """A real condgen gRPC server on 127.0.0.1:<free port>, run in its own event loop thread."""
+    """A real condgen gRPC server on 127.0.0.1:<free port> in its own event loop thread
+    (`condgen.api.LocalServer`, which the notebook API uses too)."""
 
     def __init__(self, config):
         self.config = config
-        self.port: int | None = None
-        self.running = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread = threading.Thread(target=self._main, daemon=True)
-
-    def _main(self) -> None:
-        asyncio.run(self._serve())
-
-    async def _serve(self) -> None:
-        from condgen.server.app import start_server
-
-        self._loop = asyncio.get_running_loop()
-        try:
-            self.running = await start_server(self.config)
-        except BaseException as exc:  # surfaced to the test by start()
-            self._error = exc
-            self._ready.set()
-            return
-        self.port = self.running.port
-        self._ready.set()
-        await self.running.stopped.wait()
+        self.local = None
 
     def start(self) -> "ServerThread":
-        self._thread.start()
-        self._ready.wait(60)
-        if self._error is not None:
-            raise self._error
+        from condgen.api import LocalServer
+
+        self.local = LocalServer(self.config)
         return self
 
     @property
+    def running(self):
+        return self.local.running
+
+    @property
+    def port(self) -> int:
+        return self.local.port
+
+    @property
     def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return self.local.target
 
     def stop(self) -> None:
-        if self._loop is not None and self.running is not None:
-            asyncio.run_coroutine_threadsafe(self.running.stop(), self._loop).result(60)
-        self._thread.join(60)
+        self.local.stop()
 
 
 def serve_config(bundle: Path, **overrides):
