@@ -65,6 +65,9 @@ class NovelConfig:
     temperature: float = 0.9
     top_p: float = 0.95
     prompt_examples: int = 25
+    # The label check scores every candidate after 3 of its examples: a fold generator has seen a
+    # novel intent's name only in its few rows, so a bare `intent,` prefix would favour its rivals.
+    label_context_examples: int = 3
     group_by_intent: bool = False
     text_column: str | None = None
     label_column: str | None = None
@@ -232,10 +235,13 @@ def request_examples(config: NovelConfig, fold: FoldData) -> dict[str, tuple[str
     return {intent: tuple(texts) for intent, texts in examples.items()}
 
 
-async def _generate(bundle: Path, spec) -> tuple[list, object, float]:
+async def _generate(bundle: Path, spec, context_examples: int) -> tuple[list, object, float]:
+    from condgen.server.limits import LabelCheckConfig
     from condgen.server.scheduler import Scheduler, SchedulerConfig
 
-    async with Scheduler.for_bundle(bundle, SchedulerConfig(prefix_cache_tokens=16384)) as scheduler:
+    checking = LabelCheckConfig(context_examples=context_examples, supplied_context_examples=context_examples)
+    async with Scheduler.for_bundle(bundle, SchedulerConfig(prefix_cache_tokens=16384),
+                                    label_check=checking) as scheduler:
         started = time.perf_counter()
         records, summary = await scheduler.collect(spec)
         return records, summary, time.perf_counter() - started
@@ -251,7 +257,7 @@ def generate(config: NovelConfig, fold: FoldData, bundle: Path, margin: float, p
                           max_new_tokens=48 if config.quick else 128, num_prompt_examples=config.prompt_examples,
                           avoid_recent_duplicates=False, label_check=True, label_margin=margin,
                           examples=request_examples(config, fold))
-    records, summary, seconds = asyncio.run(_generate(bundle, spec))
+    records, summary, seconds = asyncio.run(_generate(bundle, spec, config.label_context_examples))
     log.info("fold %d: %d rows in %.0f s (%d lines, rejected %s)", fold.number, len(records), seconds,
              summary.lines_parsed, dict(summary.rejected))
     return records, summary, seconds
