@@ -93,7 +93,7 @@ def main() -> None:
         gen_started = time.time()
         with Client(target, timeout=1800) as client:
             with tqdm(total=len(INTENTS) * args.num_records, unit="rec") as bar:
-                frame, summary = client.generate_df(INTENTS, args.num_records, seed=7, temperature=0.9, top_p=0.95,
+                frame, summary = client.generate_df(INTENTS, args.num_records, seed=7, temperature=0.5, top_p=0.95,
                                                     on_record=lambda _: bar.update(1), return_summary=True,
                                                     with_scores=True)
             times["generate_s"] = time.time() - gen_started
@@ -101,7 +101,7 @@ def main() -> None:
                   f"from {len(NEW_INTENT_TEXTS)} examples sent with the request", flush=True)
             new_started = time.time()
             new_frame, new_summary = client.generate_df([NEW_INTENT], args.new_intent_records, seed=7,
-                                                        temperature=0.9, top_p=0.95, max_rounds=40,
+                                                        temperature=0.5, top_p=0.95, max_rounds=40,
                                                         examples={NEW_INTENT: NEW_INTENT_TEXTS},
                                                         return_summary=True, with_scores=True)
             times["new_intent_s"] = time.time() - new_started
