@@ -201,7 +201,8 @@ def _add_evaluate(sub) -> None:
                                    "real rows (plain, oversampled, balanced weights), real + synthetic rows and "
                                    "real + held-back real rows (topline) is scored on the novel intents' test rows. "
                                    "Fold 0 only tunes (baseline, margin, row count). Defaults on banking77: 1 "
-                                   "tuning + 2 evaluation folds of 11 intents, 5 shots, 120 steps, 40 rows.\n\n"
+                                   "tuning + 2 evaluation folds of 11 intents, 5 shots, 200 steps packed by intent, "
+                                   "temperature 0.5, 40 rows.\n\n"
                                    "--setting few-shot: per seed, SHOTS real examples of every intent, a generator "
                                    "fine-tuned on them alone, PER_INTENT records per intent, real vs real + "
                                    "synthetic on the whole test split.\n\n"
@@ -411,7 +412,8 @@ def cmd_evaluate_novel(args) -> None:
                              folds=args.folds, seed=args.seeds[0], generator=args.generator,
                              base_model=args.base_model, steps=args.steps or defaults.steps,
                              temperature=defaults.temperature if args.temperature is None else args.temperature,
-                             prompt_examples=args.prompt_examples, group_by_intent=args.group_by_intent,
+                             prompt_examples=args.prompt_examples,
+                             group_by_intent=args.group_by_intent or defaults.group_by_intent,
                              text_column=args.text_column, label_column=args.label_column, reuse=args.reuse_bundles)
     except ValueError as exc:
         raise CliError(str(exc)) from exc
