@@ -277,3 +277,15 @@ def test_boolean_fields_take_booleans():
     assert parse_config(_one(group_by_intent=True)).group_by_intent is True
     with pytest.raises(ConfigError, match="`group_by_intent` must be a bool"):
         parse_config(_one(group_by_intent="yes please"))
+
+
+def test_an_unreachable_hub_id_fails_at_once_saying_to_pass_base_model(monkeypatch):
+    import time
+
+    from condgen.training.base_models import BaseModelError, load_base_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.monotonic()
+    with pytest.raises(BaseModelError, match="--base-model smollm2-135m"):
+        load_base_model("EleutherAI/gpt-neo-125M")
+    assert time.monotonic() - started < 30

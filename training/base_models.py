@@ -7,8 +7,11 @@ only located). transformers de-quantises it into a float32 LlamaForCausalLM.
 from __future__ import annotations
 
 import importlib.util
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 
 @dataclass(frozen=True)
@@ -58,8 +61,10 @@ def load_base_model(name: str):
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=spec.gguf_file)
             model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=spec.gguf_file)
         else:
-            tokenizer = AutoTokenizer.from_pretrained(name)
-            model = AutoModelForCausalLM.from_pretrained(name)
+            # No hub in reach: look in the local cache only, so the error comes at once, not after retries.
+            local_only = not Path(name).exists() and not hub_reachable()
+            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
+            model = AutoModelForCausalLM.from_pretrained(name, local_files_only=local_only)
     except (OSError, ValueError, FileNotFoundError) as exc:
         known = ", ".join(OFFLINE_MODELS)
         raise BaseModelError(f"cannot load base model {name!r} (no local folder of that name, and the model hub "
@@ -69,6 +74,19 @@ def load_base_model(name: str):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def hub_reachable() -> bool:
+    """Whether the model hub's name ($HF_ENDPOINT, else huggingface.co) resolves, and the
+    environment does not say offline."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
 
 
 def _first_line(exc: BaseException) -> str:
