@@ -472,7 +472,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     kinds: list[type[BaseException]] = [CliError, BundleError, CodecError, FileNotFoundError]
     for module, names in (("condgen.training.config", ["ConfigError"]), ("condgen.server.security", ["SecurityError"]), ("condgen.training.data", ["DataError"]),
                           ("condgen.training.base_models", ["BaseModelError"]),
-                          ("condgen.training.export", ["ExportError"]),
+                          ("condgen.training.export", ["ExportError"]), ("condgen.training.novel", ["NovelError"]),
                           ("condgen.server.engine", ["EngineError"]), ("condgen.client.client", ["GenerateError"])):
         loaded = sys.modules.get(module)
         if loaded is not None:

@@ -264,7 +264,7 @@ def test_the_contract_check_catches_a_changed_proto(server, tmp_path):
     source = path.read_text()
     anchor = "  string predicted_intent = 5;\n"
     assert anchor in source, "Record.predicted_intent moved: update this test"
-    path.write_text(source.replace(anchor, anchor + "  string source_model = 6;\n"))
+    path.write_text(source.replace(anchor, anchor + "  string source_model = 7;\n"))
     compiled = compile_protos(changed, tmp_path)
     _, served = served_file(server.target, "condgen.v1.Record")
     diff = differences(compiled[PROTO_FILE], served[PROTO_FILE])

@@ -83,3 +83,14 @@ def test_evaluate_novel_quick_runs_end_to_end(tmp_path, generator):
     bundle_examples = json.loads((out / "fold-1" / "bundle" / "examples.json").read_text())
     for intent in fold["novel"]:
         assert len(bundle_examples.get(intent, [])) == (0 if generator == "base-only" else 5)
+
+
+def test_too_few_intents_for_the_folds_is_a_one_line_error(tmp_path, capsys):
+    from condgen.cli import main
+    from tests.conftest import BANKING77_TRAIN
+
+    train = slice_csv(tmp_path / "train.csv", BANKING77_TRAIN, 6)
+    assert main(["evaluate", "--data", str(train), "--test", str(train), "--output", str(tmp_path / "o"),
+                 "--novel-per-fold", "4", "--folds", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "lower --folds or --novel-per-fold" in err and "Traceback" not in err

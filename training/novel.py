@@ -44,6 +44,10 @@ TUNE_MARGINS = (-0.1, 0.0, 0.1, 0.25)
 SCORED_MARGIN = -100.0  # keeps every row, with its margin (the tuning fold filters afterwards)
 
 
+class NovelError(ValueError):
+    """The data cannot be split as asked; the message says what to change."""
+
+
 @dataclass
 class NovelConfig:
     """Settings of the novel-intent experiment (`condgen evaluate --setting novel`)."""
@@ -117,8 +121,8 @@ def split_folds(intents: list[str], novel_per_fold: int, folds: int, seed: int) 
     """`folds` + 1 disjoint, seeded sets of novel intents (the first is the tuning fold)."""
     wanted = (folds + 1) * novel_per_fold
     if wanted > len(intents) - 1:
-        raise ValueError(f"{folds + 1} folds of {novel_per_fold} novel intents need {wanted} intents and at "
-                         f"least one base intent; the data has {len(intents)}")
+        raise NovelError(f"{folds + 1} folds of {novel_per_fold} novel intents need {wanted} intents and at "
+                         f"least one base intent; the data has {len(intents)}: lower --folds or --novel-per-fold")
     order = sorted(intents)
     random.Random(seed).shuffle(order)
     return [sorted(order[i * novel_per_fold:(i + 1) * novel_per_fold]) for i in range(folds + 1)]
