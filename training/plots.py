@@ -13,6 +13,13 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_accuracy(path: Path, report: dict) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 4))
@@ -24,10 +31,7 @@ def plot_accuracy(path: Path, report: dict) -> Path:
     ax.set_xticks([0, 1], ["real only", "real + synthetic"])
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"gain {report['gain_points']:+.2f} points (lines: seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_per_intent(path: Path, report: dict) -> Path:
@@ -37,10 +41,7 @@ def plot_per_intent(path: Path, report: dict) -> Path:
     ax.barh([g[0] for g in gains], [g[1] for g in gains], color=["tab:red" if g[1] < 0 else "tab:green" for g in gains])
     ax.set_xlabel("recall gain (points, mean over seeds)")
     ax.tick_params(axis="y", labelsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_margin_precision(path: Path, sweep: list[dict]) -> Path:
@@ -54,10 +55,7 @@ def plot_margin_precision(path: Path, sweep: list[dict]) -> Path:
     ax.set_ylabel("%")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_lengths(path: Path, real, synthetic) -> Path:
@@ -68,10 +66,7 @@ def plot_lengths(path: Path, real, synthetic) -> Path:
     ax.hist([len(s.text) for s in synthetic], bins=bins, alpha=0.5, density=True, label="synthetic")
     ax.set_xlabel("text length (characters)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_loss_curve(path: Path, metrics: dict) -> Path:
@@ -97,10 +92,7 @@ def plot_loss_curve(path: Path, metrics: dict) -> Path:
     if train or evals:
         ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def write_plots(folder: Path, report: dict, real, synthetic) -> dict[str, Path]:
