@@ -88,7 +88,7 @@ async def start_server(config: ServeConfig) -> RunningServer:
     manifest = read_manifest(config.bundle, verify=config.verify_bundle)
     telemetry = Telemetry()
     scheduler = Scheduler.build(config.bundle, config.scheduler, config.engine, config.label_check,
-                                on_step=telemetry.observe_step)
+                                on_step=telemetry.observe_step, manifest=manifest)
     engine = scheduler.engine
     telemetry.watch(scheduler)
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -279,10 +279,11 @@ class Scheduler:
     @classmethod
     def build(cls, bundle: str | Path, config: SchedulerConfig = SchedulerConfig(),
               engine_config: EngineConfig = EngineConfig(), label_check: LabelCheckConfig = LabelCheckConfig(),
-              on_step: Callable[[str, int, float], None] | None = None) -> "Scheduler":
-        """A scheduler over a bundle: its engine, judge and (where the graph can score) label check."""
+              on_step: Callable[[str, int, float], None] | None = None, manifest=None) -> "Scheduler":
+        """A scheduler over a bundle: its engine, judge and (where the graph can score) label check.
+        `manifest`: the bundle's, when the caller has read (and verified) it already."""
         bundle = Path(bundle)
-        manifest = read_manifest(bundle)
+        manifest = manifest or read_manifest(bundle)
         engine = Engine(bundle, manifest, engine_config)
         examples = read_examples(bundle)
         judge = RecordJudge.for_bundle(bundle, manifest, examples)
