@@ -29,7 +29,8 @@ from pathlib import Path
 
 from condgen.server.limits import Defaults, LabelCheckConfig
 from condgen.server.sampling import SamplingSettings
-from condgen.server.scheduler import GenerationSpec, Scheduler
+from condgen.server.requests import GenerationSpec
+from condgen.server.scheduler import Scheduler
 
 DEMO_INTENTS = ("card_arrival", "lost_or_stolen_card", "exchange_rate", "top_up_failed", "pin_blocked")
 SWEEP = (-100.0, -1.0, -0.5, -0.25, -0.1, 0.0, 0.1, 0.25, 0.5, 1.0)

@@ -18,11 +18,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from condgen.bundle import read_examples, read_manifest
+from condgen.bundle import read_manifest
 from condgen.server.engine import Engine, EngineConfig
-from condgen.server.records import RecordJudge
 from condgen.server.sampling import SamplingSettings
-from condgen.server.scheduler import GeneratedRecord, GenerationSpec, Scheduler, SchedulerConfig
+from condgen.server.requests import GeneratedRecord, GenerationSpec
+from condgen.server.scheduler import Scheduler, SchedulerConfig
 
 
 @dataclass(frozen=True)
@@ -135,23 +135,18 @@ def spec_for(intent: str, seed: int, num_records: int, load: StreamLoad) -> Gene
 
 
 async def _run_in_process(engine: Engine, bundle: Path, specs: list[GenerationSpec], config: SchedulerConfig) -> float:
-    examples = read_examples(bundle)
-    judge = RecordJudge.for_bundle(bundle, engine.manifest, examples)  # the checks the server runs
-    scheduler = Scheduler(engine, examples, engine.manifest.separator, config, judge)
-    task = asyncio.create_task(scheduler.run())
+    async with Scheduler.for_bundle(bundle, config, engine=engine) as scheduler:  # the checks the server runs
 
-    async def drain(spec) -> int:
-        tokens = 0
-        async for item in scheduler.submit(spec):
-            if not isinstance(item, GeneratedRecord):
-                tokens = item.tokens_generated
-        return tokens
+        async def drain(spec) -> int:
+            tokens = 0
+            async for item in scheduler.submit(spec):
+                if not isinstance(item, GeneratedRecord):
+                    tokens = item.tokens_generated
+            return tokens
 
-    started = time.perf_counter()
-    tokens = await asyncio.gather(*[drain(s) for s in specs])
-    wall = time.perf_counter() - started
-    scheduler.stop()
-    await task
+        started = time.perf_counter()
+        tokens = await asyncio.gather(*[drain(s) for s in specs])
+        wall = time.perf_counter() - started
     return sum(tokens) / wall
 
 

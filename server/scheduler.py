@@ -21,9 +21,9 @@ fixes), and one that alone exceeds the budget runs when the batch is empty.
 Rounds that start together have their prompts prefilled in one engine pass (left-padded);
 a prompt that recurs (it shows every example of its intent, so every round repeats it) is
 taken from the prefix cache after its first prefill; prompts of drawn subsets are not cached.
-The `static` policy (for comparison in benchmarks) batches whole requests at a time: a new
-group of requests starts only when every request of the previous group has finished, and
-each request keeps a fixed set of rows (one round at a time).
+Which requests may start rounds is the batching policy's (server/policy.py); how a sequence's
+tokens become lines and lines become records is the `LineKeeper`'s (server/lines.py); the
+request types are in server/requests.py.
 
 A request may bring its own examples for some intents (known to the bundle or new): those
 intents' prompts are drawn from them, in a seeded order, and its lines are also checked for
@@ -42,11 +42,10 @@ import itertools
 import logging
 import math
 import time
-from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Callable, Mapping
+from typing import AsyncIterator, Callable
 
 import numpy as np
 
@@ -55,12 +54,15 @@ from condgen.bundle import read_examples, read_manifest
 from condgen.server.batch import Batch
 from condgen.server.engine import Engine, EngineConfig
 from condgen.server.errors import Overloaded, ShuttingDown
-from condgen.server.label_check import NOT_CHECKED, LabelChecker, LineToCheck
+from condgen.server.label_check import LabelChecker
 from condgen.server.limits import LabelCheckConfig
+from condgen.server.lines import LineKeeper, Sequence
+from condgen.server.policy import POLICIES, make_policy
 from condgen.server.prefix_cache import PrefixCache
 from condgen.server.prompts import build_prompt, line_prefix
-from condgen.server.records import REJECTION_REASONS, CopyIndex, JudgeSettings, LengthBounds, RecordJudge, Verdict
-from condgen.server.sampling import SamplingSettings, sample_token, sequence_rng, softmax_rows
+from condgen.server.records import CopyIndex, LengthBounds, RecordJudge
+from condgen.server.requests import GeneratedRecord, GenerationSpec, GenerationSummary, Job, RequestHandle, RequestState
+from condgen.server.sampling import sequence_rng, softmax_rows
 
 log = logging.getLogger(__name__)
 
@@ -76,143 +78,12 @@ class SchedulerConfig:
     policy: str = "continuous"  # or "static": whole requests at a time (a baseline)
 
     def __post_init__(self) -> None:
-        if self.policy not in ("continuous", "static"):
-            raise ValueError(f"policy {self.policy!r} is not continuous or static")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy {self.policy!r} is not one of {', '.join(POLICIES)}")
         if self.max_batch_size < 1 or self.max_active_requests < 1:
             raise ValueError("max_batch_size and max_active_requests must be at least 1")
         if self.max_batch_tokens < 0:
             raise ValueError("max_batch_tokens must be 0 (no budget) or positive")
-
-
-@dataclass(frozen=True)
-class GenerationSpec:
-    """A validated generation request."""
-
-    intents: tuple[str, ...]
-    num_records: int
-    sampling: SamplingSettings = SamplingSettings()
-    seed: int = 0
-    max_new_tokens: int = 128
-    num_prompt_examples: int = 25
-    sequences_per_round: int = 8
-    max_rounds: int = 0  # 0: derived from num_records
-    allow_training_copies: bool = False
-    avoid_recent_duplicates: bool = True
-    min_fidelity: float = 0.0
-    require_predicted_intent: bool = False
-    examples: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # request-supplied, per intent
-    label_check: bool = False
-    label_margin: float = 0.0
-
-    @property
-    def judging(self) -> JudgeSettings:
-        return JudgeSettings(self.allow_training_copies, self.avoid_recent_duplicates, self.min_fidelity,
-                             self.require_predicted_intent)
-
-    def round_budget(self) -> int:
-        if self.max_rounds:
-            return self.max_rounds
-        return 4 + 4 * math.ceil(self.num_records / self.sequences_per_round)
-
-
-@dataclass(frozen=True)
-class GeneratedRecord:
-    intent: str
-    text: str
-    index: int
-    fidelity: float = 0.0
-    predicted_intent: str = ""
-    label_margin: float = NOT_CHECKED
-
-
-@dataclass
-class GenerationSummary:
-    records_accepted: int = 0
-    lines_parsed: int = 0
-    rejected: Counter = field(default_factory=Counter)
-    tokens_generated: int = 0
-    elapsed_seconds: float = 0.0
-    rounds: int = 0
-    incomplete_intents: list[str] = field(default_factory=list)
-
-    @property
-    def complete(self) -> bool:
-        return not self.incomplete_intents
-
-
-@dataclass
-class Totals:
-    """Counters over the server's life, across requests (exported as metrics)."""
-
-    tokens_generated: int = 0
-    lines_parsed: int = 0
-    records_accepted: int = 0
-    rejected: Counter = field(default_factory=lambda: Counter(dict.fromkeys(REJECTION_REASONS, 0)))
-
-
-@dataclass
-class Job:
-    """The records still wanted for one intent of one request."""
-
-    intent: str
-    number: int
-    prefix_tokens: list[int]
-    target: int
-    examples: list[str] = field(default_factory=list)  # texts its prompts are drawn from
-    supplied: CopyIndex | None = None  # the request's own examples of the intent (copy checks)
-    accepted: int = 0
-    rounds: int = 0
-    tokens_per_line: float = 24.0
-    active: set[int] = field(default_factory=set)
-    seen: set[str] = field(default_factory=set)
-
-    @property
-    def satisfied(self) -> bool:
-        return self.accepted >= self.target
-
-
-class RequestState:
-    """One request in flight: its jobs, its output queue and its counters."""
-
-    def __init__(self, request_id: int, spec: GenerationSpec, jobs: list[Job]):
-        self.id = request_id
-        self.spec = spec
-        self.jobs = jobs
-        self.summary = GenerationSummary()
-        self.outbox: asyncio.Queue = asyncio.Queue()
-        self.started = time.monotonic()
-        self.cancelled = False
-        self.finished = False
-
-    def exhausted(self, job: Job) -> bool:
-        return not job.satisfied and not job.active and job.rounds >= self.spec.round_budget()
-
-    def job_done(self, job: Job) -> bool:
-        return job.satisfied or self.exhausted(job)
-
-
-@dataclass
-class Sequence:
-    """One sampling stream forked from a round's prompt."""
-
-    id: int
-    request: RequestState
-    job: Job
-    rng: np.random.Generator
-    line_tokens: list[int]
-    prompt_keys: frozenset[str] = frozenset()
-    forced: deque = field(default_factory=deque)
-    generated: int = 0
-    reserved_tokens: int = 0  # the cache length this sequence may reach (see max_batch_tokens)
-
-
-@dataclass
-class PendingLine:
-    """A line that passed the judge and waits for the label check at the end of the step."""
-
-    state: RequestState
-    job: Job
-    verdict: Verdict
 
 
 @dataclass
@@ -226,28 +97,6 @@ class RoundPlan:
     prefill: tuple[Batch, np.ndarray] | None = None
 
 
-class RequestHandle:
-    """What `Scheduler.submit` returns: iterate it for records, then the summary."""
-
-    def __init__(self, scheduler: "Scheduler", state: RequestState):
-        self._scheduler = scheduler
-        self._state = state
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        item = await self._state.outbox.get()
-        if item is None:
-            raise StopAsyncIteration
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def cancel(self) -> None:
-        self._scheduler.cancel(self._state)
-
-
 class Scheduler:
     """Owns the running `Batch` and moves sequences in and out of it."""
 
@@ -259,8 +108,10 @@ class Scheduler:
         self.examples = examples
         self.separator = separator
         self.config = config
-        self.judge = judge or RecordJudge(separator, LengthBounds(),
-                                          CopyIndex(t for texts in examples.values() for t in texts), None)
+        judge = judge or RecordJudge(separator, LengthBounds(),
+                                     CopyIndex(t for texts in examples.values() for t in texts), None)
+        self.lines = LineKeeper(engine, judge)
+        self.policy = make_policy(config.policy)
         self.requests: list[RequestState] = []
         self.sequences: dict[int, Sequence] = {}
         self.batch: Batch | None = None
@@ -269,22 +120,25 @@ class Scheduler:
         self._stopping = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="condgen-engine")
         self.prefix_cache = PrefixCache(config.prefix_cache_tokens)
-        self._cohort: set[int] = set()
         self.steps = 0
-        self._totals = Totals()
         self._on_step = on_step or (lambda phase, rows, seconds: None)
         self.label_checker = label_checker  # None: the label check is not available
-        self._pending: list[PendingLine] = []
+
+    @property
+    def judge(self) -> RecordJudge:
+        return self.lines.judge
 
     @classmethod
     def build(cls, bundle: str | Path, config: SchedulerConfig = SchedulerConfig(),
               engine_config: EngineConfig = EngineConfig(), label_check: LabelCheckConfig = LabelCheckConfig(),
-              on_step: Callable[[str, int, float], None] | None = None, manifest=None) -> "Scheduler":
+              on_step: Callable[[str, int, float], None] | None = None, manifest=None,
+              engine: Engine | None = None) -> "Scheduler":
         """A scheduler over a bundle: its engine, judge and (where the graph can score) label check.
-        `manifest`: the bundle's, when the caller has read (and verified) it already."""
+        `manifest`: the bundle's, when the caller has read (and verified) it already; `engine`: one
+        already running over this bundle (benchmarks reuse one across schedulers)."""
         bundle = Path(bundle)
-        manifest = manifest or read_manifest(bundle)
-        engine = Engine(bundle, manifest, engine_config)
+        manifest = manifest or (engine.manifest if engine is not None else read_manifest(bundle))
+        engine = engine or Engine(bundle, manifest, engine_config)
         examples = read_examples(bundle)
         judge = RecordJudge.for_bundle(bundle, manifest, examples)
         checker = None
@@ -295,21 +149,26 @@ class Scheduler:
         return cls(engine, examples, manifest.separator, config, judge, on_step, checker)
 
     @classmethod
+    def for_bundle(cls, bundle: str | Path, config: SchedulerConfig = SchedulerConfig(),
+                   engine_config: EngineConfig = EngineConfig(), label_check: LabelCheckConfig = LabelCheckConfig(),
+                   engine: Engine | None = None) -> contextlib.AbstractAsyncContextManager["Scheduler"]:
+        """`async with Scheduler.for_bundle(bundle) as scheduler:` builds a scheduler and runs it
+        for the block (see `running`)."""
+        return cls.build(bundle, config, engine_config, label_check, engine=engine).running()
+
     @contextlib.asynccontextmanager
-    async def for_bundle(cls, bundle: str | Path, config: SchedulerConfig = SchedulerConfig(),
-                         engine_config: EngineConfig = EngineConfig(),
-                         label_check: LabelCheckConfig = LabelCheckConfig()) -> AsyncIterator["Scheduler"]:
-        """Build a scheduler, run its loop for the `async with` block, then stop it."""
-        scheduler = cls.build(bundle, config, engine_config, label_check)
-        task = asyncio.create_task(scheduler.run(), name="condgen-scheduler")
+    async def running(self) -> AsyncIterator["Scheduler"]:
+        """Run the batching loop for the `async with` block; then stop taking requests, let the
+        ones in flight finish and shut the loop down."""
+        task = asyncio.create_task(self.run(), name="condgen-scheduler")
         try:
-            yield scheduler
+            yield self
         finally:
-            scheduler.stop()
+            self.stop()
             await task
 
-    async def collect(self, spec: "GenerationSpec", on_record: Callable[["GeneratedRecord"], None] | None = None
-                      ) -> tuple[list["GeneratedRecord"], "GenerationSummary"]:
+    async def collect(self, spec: GenerationSpec, on_record: Callable[[GeneratedRecord], None] | None = None
+                      ) -> tuple[list[GeneratedRecord], GenerationSummary]:
         """Every record of one request (each also handed to `on_record`), and its summary."""
         records, summary = [], None
         async for item in self.submit(spec):
@@ -334,7 +193,7 @@ class Scheduler:
         state = RequestState(next(self._ids), spec, jobs)
         self.requests.append(state)
         self._wake.set()
-        return RequestHandle(self, state)
+        return RequestHandle(state, self.cancel)
 
     def _job(self, spec: GenerationSpec, number: int, intent: str) -> Job:
         supplied = spec.examples.get(intent)
@@ -360,7 +219,7 @@ class Scheduler:
 
     def totals(self) -> dict:
         """Counters since the server started: tokens, lines, records, rejections, steps."""
-        t = self._totals
+        t = self.lines.totals
         return {"tokens_generated": t.tokens_generated, "lines_parsed": t.lines_parsed,
                 "records_accepted": t.records_accepted, "rejected": dict(t.rejected), "steps": self.steps}
 
@@ -431,26 +290,6 @@ class Scheduler:
         return (not budget or not self.sequences
                 or self._footprint(list(self.sequences.values()), rows, reserve) <= budget)
 
-    def _wants_round(self, state: RequestState, job: Job) -> bool:
-        if state.cancelled or job.satisfied or job.rounds >= state.spec.round_budget():
-            return False
-        if self.config.policy == "static":
-            return not job.active  # fixed rows per request: one round at a time
-        lines_per_sequence = max(1.0, state.spec.max_new_tokens / job.tokens_per_line)
-        in_flight = len(job.active) * lines_per_sequence
-        return in_flight < job.target - job.accepted
-
-    def _admissible_requests(self) -> list[RequestState]:
-        """Requests that may start rounds: all of them, or the current group under `static`."""
-        if self.config.policy == "continuous":
-            return list(self.requests)
-        group = [r for r in self.requests if r.id in self._cohort]
-        if not group and self.requests:
-            widest = max(r.spec.sequences_per_round for r in self.requests)
-            group = self.requests[:max(1, self.config.max_batch_size // widest)]
-            self._cohort = {r.id for r in group}
-        return group
-
     async def _admit_rounds(self, loop) -> None:
         """Start every round there is room for; their prompts are prefilled together."""
         plans = self._plan_rounds()
@@ -464,14 +303,14 @@ class Scheduler:
                                            consume=True)
             self.batch = self.batch.filter([s for s in self.batch.seq_ids if s in self.sequences], consume=True)
 
-    def _plan_rounds(self) -> list["RoundPlan"]:
+    def _plan_rounds(self) -> list[RoundPlan]:
         """Rounds to start now, in request order. The first round that does not fit the token
         budget stops the pass, so later rounds cannot take the budget it waits for."""
         plans = []
-        for state in self._admissible_requests():
+        for state in self.policy.admissible(self.requests, self.config.max_batch_size):
             for job in state.jobs:
                 n = min(state.spec.sequences_per_round, self.config.max_batch_size, job.target - job.accepted)
-                if state.finished or not self._wants_round(state, job) or n > self._room():
+                if state.finished or not self.policy.wants_round(state, job) or n > self._room():
                     continue
                 try:
                     plan = self._plan_round(state, job, n)
@@ -483,7 +322,7 @@ class Scheduler:
                 plans.append(plan)
         return plans
 
-    def _plan_round(self, state: RequestState, job: Job, n: int) -> "RoundPlan | None":
+    def _plan_round(self, state: RequestState, job: Job, n: int) -> RoundPlan | None:
         """Draw the round's prompt and register its n sequences; the prefill comes later.
         None (nothing changed) when the round does not fit the token budget yet: its prompt
         depends only on the request's seed and round number, so it is drawn the same later."""
@@ -515,7 +354,7 @@ class Scheduler:
         lines = math.ceil(max_new_tokens / max(1.0, tokens_per_line - prefix_tokens))
         return prompt_tokens + max_new_tokens + prefix_tokens * lines
 
-    async def _prefill(self, loop, plans: list["RoundPlan"]) -> None:
+    async def _prefill(self, loop, plans: list[RoundPlan]) -> None:
         """Give every plan its prefill: from the prefix cache, from another plan of this pass
         with the same prompt, or from one engine call that prefills all the remaining prompts."""
         unique: dict[tuple[int, ...], RoundPlan] = {}
@@ -548,7 +387,7 @@ class Scheduler:
                 plan.prefill = unique[tuple(plan.prompt_ids)].prefill
                 self.prefix_cache.hits += 1
 
-    def _fork(self, plan: "RoundPlan") -> Batch:
+    def _fork(self, plan: RoundPlan) -> Batch:
         """The round's n sequences share its prefill; each samples its own first token."""
         single, last_logits = plan.prefill
         forked = single.fork(plan.seq_ids)
@@ -582,7 +421,7 @@ class Scheduler:
         if seq is None or seq.request.finished:
             return None
         try:
-            return self._next_token(seq, row, probs)
+            return self.lines.next_token(seq, row, probs)
         except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
             self._fail(seq.request, exc)
             return None
@@ -593,90 +432,21 @@ class Scheduler:
                 self._drop_sequence(seq_id)
         batch.set_next([t if t is not None else 0 for t in next_tokens])
 
-    def _next_token(self, seq: Sequence, row: np.ndarray, probs: np.ndarray | None = None) -> int | None:
-        """Feed one token to `seq` (`probs`: the row's probabilities, where computed already);
-        None when the sequence is finished."""
-        state, job, spec = seq.request, seq.job, seq.request.spec
-        if state.cancelled or job.satisfied:
-            return None
-        if seq.forced:
-            token = seq.forced.popleft()
-        else:
-            token = sample_token(row, spec.sampling, seq.rng, probs)
-            seq.generated += 1
-            state.summary.tokens_generated += 1
-            self._totals.tokens_generated += 1
-        seq.line_tokens.append(token)
-        if token == self.engine.manifest.eos_token_id:
-            self._end_line(seq, at_eos=True)
-            return None
-        if self.engine.newline_tokens[token]:
-            self._end_line(seq)
-            if job.satisfied or seq.generated >= spec.max_new_tokens:
-                return None
-            seq.forced.extend(job.prefix_tokens)
-            seq.line_tokens = []
-            return token
-        if seq.generated >= spec.max_new_tokens and not seq.forced:
-            if len(seq.line_tokens) > len(job.prefix_tokens):
-                self._reject(state, "truncated")
-            return None
-        return token
-
-    def _end_line(self, seq: Sequence, at_eos: bool = False) -> None:
-        text = self.engine.decode(seq.line_tokens).split("\n", 1)[0]
-        if at_eos and len(seq.line_tokens) <= len(seq.job.prefix_tokens) + 1:
-            return  # nothing but the prefix before EOS: not a line
-        self._judge_line(seq, text)
-
-    def _judge_line(self, seq: Sequence, line: str) -> None:
-        state, job = seq.request, seq.job
-        state.summary.lines_parsed += 1
-        self._totals.lines_parsed += 1
-        verdict = self.judge.judge(line, job.intent, state.spec.judging, job.seen, seq.prompt_keys, job.supplied)
-        if verdict.reason is not None:
-            return self._reject(state, verdict.reason)
-        if state.spec.label_check:
-            self._pending.append(PendingLine(state, job, verdict))
-            return None
-        return self._accept(state, job, verdict)
-
-    def _accept(self, state: RequestState, job: Job, verdict: Verdict, label_margin: float = NOT_CHECKED) -> None:
-        if job.satisfied or state.cancelled or state.finished:
-            return
-        if self.judge.seen_before(verdict.text, job.seen):  # an earlier line of this step
-            return self._reject(state, "duplicate")
-        self.judge.remember(job.intent, verdict.text, job.seen)
-        state.outbox.put_nowait(GeneratedRecord(job.intent, verdict.text, job.accepted, verdict.fidelity,
-                                                verdict.predicted_intent, label_margin))
-        job.accepted += 1
-        state.summary.records_accepted += 1
-        self._totals.records_accepted += 1
-
     async def _check_labels(self, loop) -> None:
         """Score the step's waiting lines together; accept those whose margin is enough."""
-        pending, self._pending = self._pending, []
-        pending = [p for p in pending if not (p.state.finished or p.state.cancelled or p.job.satisfied)]
+        pending = self.lines.take_pending()
         if not pending:
             return
-        lines = [LineToCheck(p.verdict.text, p.job.intent, p.state.spec.examples) for p in pending]
         started = time.perf_counter()
         try:
-            margins = await loop.run_in_executor(self._executor, self.label_checker.margins, lines)
+            margins = await loop.run_in_executor(self._executor, self.label_checker.margins,
+                                                 [p.to_check() for p in pending])
         except Exception as exc:  # noqa: BLE001 - the requests of these lines fail, the others go on
             for state in {p.state for p in pending}:
                 self._fail(state, exc)
             return
-        self._on_step("label_check", len(lines), time.perf_counter() - started)
-        for line, margin in zip(pending, margins):
-            if margin < line.state.spec.label_margin:  # NaN (no rival to compare with) passes
-                self._reject(line.state, "label_check")
-            else:
-                self._accept(line.state, line.job, line.verdict, margin)
-
-    def _reject(self, state: RequestState, reason: str) -> None:
-        state.summary.rejected[reason] += 1
-        self._totals.rejected[reason] += 1
+        self._on_step("label_check", len(pending), time.perf_counter() - started)
+        self.lines.settle(pending, margins)
 
     def _drop_sequence(self, seq_id: int) -> None:
         seq = self.sequences.pop(seq_id, None)

@@ -7,7 +7,8 @@ import logging
 
 from condgen.bundle import Manifest
 from condgen.server.errors import grpc_errors
-from condgen.server.scheduler import GeneratedRecord, GenerationSummary, Scheduler
+from condgen.server.requests import GeneratedRecord, GenerationSummary
+from condgen.server.scheduler import Scheduler
 from condgen.server.limits import Defaults, Limits
 from condgen.server.telemetry import Telemetry
 from condgen.server.validation import to_spec

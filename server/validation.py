@@ -13,7 +13,7 @@ from condgen.codec import CodecError, check_label
 from condgen.server.errors import RequestError
 from condgen.server.limits import Defaults, Limits
 from condgen.server.sampling import SamplingSettings
-from condgen.server.scheduler import GenerationSpec
+from condgen.server.requests import GenerationSpec
 from condgen.v1 import generator_pb2 as pb
 
 

@@ -120,7 +120,8 @@ async def _generate(bundle: Path, intents: list[str], config: EvaluateConfig, se
     from tqdm import tqdm
 
     from condgen.server.sampling import SamplingSettings
-    from condgen.server.scheduler import GenerationSpec, Scheduler, SchedulerConfig
+    from condgen.server.requests import GenerationSpec
+    from condgen.server.scheduler import Scheduler, SchedulerConfig
 
     spec = GenerationSpec(intents=tuple(intents), num_records=config.per_intent, seed=seed,
                           sampling=SamplingSettings(temperature=config.temperature, top_p=config.top_p),

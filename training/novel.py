@@ -254,7 +254,7 @@ async def _generate(bundle: Path, spec, context_examples: int) -> tuple[list, ob
 def generate(config: NovelConfig, fold: FoldData, bundle: Path, margin: float, per_intent: int):
     """`per_intent` rows per novel intent through the server's scheduler, with the label check."""
     from condgen.server.sampling import SamplingSettings
-    from condgen.server.scheduler import GenerationSpec
+    from condgen.server.requests import GenerationSpec
 
     spec = GenerationSpec(intents=tuple(fold.novel), num_records=per_intent, seed=config.seed * 100 + fold.number,
                           sampling=SamplingSettings(temperature=config.temperature, top_p=config.top_p),
