@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # CPU build of torch that lies on this disk; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install node-deps test demo bench soak lint-docker clean
+.PHONY: install node-deps test test-fast lint demo bench soak lint-docker clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,16 @@ node-deps:
 
 test: install node-deps
 	$(PY) -m pytest -q
+
+# The fast layer: scheduler, server and client over a fake engine, and the pure units; no model.
+test-fast: install
+	$(PY) -m pytest -q -m fast
+
+# Style and types: ruff (lint + format) over the tree, mypy over the package.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 demo: install
 	$(PY) scripts/demo.py

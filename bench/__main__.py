@@ -12,8 +12,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 from condgen.bench.engines import bench_prompts, optimum_generate, our_engine, transformers_generate
-from condgen.bench.load import (ServerProcess, StreamLoad, in_process, latency_figures, mixed_specs, run_streams,
-                                spec_for)
+from condgen.bench.load import (
+    ServerProcess,
+    StreamLoad,
+    in_process,
+    latency_figures,
+    mixed_specs,
+    run_streams,
+    spec_for,
+)
 from condgen.bundle import read_examples, read_manifest
 from condgen.server.scheduler import SchedulerConfig
 

@@ -11,6 +11,7 @@ import functools
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -83,7 +84,8 @@ def transformers_generate(checkpoint: Path, prompts: list[str], new_tokens: int,
     torch.set_num_threads(os.cpu_count() or 1)
     target = "cuda" if device in ("cuda", "auto") and torch.cuda.is_available() else "cpu"
     half = {"dtype": torch.float16} if half_on_gpu and target == "cuda" else {}
-    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), **half).to(target).eval()
+    model: Any = AutoModelForCausalLM.from_pretrained(str(checkpoint), **half)
+    model = model.to(target).eval()
     tokenizer = _tokenizer(checkpoint)
     return timed(lambda: hf_generate(model, tokenizer, prompts, new_tokens, target), len(prompts) * new_tokens)
 

@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 from condgen.server.limits import Defaults, LabelCheckConfig
-from condgen.server.sampling import SamplingSettings
 from condgen.server.requests import GenerationSpec
+from condgen.server.sampling import SamplingSettings
 from condgen.server.scheduler import Scheduler
 
 DEMO_INTENTS = ("card_arrival", "lost_or_stolen_card", "exchange_rate", "top_up_failed", "pin_blocked")

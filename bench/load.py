@@ -20,8 +20,8 @@ from pathlib import Path
 
 from condgen.bundle import read_manifest
 from condgen.server.engine import Engine, EngineConfig
-from condgen.server.sampling import SamplingSettings
 from condgen.server.requests import GeneratedRecord, GenerationSpec
+from condgen.server.sampling import SamplingSettings
 from condgen.server.scheduler import Scheduler, SchedulerConfig
 
 
@@ -54,10 +54,12 @@ class ServerProcess:
     alone); `serve_args` are further `condgen serve` flags."""
 
     def __init__(self, bundle: Path, *serve_args: str):
-        self._log = tempfile.TemporaryFile(mode="a+")  # O_APPEND: reading it never moves the child's writes
+        # O_APPEND: reading it never moves the child's writes; open as long as the server runs
+        self._log = tempfile.TemporaryFile(mode="a+")  # noqa: SIM115
         self.process = subprocess.Popen(
             [sys.executable, "-m", "condgen.cli", "serve", "--bundle", str(bundle), "--port", "0", *serve_args],
             stdout=subprocess.PIPE, stderr=self._log, text=True)
+        assert self.process.stdout is not None
         for line in self.process.stdout:
             match = re.search(r"listening on (\S+):(\d+)", line)
             if match:
@@ -75,7 +77,9 @@ class ServerProcess:
 
     def peak_rss_mb(self) -> float:
         status = Path(f"/proc/{self.process.pid}/status").read_text()
-        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+        match = re.search(r"VmHWM:\s+(\d+) kB", status)
+        assert match is not None, "no VmHWM in /proc status"
+        return int(match.group(1)) / 1024
 
     def stop(self) -> None:
         """SIGTERM (drain) if still running; SIGKILL if it does not exit within a minute."""

@@ -21,7 +21,9 @@ from condgen.bench.load import ServerProcess
 
 def rss_mb(pid: int) -> float:
     status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
+    match = re.search(r"VmRSS:\s+(\d+) kB", status)
+    assert match is not None, "no VmRSS in /proc status"
+    return int(match.group(1)) / 1024
 
 
 def client_loop(target: str, intents: list[str], stop: threading.Event, outcomes: Counter, index: int) -> None:
@@ -50,7 +52,7 @@ def main(argv=None) -> int:
 
     intents = sorted(read_examples(args.bundle))
     server = ServerProcess(args.bundle, "--device", "cpu", "--max-batch-size", "64")
-    stop, outcomes, samples = threading.Event(), Counter(), []
+    stop, outcomes, samples = threading.Event(), Counter[str](), []
     threads = [threading.Thread(target=client_loop, args=(server.target, intents, stop, outcomes, i), daemon=True)
                for i in range(args.streams)]
     started = time.monotonic()

@@ -22,12 +22,14 @@ import asyncio
 import random
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import grpc
 
 from condgen.client.resume import RETRYABLE, Progress, RetryPolicy
+from condgen.errors import CondgenError
 from condgen.v1 import generator_pb2 as pb
 from condgen.v1 import generator_pb2_grpc as pb_grpc
 
@@ -47,7 +49,7 @@ class Record:
 REQUEST_ID_KEY = "x-request-id"
 
 
-class GenerateError(RuntimeError):
+class GenerateError(CondgenError, RuntimeError):
     """The server refused or failed a call; `code` is the gRPC status code, `request_id` the
     server's id for the call (to find its log line), when it sent one."""
 
@@ -58,7 +60,7 @@ class GenerateError(RuntimeError):
         self.request_id = request_id
 
     @classmethod
-    def from_rpc(cls, exc: grpc.RpcError, sent_id: str | None = None) -> "GenerateError":
+    def from_rpc(cls, exc: grpc.RpcError, sent_id: str | None = None) -> GenerateError:
         return cls(exc.code(), exc.details(), _echoed_request_id(exc.trailing_metadata()) or sent_id)
 
 
@@ -92,10 +94,11 @@ def build_request(intents: Sequence[str], num_records: int, *, temperature: floa
     if isinstance(intents, str):
         intents = [intents]
     supplied = [pb.IntentExamples(intent=name, texts=list(texts)) for name, texts in (examples or {}).items()]
-    sampling = pb.SamplingParams(**{k: v for k, v in dict(
+    params: dict[str, Any] = {k: v for k, v in dict(
         temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_new_tokens=max_new_tokens).items()
-        if v is not None})
-    optional = {k: v for k, v in dict(num_prompt_examples=num_prompt_examples,
+        if v is not None}
+    sampling = pb.SamplingParams(**params)
+    optional: dict[str, Any] = {k: v for k, v in dict(num_prompt_examples=num_prompt_examples,
                                       sequences_per_round=sequences_per_round, max_rounds=max_rounds,
                                       avoid_recent_duplicates=avoid_recent_duplicates,
                                       min_fidelity=min_fidelity, label_check=label_check,
@@ -118,7 +121,7 @@ def _record(message: pb.Record, index: int) -> Record:
 
 
 def _channel_options(target: str) -> list:
-    options = [("grpc.max_receive_message_length", 4 * 1024 * 1024)]
+    options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 4 * 1024 * 1024)]
     if target.startswith("dns:"):
         options.append(("grpc.lb_policy_name", "round_robin"))
     return options
@@ -164,7 +167,7 @@ class Client(_Base):
         super().__init__(target, timeout, token, tls, retry)
         self._channels: dict[str, grpc.Channel] = {}
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -256,7 +259,7 @@ class AsyncClient(_Base):
         super().__init__(target, timeout, token, tls, retry)
         self._channels: dict[str, grpc.aio.Channel] = {}
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc) -> None:

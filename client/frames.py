@@ -1,8 +1,12 @@
 """Records -> pandas DataFrame, and DataFrame -> .csv / .parquet / .jsonl by file extension."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas
 
 COLUMNS = ["intent", "text"]
 SCORE_COLUMNS = ["fidelity", "predicted_intent", "label_margin"]
@@ -10,7 +14,7 @@ LABEL_COLUMN_GUESSES = ("intent", "category", "label", "class")
 WRITERS = (".csv", ".parquet", ".jsonl")
 
 
-def records_to_frame(records: Iterable, with_scores: bool = False) -> "pandas.DataFrame":  # noqa: F821
+def records_to_frame(records: Iterable, with_scores: bool = False) -> pandas.DataFrame:
     """A DataFrame with columns `intent`, `text` (ready to append to a training set), and
     `fidelity`, `predicted_intent`, `label_margin` when `with_scores`."""
     import pandas as pd

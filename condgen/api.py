@@ -18,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import threading
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from condgen.client import Client
 
@@ -88,9 +89,10 @@ class LocalServer(Client):
             print(server.target, server.list_intents())
     """
 
-    def __init__(self, config, timeout: float | None = None):
+    def __init__(self, config, timeout: float | None = None, engine=None):
         self.config = config  # a condgen.server.app.ServeConfig
-        self.running = None
+        self.engine = engine  # None: the bundle's graph (see `start_server`)
+        self.running: Any = None  # condgen.server.app.RunningServer once started
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -107,7 +109,7 @@ class LocalServer(Client):
 
         self._loop = asyncio.get_running_loop()
         try:
-            self.running = await start_server(self.config)
+            self.running = await start_server(self.config, self.engine)
         except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread by __init__
             self._error = exc
             self._ready.set()

@@ -13,6 +13,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from condgen.errors import CondgenError
+
 FORMAT_VERSION = 2  # 2: the graph may be rewritten for serving (`OnnxInfo.rewrites`)
 READABLE_VERSIONS = (1, 2)  # 1: optimum's graph as exported
 MANIFEST_NAME = "condgen.json"
@@ -27,7 +29,7 @@ GROUPED_QUERY_ATTENTION = "grouped_query_attention"
 APPEND_ONLY_CACHE = "append_only_cache"  # present.* hold only new entries: the server must append them
 
 
-class BundleError(RuntimeError):
+class BundleError(CondgenError, RuntimeError):
     """A bundle that is missing, incomplete, tampered with or of an unknown format."""
 
 
@@ -71,7 +73,7 @@ class Manifest:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "Manifest":
+    def from_dict(cls, raw: dict) -> Manifest:
         try:
             onnx = OnnxInfo(**raw.pop("onnx"))
             return cls(onnx=onnx, **raw)

@@ -11,13 +11,14 @@ import json
 import sys
 from pathlib import Path
 
+from condgen.errors import CondgenError
 from condgen.logs import LOG_FORMATS, configure_logging
 from condgen.server.limits import Defaults, LabelCheckConfig, Limits
 
 EXIT_USAGE = 2
 
 
-class CliError(Exception):
+class CliError(CondgenError):
     """A user-facing failure: printed without a traceback."""
 
 
@@ -423,7 +424,8 @@ def cmd_evaluate_novel(args) -> None:
     report = evaluate_novel(config)
     low, high = report["novel_gain_ci95"]
     print(f"novel intents: {report['baseline_name']} {report['novel_acc_baseline']:.1%} -> real + synthetic "
-          f"{report['novel_acc_augmented']:.1%} ({report['novel_gain_points']:+.1f} points, 95% CI {low:+.1f}..{high:+.1f}); "
+          f"{report['novel_acc_augmented']:.1%} ({report['novel_gain_points']:+.1f} points, "
+          f"95% CI {low:+.1f}..{high:+.1f}); "
           f"topline {report['novel_acc_topline']:.1%}; base intents {report['base_acc_delta_points']:+.2f} points; "
           f"rows labelled as requested {report['label_precision']:.0%}; report in {args.output / 'report.md'}")
 
@@ -466,18 +468,7 @@ COMMANDS = {"train": cmd_train, "export": cmd_export, "serve": cmd_serve, "gener
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types whose message is the whole story (no traceback needed)."""
-    from condgen.bundle import BundleError
-    from condgen.codec import CodecError
-
-    kinds: list[type[BaseException]] = [CliError, BundleError, CodecError, FileNotFoundError]
-    for module, names in (("condgen.training.config", ["ConfigError"]), ("condgen.server.security", ["SecurityError"]), ("condgen.training.data", ["DataError"]),
-                          ("condgen.training.base_models", ["BaseModelError"]),
-                          ("condgen.training.export", ["ExportError"]), ("condgen.training.novel", ["NovelError"]),
-                          ("condgen.server.engine", ["EngineError"]), ("condgen.client.client", ["GenerateError"])):
-        loaded = sys.modules.get(module)
-        if loaded is not None:
-            kinds.extend(getattr(loaded, n) for n in names)
-    return tuple(kinds)
+    return (CondgenError, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from condgen.errors import CondgenError
+
 DEFAULT_SEPARATOR = ","
 _WHITESPACE = re.compile(r"\s+")
 
 
-class CodecError(ValueError):
+class CodecError(CondgenError, ValueError):
     """A record that cannot be written as, or read from, one line."""
 
 

@@ -36,7 +36,7 @@ def run_step(title: str, command: list[str]) -> float:
 
 def start_server(bundle: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
     """Start `condgen serve` on a free port; return the process and its address."""
-    log = open(log_path, "w")
+    log = open(log_path, "w")  # noqa: SIM115 - the server's log, open while it runs
     process = subprocess.Popen([sys.executable, "-m", "condgen.cli", "serve", "--bundle", str(bundle), "--port", "0"],
                                stdout=subprocess.PIPE, stderr=log, text=True)
     for line in process.stdout:

@@ -18,13 +18,12 @@ and OUTPUT/pool-*.csv.
 """
 import argparse
 import json
+import multiprocessing
 import os
 import time
 from collections import defaultdict
-from pathlib import Path
-
-import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -92,8 +91,10 @@ def dev_acc(rows):
 
 
 # Workers fork now, before CUDA starts, and inherit the data; classifier fits run there while the GPU samples.
-workers = ProcessPoolExecutor(max_workers=max(2, (os.cpu_count() or 2) - 2), mp_context=multiprocessing.get_context("fork"))
-judge_future, fs_future, baseline_future = workers.submit(fit, train), workers.submit(fit, few), workers.submit(dev_acc, [])
+workers = ProcessPoolExecutor(max_workers=max(2, (os.cpu_count() or 2) - 2),
+                              mp_context=multiprocessing.get_context("fork"))
+judge_future, fs_future = workers.submit(fit, train), workers.submit(fit, few)
+baseline_future = workers.submit(dev_acc, [])
 
 
 def local_base_model() -> str:
@@ -190,7 +191,7 @@ def evaluate_pool(name, pool, reasons):
     jok = judge.predict(texts) == labels
     P = fs_clf.predict_proba(texts)
     cols = {c: i for i, c in enumerate(fs_clf.classes_)}
-    own = P[np.arange(len(pool)), [cols[l] for l in labels]]
+    own = P[np.arange(len(pool)), [cols[label] for label in labels]]
     agree = fs_clf.classes_[P.argmax(1)] == labels
     nov = novelty(pool)
     everything = np.ones(len(pool), bool)

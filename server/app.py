@@ -1,8 +1,9 @@
 """`condgen serve`: load a bundle, start the scheduler and the gRPC server, drain on signals.
 
 Besides condgen.v1.Generator the server offers the standard grpc.health.v1.Health
-service and server reflection, and Prometheus metrics over HTTP when `metrics_port` is set. SIGTERM/SIGINT turn health to NOT_SERVING, refuse new
-calls with UNAVAILABLE, let in-flight streams finish within the grace period, then exit.
+service and server reflection, and Prometheus metrics over HTTP when `metrics_port` is set.
+SIGTERM/SIGINT turn health to NOT_SERVING, refuse new calls with UNAVAILABLE, let in-flight
+streams finish within the grace period, then exit.
 """
 from __future__ import annotations
 
@@ -17,13 +18,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from condgen.bundle import read_manifest
-from condgen.server.engine import EngineConfig
+from condgen.server.engine import Engine, EngineConfig
 from condgen.server.heap import HeapConfig, HeapKeeper
-from condgen.server.limits import LabelCheckConfig
-from condgen.server.security import SecurityConfig
+from condgen.server.limits import Defaults, LabelCheckConfig, Limits
 from condgen.server.scheduler import Scheduler, SchedulerConfig
+from condgen.server.security import SecurityConfig
 from condgen.server.servicer import GeneratorServicer
-from condgen.server.limits import Defaults, Limits
 from condgen.server.telemetry import Telemetry
 from condgen.v1 import generator_pb2 as pb
 from condgen.v1 import generator_pb2_grpc as pb_grpc
@@ -83,12 +83,13 @@ class RunningServer:
         self.stopped.set()
 
 
-async def start_server(config: ServeConfig) -> RunningServer:
-    """Load the bundle and start serving; returns once the port is bound."""
+async def start_server(config: ServeConfig, engine: Engine | None = None) -> RunningServer:
+    """Load the bundle and start serving; returns once the port is bound. `engine`: one already
+    built over this bundle (the fast tests pass a fake one); by default the bundle's graph."""
     manifest = read_manifest(config.bundle, verify=config.verify_bundle)
     telemetry = Telemetry()
     scheduler = Scheduler.build(config.bundle, config.scheduler, config.engine, config.label_check,
-                                on_step=telemetry.observe_step, manifest=manifest)
+                                on_step=telemetry.observe_step, manifest=manifest, engine=engine)
     engine = scheduler.engine
     telemetry.watch(scheduler)
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

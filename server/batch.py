@@ -7,7 +7,8 @@ Between two forward passes a batch holds, for each row (one sequence):
                 after the ONNX graph's `past_key_values.*` inputs.
 Rows of different lengths are left-padded, so every row's newest token is in the last
 column. Several prompts can be prefilled in one pass (`for_prompts`): they are left-padded
-too, with `next_mask` marking the padding until the pass has run. The scheduler only moves rows in and out with `filter`, `concatenate` and `fork`.
+too, with `next_mask` marking the padding until the pass has run. The scheduler only moves
+rows in and out with `filter`, `concatenate` and `fork`.
 With IO binding the cache may live on the device as ONNX Runtime `OrtValue`s between
 steps; it comes to the host only when rows join or leave.
 
@@ -53,7 +54,7 @@ class Batch:
 
     @classmethod
     def for_prompts(cls, seq_ids: list[int], prompts: list[list[int]], past_names: list[str], kv_heads: int,
-                    head_dim: int, dtype=np.float32, append_only: bool = False) -> "Batch":
+                    head_dim: int, dtype=np.float32, append_only: bool = False) -> Batch:
         """A batch ready to prefill the prompts (left-padded to the longest) with an empty cache."""
         n, width = len(prompts), max(len(p) for p in prompts)
         ids = np.zeros((n, width), dtype=np.int64)
@@ -123,7 +124,7 @@ class Batch:
         """The cache as numpy arrays (copied from the device when it lives there)."""
         return {name: to_host(value) for name, value in self.past.items()}
 
-    def filter(self, keep_ids: list[int], consume: bool = False) -> "Batch":
+    def filter(self, keep_ids: list[int], consume: bool = False) -> Batch:
         """The rows whose sequence id is in `keep_ids` (in batch order). Padding columns shared
         by every kept row are dropped when they are at least a quarter of the cache; fewer cost
         less to compute over than to copy the cache for. When the kept rows are one contiguous
@@ -152,7 +153,7 @@ class Batch:
         kept.past = kept._copy_layers([self], lambda source, value: value[index, :, start:source.past_len], consume)
         return kept
 
-    def _compacted(self, rows: list[int]) -> "Batch":
+    def _compacted(self, rows: list[int]) -> Batch:
         """The kept `rows` (indices) in the first len(rows) rows of this batch's own buffers: each
         kept row beyond them moves into the slot of a leaving row, so only the moved rows are
         copied, and the new batch holds first-axis views. Rows change order; this batch is spent."""
@@ -169,20 +170,21 @@ class Batch:
                      {name: value[:n] for name, value in self.past.items()}, append_only=self.append_only,
                      storage=self.storage)
 
-    def _copy_layers(self, sources: list["Batch"], block_of, consume: bool) -> dict:
+    def _copy_layers(self, sources: list[Batch], block_of, consume: bool) -> dict:
         """New cache tensors for this batch, one per name, each built by `_buffer` from
         `block_of(source, host tensor)` of every source. With `consume` each source tensor is
         dropped once copied, so a join or a leave holds one layer more than the cache at its
         peak, not two caches."""
         past = {}
         spare_rows = _spare_rows(len(self)) if consume and self.append_only else 0
+        storage: dict[str, np.ndarray] = {}
         if spare_rows:
-            self.storage = {}
+            self.storage = storage
         for name in list(sources[0].past):
             past[name] = self._buffer([block_of(source, to_host(source.past[name])) for source in sources],
                                       spare_rows)
             if spare_rows:
-                self.storage[name], past[name] = past[name], past[name][:len(self)]
+                storage[name], past[name] = past[name], past[name][:len(self)]
             if consume:
                 for source in sources:
                     del source.past[name]
@@ -204,7 +206,7 @@ class Batch:
             row += block.shape[0]
         return out
 
-    def fork(self, seq_ids: list[int]) -> "Batch":
+    def fork(self, seq_ids: list[int]) -> Batch:
         """Copies of this one-row batch, one per new sequence id (shared prompt prefill)."""
         if len(self) != 1:
             raise ValueError("only a one-row batch can be forked")
@@ -216,7 +218,7 @@ class Batch:
                      append_only=self.append_only)
 
     @classmethod
-    def concatenate(cls, batches: list["Batch"], consume: bool = False) -> "Batch":
+    def concatenate(cls, batches: list[Batch], consume: bool = False) -> Batch:
         """One batch holding all rows; shorter caches are left-padded to the longest.
         `consume`: the caller drops the given batches (see `filter`)."""
         batches = [b for b in batches if len(b)]
@@ -237,7 +239,7 @@ class Batch:
         merged.past = merged._copy_layers(batches, lambda source, value: value[:, :, :source.past_len], consume)
         return merged
 
-    def _has_room_for(self, newcomers: list["Batch"]) -> bool:
+    def _has_room_for(self, newcomers: list[Batch]) -> bool:
         """Whether the newcomers' rows fit this batch's spare rows and cache slots as they are."""
         if self.storage is None:
             return False
@@ -245,10 +247,11 @@ class Batch:
         return (sum(len(b) for b in newcomers) <= spare and all(b.past_len <= self.past_len for b in newcomers)
                 and all(b.next_mask is None for b in [self, *newcomers]))
 
-    def _joined_in_place(self, newcomers: list["Batch"]) -> "Batch":
+    def _joined_in_place(self, newcomers: list[Batch]) -> Batch:
         """This batch with the newcomers' rows written into its spare rows, each right-aligned to
         `past_len` (the columns before it are padding, masked out); this batch is spent."""
         rows, length = len(self), self.past_len
+        assert self.storage is not None  # `_can_join_in_place` checked it
         for name, buffer in self.storage.items():
             row = rows
             for batch in newcomers:

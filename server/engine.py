@@ -20,14 +20,22 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from condgen.bundle import APPEND_ONLY_CACHE, LAST_POSITION_LOGITS, LOGITS_TO_KEEP, LOGITS_WINDOW, TOKENIZER_NAME, Manifest
+from condgen.bundle import (
+    APPEND_ONLY_CACHE,
+    LAST_POSITION_LOGITS,
+    LOGITS_TO_KEEP,
+    LOGITS_WINDOW,
+    TOKENIZER_NAME,
+    Manifest,
+)
+from condgen.errors import CondgenError
 from condgen.server.batch import Batch
 
 log = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "cuda")
 
 
-class EngineError(RuntimeError):
+class EngineError(CondgenError, RuntimeError):
     """The engine could not be started as asked."""
 
 

@@ -23,7 +23,7 @@ _SPACES = re.compile(r"\s\s+")
 
 def word_ngrams(text: str, low: int, high: int) -> list[str]:
     tokens = _WORD.findall(text.lower())
-    grams = []
+    grams: list[str] = []
     for n in range(low, high + 1):
         grams.extend(" ".join(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
     return grams
@@ -31,7 +31,7 @@ def word_ngrams(text: str, low: int, high: int) -> list[str]:
 
 def char_wb_ngrams(text: str, low: int, high: int) -> list[str]:
     """scikit-learn's `char_wb` analyzer: n-grams inside space-padded words."""
-    grams = []
+    grams: list[str] = []
     for word in _SPACES.sub(" ", text.lower()).split():
         padded = f" {word} "
         for n in range(low, high + 1):
@@ -59,9 +59,9 @@ class TfidfPart:
         """Write this part's l2-normalised sublinear tf-idf features of `text` into `row`."""
         counts: dict[int, int] = {}
         for gram in self.grams(text):
-            index = self.vocabulary.get(gram)
-            if index is not None:
-                counts[index] = counts.get(index, 0) + 1
+            column = self.vocabulary.get(gram)
+            if column is not None:
+                counts[column] = counts.get(column, 0) + 1
         if not counts:
             return
         index = np.fromiter(counts.keys(), dtype=np.int64)
@@ -81,7 +81,7 @@ class FidelityScorer:
         self.features = coef.shape[1]
 
     @classmethod
-    def load(cls, bundle_dir: str | Path) -> "FidelityScorer | None":
+    def load(cls, bundle_dir: str | Path) -> FidelityScorer | None:
         """The bundle's classifier, or None for a bundle exported without one."""
         bundle_dir = Path(bundle_dir)
         if not (bundle_dir / FIDELITY_META).is_file():

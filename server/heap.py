@@ -63,7 +63,7 @@ class HeapKeeper:
     def available(self) -> bool:
         return self._libc is not None
 
-    def start(self) -> "HeapKeeper":
+    def start(self) -> HeapKeeper:
         if not self.available:
             log.info("heap tuning skipped: the C library is not glibc")
             return self

@@ -18,8 +18,8 @@ passes as the token budget allows.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -71,7 +71,8 @@ class LabelChecker:
         """Per line: score(requested) - max score(rival), or NOT_CHECKED without rivals."""
         rivals = self.rivals(lines)
         rows: dict[tuple[tuple[int, ...], str], int] = {}  # (context ids, text) -> row
-        contexts, continuations = [], []
+        contexts: list[list[int]] = []
+        continuations: list[list[int]] = []
 
         def row_of(line: LineToCheck, intent: str, k: int) -> int:
             context = self._context(intent, line.supplied, k)

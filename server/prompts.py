@@ -1,6 +1,8 @@
 """Prompts: k real examples of one intent as training lines, then `intent,` to continue."""
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from condgen.codec import encode_line
@@ -17,7 +19,7 @@ def build_prompt(intent: str, texts: list[str], k: int, rng: np.random.Generator
     (examples a request brought) they come in the drawn order instead: every round of an
     intent with at most k examples shows all of them, each round in another seeded order.
     """
-    chosen = rng.choice(len(texts), size=min(k, len(texts)), replace=False) if texts and k else []
+    chosen: Any = rng.choice(len(texts), size=min(k, len(texts)), replace=False) if texts and k else []
     chosen = chosen if shuffle else np.sort(chosen)
     shown = [texts[int(i)] for i in chosen]
     lines = "".join(encode_line(intent, text, separator) + "\n" for text in shown)

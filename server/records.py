@@ -34,7 +34,7 @@ class LengthBounds:
     high: int = 10_000
 
     @classmethod
-    def from_stats(cls, stats: dict) -> "LengthBounds":
+    def from_stats(cls, stats: dict) -> LengthBounds:
         if not stats:
             return cls()
         return cls(max(1, math.floor(0.5 * stats.get("p01", stats["min"]))),
@@ -91,7 +91,7 @@ class RecordJudge:
         self.recent = RecentOutput()
 
     @classmethod
-    def for_bundle(cls, bundle_dir, manifest, examples: dict[str, list[str]]) -> "RecordJudge":
+    def for_bundle(cls, bundle_dir, manifest, examples: dict[str, list[str]]) -> RecordJudge:
         texts = [t for group in examples.values() for t in group]
         return cls(manifest.separator, LengthBounds.from_stats(manifest.text_length), CopyIndex(texts),
                    FidelityScorer.load(bundle_dir))

@@ -11,8 +11,8 @@ import asyncio
 import math
 import time
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
 
 from condgen.server.label_check import NOT_CHECKED
 from condgen.server.records import CopyIndex, JudgeSettings
@@ -127,7 +127,7 @@ class RequestHandle:
         self._state = state
         self._cancel = cancel
 
-    def __aiter__(self) -> "RequestHandle":
+    def __aiter__(self) -> RequestHandle:
         return self
 
     async def __anext__(self) -> GeneratedRecord | GenerationSummary:

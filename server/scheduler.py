@@ -42,15 +42,15 @@ import itertools
 import logging
 import math
 import time
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Callable
 
 import numpy as np
 
-from condgen.codec import normalize_for_match
 from condgen.bundle import read_examples, read_manifest
+from condgen.codec import normalize_for_match
 from condgen.server.batch import Batch
 from condgen.server.engine import Engine, EngineConfig
 from condgen.server.errors import Overloaded, ShuttingDown
@@ -132,7 +132,7 @@ class Scheduler:
     def build(cls, bundle: str | Path, config: SchedulerConfig = SchedulerConfig(),
               engine_config: EngineConfig = EngineConfig(), label_check: LabelCheckConfig = LabelCheckConfig(),
               on_step: Callable[[str, int, float], None] | None = None, manifest=None,
-              engine: Engine | None = None) -> "Scheduler":
+              engine: Engine | None = None) -> Scheduler:
         """A scheduler over a bundle: its engine, judge and (where the graph can score) label check.
         `manifest`: the bundle's, when the caller has read (and verified) it already; `engine`: one
         already running over this bundle (benchmarks reuse one across schedulers)."""
@@ -151,13 +151,13 @@ class Scheduler:
     @classmethod
     def for_bundle(cls, bundle: str | Path, config: SchedulerConfig = SchedulerConfig(),
                    engine_config: EngineConfig = EngineConfig(), label_check: LabelCheckConfig = LabelCheckConfig(),
-                   engine: Engine | None = None) -> contextlib.AbstractAsyncContextManager["Scheduler"]:
+                   engine: Engine | None = None) -> contextlib.AbstractAsyncContextManager[Scheduler]:
         """`async with Scheduler.for_bundle(bundle) as scheduler:` builds a scheduler and runs it
         for the block (see `running`)."""
         return cls.build(bundle, config, engine_config, label_check, engine=engine).running()
 
     @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator["Scheduler"]:
+    async def running(self) -> AsyncIterator[Scheduler]:
         """Run the batching loop for the `async with` block; then stop taking requests, let the
         ones in flight finish and shut the loop down."""
         task = asyncio.create_task(self.run(), name="condgen-scheduler")
@@ -254,11 +254,13 @@ class Scheduler:
     async def _decode_step(self, loop) -> None:
         """One forward pass for the whole batch. If the pass itself fails, every request in the
         batch fails (their cache is gone) but the loop, and requests still waiting, go on."""
-        started, rows = time.perf_counter(), len(self.batch)
+        batch = self.batch
+        assert batch is not None
+        started, rows = time.perf_counter(), len(batch)
         try:
-            logits = await loop.run_in_executor(self._executor, self.engine.forward, self.batch)
+            logits = await loop.run_in_executor(self._executor, self.engine.forward, batch)
         except Exception as exc:  # noqa: BLE001 - isolated to the requests of this batch
-            failed = {self.sequences[s].request for s in self.batch.seq_ids if s in self.sequences}
+            failed = {self.sequences[s].request for s in batch.seq_ids if s in self.sequences}
             log.exception("forward pass failed; failing %d request(s)", len(failed))
             self.batch = None
             for state in failed:
@@ -306,7 +308,7 @@ class Scheduler:
     def _plan_rounds(self) -> list[RoundPlan]:
         """Rounds to start now, in request order. The first round that does not fit the token
         budget stops the pass, so later rounds cannot take the budget it waits for."""
-        plans = []
+        plans: list[RoundPlan] = []
         for state in self.policy.admissible(self.requests, self.config.max_batch_size):
             for job in state.jobs:
                 n = min(state.spec.sequences_per_round, self.config.max_batch_size, job.target - job.accepted)
@@ -389,6 +391,7 @@ class Scheduler:
 
     def _fork(self, plan: RoundPlan) -> Batch:
         """The round's n sequences share its prefill; each samples its own first token."""
+        assert plan.prefill is not None
         single, last_logits = plan.prefill
         forked = single.fork(plan.seq_ids)
         self._set_next_or_drop(forked, [self._guarded_next_token(s, last_logits) for s in plan.seq_ids])
@@ -397,6 +400,7 @@ class Scheduler:
     # ---- decoding ---------------------------------------------------------------------
     def _after_forward(self, logits: np.ndarray) -> None:
         batch = self.batch
+        assert batch is not None
         probs = self._sampling_probs(batch.seq_ids, logits)
         next_tokens = [self._guarded_next_token(s, logits[row], probs.get(row))
                        for row, s in enumerate(batch.seq_ids)]
@@ -437,6 +441,7 @@ class Scheduler:
         pending = self.lines.take_pending()
         if not pending:
             return
+        assert self.label_checker is not None  # `submit` refuses label_check requests without one
         started = time.perf_counter()
         try:
             margins = await loop.run_in_executor(self._executor, self.label_checker.margins,
@@ -456,9 +461,7 @@ class Scheduler:
     # ---- completion -------------------------------------------------------------------
     def _retire_requests(self) -> None:
         for state in list(self.requests):
-            if state.cancelled:
-                self._finish(state)
-            elif all(state.job_done(job) for job in state.jobs):
+            if state.cancelled or all(state.job_done(job) for job in state.jobs):
                 self._finish(state)
 
     def _finish(self, state: RequestState, error: BaseException | None = None) -> None:

@@ -8,16 +8,18 @@ a certificate signed by that CA: mutual TLS), and an optional bearer token
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import grpc
+
+from condgen.errors import CondgenError
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
 
-class SecurityError(ValueError):
+class SecurityError(CondgenError, ValueError):
     """Security settings that cannot be used; the message says which file or flag."""
 
 
@@ -38,7 +40,7 @@ class SecurityConfig:
 
     @classmethod
     def from_files(cls, cert: Path | None, key: Path | None, client_ca: Path | None,
-                   token_file: Path | None) -> "SecurityConfig":
+                   token_file: Path | None) -> SecurityConfig:
         if (cert is None) != (key is None):
             raise SecurityError("--tls-cert and --tls-key go together: give both or neither")
         if client_ca is not None and cert is None:

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 import logging
+from dataclasses import asdict
 
 from condgen.bundle import Manifest
 from condgen.server.errors import grpc_errors
+from condgen.server.limits import Defaults, Limits
 from condgen.server.requests import GeneratedRecord, GenerationSummary
 from condgen.server.scheduler import Scheduler
-from condgen.server.limits import Defaults, Limits
 from condgen.server.telemetry import Telemetry
 from condgen.server.validation import to_spec
 from condgen.v1 import generator_pb2 as pb

@@ -116,7 +116,7 @@ class Telemetry:
             self._http.server_close()
             self._http = None
 
-    def track(self, method: str, request, context) -> "CallTracker":
+    def track(self, method: str, request, context) -> CallTracker:
         return CallTracker(self, method, request, context)
 
     def denied(self, full_method: str, context) -> None:

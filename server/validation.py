@@ -12,8 +12,8 @@ import secrets
 from condgen.codec import CodecError, check_label
 from condgen.server.errors import RequestError
 from condgen.server.limits import Defaults, Limits
-from condgen.server.sampling import SamplingSettings
 from condgen.server.requests import GenerationSpec
+from condgen.server.sampling import SamplingSettings
 from condgen.v1 import generator_pb2 as pb
 
 
@@ -80,7 +80,8 @@ def _checked_texts(intent: str, texts, limits: Limits) -> tuple[str, ...]:
     return tuple(t.strip() for t in texts)
 
 
-def check_sampling(request: pb.GenerateRequest, limits: Limits, defaults: Defaults) -> tuple[SamplingSettings, int, int]:
+def check_sampling(request: pb.GenerateRequest, limits: Limits,
+                   defaults: Defaults) -> tuple[SamplingSettings, int, int]:
     sampling = request.sampling
     temperature = sampling.temperature if sampling.HasField("temperature") else defaults.temperature
     top_p = sampling.top_p if sampling.HasField("top_p") else defaults.top_p

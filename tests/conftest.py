@@ -122,7 +122,7 @@ class ServerThread:
         self.config = config
         self.local = None
 
-    def start(self) -> "ServerThread":
+    def start(self) -> ServerThread:
         from condgen.api import LocalServer
 
         self.local = LocalServer(self.config)
@@ -163,3 +163,18 @@ def client(server):
 
     with Client(server.target, timeout=120) as c:
         yield c
+
+
+# ---- the fast layer: a fake engine over a bundle folder without a graph (tests/fake_engine.py) ----
+FAKE_EXAMPLES = {
+    "card_arrival": ["when will my card arrive", "my card has not arrived yet", "where is my new card"],
+    "exchange_rate": ["what is the exchange rate today", "how do you set the exchange rate", "is the rate fair"],
+    "lost_or_stolen_card": ["i lost my card", "my card was stolen yesterday", "someone took my card"],
+}
+
+
+@pytest.fixture(scope="session")
+def fake_bundle_dir(tmp_path_factory) -> Path:
+    from fake_engine import fake_bundle
+
+    return fake_bundle(tmp_path_factory.mktemp("fake") / "bundle", FAKE_EXAMPLES)

@@ -4,6 +4,8 @@ import pytest
 
 from condgen.server.batch import Batch
 
+pytestmark = pytest.mark.fast
+
 NAMES = ["past_key_values.0.key", "past_key_values.0.value"]
 
 

@@ -1,8 +1,17 @@
 """The record codec: commas, newlines, unicode and bad labels."""
 import pytest
 
-from condgen.codec import (CodecError, LabelledText, decode_line, encode_line, encode_records, fold_text,
-                           normalize_for_match)
+from condgen.codec import (
+    CodecError,
+    LabelledText,
+    decode_line,
+    encode_line,
+    encode_records,
+    fold_text,
+    normalize_for_match,
+)
+
+pytestmark = pytest.mark.fast
 
 
 def test_commas_in_text_survive_a_round_trip():

@@ -5,6 +5,8 @@ import pytest
 
 from condgen.training.config import ConfigError, TrainingConfig, load_config, parse_config
 
+pytestmark = pytest.mark.fast
+
 GRETEL_PARAMS_LAYOUT = """
 schema_version: "1.0"
 name: natural-language-gpt

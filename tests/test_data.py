@@ -3,8 +3,16 @@ import csv
 
 import pytest
 
-from condgen.training.data import (DataError, encode_lines, examples_by_intent, load_records, pack_blocks,
-                                   split_validation)
+from condgen.training.data import (
+    DataError,
+    encode_lines,
+    examples_by_intent,
+    load_records,
+    pack_blocks,
+    split_validation,
+)
+
+pytestmark = pytest.mark.fast
 
 
 def write_csv(path, header, rows):

@@ -94,7 +94,8 @@ def test_io_binding_gives_the_same_logits(whole_cache_bundle, engine, prompts):
 
     bound = Engine(whole_cache_bundle, read_manifest(whole_cache_bundle), EngineConfig(io_binding="on"))
     assert bound.io_binding and not engine.io_binding and engine.append_only and not bound.append_only
-    plain_batch, bound_batch = engine.new_batch(0, engine.encode(prompts[0])), bound.new_batch(0, engine.encode(prompts[0]))
+    prompt = engine.encode(prompts[0])
+    plain_batch, bound_batch = engine.new_batch(0, prompt), bound.new_batch(0, prompt)
     for _ in range(3):
         expected, got = engine.forward(plain_batch), bound.forward(bound_batch)
         np.testing.assert_allclose(got, expected, atol=1e-5)

@@ -10,8 +10,14 @@ import onnxruntime as ort
 import pytest
 
 from condgen.bundle import read_manifest
-from condgen.training.graph import (APPEND_ONLY_CACHE, GROUPED_QUERY_ATTENTION, LAST_POSITION_LOGITS,
-                                    LOGITS_WINDOW, SHARED_ATTENTION_BIAS, optimise_graph)
+from condgen.training.graph import (
+    APPEND_ONLY_CACHE,
+    GROUPED_QUERY_ATTENTION,
+    LAST_POSITION_LOGITS,
+    LOGITS_WINDOW,
+    SHARED_ATTENTION_BIAS,
+    optimise_graph,
+)
 
 ALL = [LAST_POSITION_LOGITS, LOGITS_WINDOW, SHARED_ATTENTION_BIAS, GROUPED_QUERY_ATTENTION, APPEND_ONLY_CACHE]
 WHOLE_CACHE = [LAST_POSITION_LOGITS, LOGITS_WINDOW, SHARED_ATTENTION_BIAS, GROUPED_QUERY_ATTENTION]

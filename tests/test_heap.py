@@ -9,6 +9,8 @@ import pytest
 
 from condgen.server.heap import HeapConfig, HeapKeeper
 
+pytestmark = pytest.mark.fast
+
 STATUS = Path("/proc/self/status")
 glibc_only = pytest.mark.skipif(not HeapKeeper().available or not STATUS.exists(), reason="needs glibc and /proc")
 

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.protobuf import descriptor_pb2, text_format
-
 from conftest import ROOT, ServerThread, serve_config
+from google.protobuf import descriptor_pb2, text_format
 
 NODE_DIR = ROOT / "client" / "examples" / "node"
 NODE_SCRIPT = NODE_DIR / "generate.js"
@@ -232,7 +231,9 @@ def differences(expected: descriptor_pb2.FileDescriptorProto, actual: descriptor
     expected, actual = canonical(expected), canonical(actual)
     if expected == actual:
         return ""
-    lines = lambda p: text_format.MessageToString(p).splitlines()
+    def lines(p):
+        return text_format.MessageToString(p).splitlines()
+
     return "\n".join(difflib.unified_diff(lines(expected), lines(actual), "compiled from protos/", "served", n=2,
                                           lineterm=""))
 

@@ -4,10 +4,12 @@ import random
 import numpy as np
 import pytest
 
+from condgen.codec import normalize_for_match
 from condgen.server.copy_index import CopyIndex, jaccard, shingles
 from condgen.server.fidelity import FidelityScorer
 from condgen.server.records import JudgeSettings, LengthBounds, RecordJudge
-from condgen.codec import normalize_for_match
+
+pytestmark = pytest.mark.fast
 
 TRAIN = ["I am still waiting on my card?", "My card was stolen last night, help!",
          "What exchange rate do you use for euros?", "How do I top up with Apple Pay?"]
@@ -68,7 +70,8 @@ def test_each_rejection_reason(line, reason):
 def test_switches_allow_copies_and_recent_duplicates():
     judge = judge_with()
     copy = "card_arrival,I am still waiting on my card!"
-    assert judge.judge(copy, "card_arrival", JudgeSettings(allow_training_copies=True), set(), frozenset()).reason is None
+    allowed = JudgeSettings(allow_training_copies=True)
+    assert judge.judge(copy, "card_arrival", allowed, set(), frozenset()).reason is None
     judge.remember("card_arrival", "Where is it?", set())
     line = "card_arrival,Where is it?"
     assert judge.judge(line, "card_arrival", JudgeSettings(), set(), frozenset()).reason == "duplicate"

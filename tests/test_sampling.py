@@ -1,7 +1,10 @@
 """numpy sampling: greedy, top-k, top-p, per-sequence determinism."""
 import numpy as np
+import pytest
 
 from condgen.server.sampling import SamplingSettings, sample_token, sequence_rng, softmax, softmax_rows
+
+pytestmark = pytest.mark.fast
 
 
 def logits_with(probs):

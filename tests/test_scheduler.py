@@ -6,8 +6,8 @@ import pytest
 
 from condgen.bundle import read_examples, read_manifest
 from condgen.server.engine import Engine
-from condgen.server.sampling import SamplingSettings
 from condgen.server.requests import GeneratedRecord, GenerationSpec
+from condgen.server.sampling import SamplingSettings
 from condgen.server.scheduler import Scheduler, SchedulerConfig
 
 

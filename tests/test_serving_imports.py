@@ -2,6 +2,10 @@
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.fast
+
 
 def test_server_and_client_import_neither_torch_nor_transformers():
     code = ("import sys, condgen.server.app, condgen.client, condgen.client.frames, condgen.cli; "

@@ -9,14 +9,14 @@ import urllib.request
 
 import grpc
 import pytest
+from conftest import TEST_INTENTS, ServerThread, serve_config
 from prometheus_client.parser import text_string_to_metric_families
 
 from condgen.bench.load import ServerProcess
 from condgen.client import Client, RetryPolicy
 from condgen.client.client import GenerateError
-from condgen.server.security import SecurityConfig
 from condgen.logs import JsonFormatter, TextFormatter
-from conftest import TEST_INTENTS, ServerThread, serve_config
+from condgen.server.security import SecurityConfig
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
@@ -70,9 +70,8 @@ def test_metrics_move_after_a_request(metered_server):
 def test_refused_calls_are_counted_by_code(metered_server):
     port = metered_server.running.metrics_port
     before = scrape(port)
-    with Client(metered_server.target, timeout=60) as client:
-        with pytest.raises(GenerateError) as refused:
-            list(client.generate(["no_such_intent"], 2, request_id="bad-intent-7"))
+    with Client(metered_server.target, timeout=60) as client, pytest.raises(GenerateError) as refused:
+        list(client.generate(["no_such_intent"], 2, request_id="bad-intent-7"))
     after = scrape(port)
     assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert refused.value.request_id == "bad-intent-7"
@@ -83,9 +82,9 @@ def test_refused_calls_are_counted_by_code(metered_server):
 def test_expired_deadlines_are_counted_as_such(metered_server):
     port = metered_server.running.metrics_port
     before = scrape(port)
-    with Client(metered_server.target, timeout=0.05, retry=RetryPolicy(max_attempts=0)) as client:
-        with pytest.raises(GenerateError) as expired:
-            list(client.generate(list(TEST_INTENTS), 200, seed=8))
+    with Client(metered_server.target, timeout=0.05, retry=RetryPolicy(max_attempts=0)) as client, \
+            pytest.raises(GenerateError) as expired:
+        list(client.generate(list(TEST_INTENTS), 200, seed=8))
     assert expired.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
 
     def counted():
@@ -104,9 +103,9 @@ def test_expired_deadlines_are_counted_as_such(metered_server):
 def test_calls_refused_by_the_token_check_are_counted(bundle):
     thread = ServerThread(serve_config(bundle, metrics_port=0, security=SecurityConfig(auth_token="s3cret"))).start()
     try:
-        with Client(thread.target, timeout=30, retry=RetryPolicy(max_attempts=0)) as client:
-            with pytest.raises(GenerateError) as refused:
-                list(client.generate([TEST_INTENTS[0]], 1, request_id="no-token-1"))
+        with Client(thread.target, timeout=30, retry=RetryPolicy(max_attempts=0)) as client, \
+                pytest.raises(GenerateError) as refused:
+            list(client.generate([TEST_INTENTS[0]], 1, request_id="no-token-1"))
         samples = scrape(thread.running.metrics_port)
     finally:
         thread.stop()

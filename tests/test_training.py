@@ -6,9 +6,9 @@ import shutil
 import struct
 
 import pytest
+from conftest import tiny_config
 
 from condgen.bundle import BundleError, read_manifest
-from conftest import tiny_config
 
 
 def test_finetune_learns_and_reports_validation_loss(workdir, train_csv, tiny_base):

@@ -14,9 +14,9 @@ from condgen.client.frames import read_examples_csv
 from condgen.codec import normalize_for_match
 from condgen.server.engine import Engine
 from condgen.server.errors import RequestError
+from condgen.server.fidelity import FidelityScorer
 from condgen.server.label_check import LabelChecker, LineToCheck
 from condgen.server.limits import Defaults, LabelCheckConfig, Limits
-from condgen.server.fidelity import FidelityScorer
 from condgen.server.validation import to_spec
 from condgen.v1 import generator_pb2 as pb
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from condgen.errors import CondgenError
+
 
 @dataclass(frozen=True)
 class OfflineModel:
@@ -45,7 +47,7 @@ def resolve_model_name(name: str) -> str:
     return GRETEL_ALIASES.get(name, name)
 
 
-class BaseModelError(RuntimeError):
+class BaseModelError(CondgenError, RuntimeError):
     """A base model that cannot be found or loaded."""
 
 

@@ -35,6 +35,8 @@ from typing import Any
 
 import yaml
 
+from condgen.errors import CondgenError
+
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                  "constant_with_warmup", "inverse_sqrt")
 TOP_LEVEL_KEYS = ("schema_version", "name", "models")
@@ -52,7 +54,7 @@ UNSET_ONLY = {
 DATA_PLACEHOLDERS = ("__tmp__", "__temp__", "__")
 
 
-class ConfigError(ValueError):
+class ConfigError(CondgenError, ValueError):
     """A configuration that cannot be used; the message names the field."""
 
 
@@ -101,7 +103,7 @@ class TrainingConfig:
     def validate(self) -> None:
         if self.steps is None and self.epochs is None:
             raise ConfigError("set either `steps` or `epochs`")
-        positive = {"batch_size": self.batch_size, "max_tokens": self.max_tokens,
+        positive: dict[str, float] = {"batch_size": self.batch_size, "max_tokens": self.max_tokens,
                     "gradient_accumulation_steps": self.gradient_accumulation_steps,
                     "eval_steps": self.eval_steps, "save_steps": self.save_steps,
                     "logging_steps": self.logging_steps}
@@ -121,7 +123,7 @@ class TrainingConfig:
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ConfigError(f"`lr_scheduler` {self.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}")
 
-    def with_overrides(self, **overrides: Any) -> "TrainingConfig":
+    def with_overrides(self, **overrides: Any) -> TrainingConfig:
         """A copy with the non-None overrides applied (CLI flags win over the file)."""
         changes = {k: v for k, v in overrides.items() if v is not None}
         if "steps" in changes:
@@ -135,7 +137,7 @@ class TrainingConfig:
 
 
 def _field_types() -> dict[str, type | tuple]:
-    kinds = {}
+    kinds: dict[str, type | tuple] = {}
     for f in fields(TrainingConfig):
         text = str(f.type)
         if text == "bool":

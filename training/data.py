@@ -8,16 +8,17 @@ from __future__ import annotations
 import csv
 import random
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 from condgen.codec import CodecError, LabelledText, check_label, encode_line, fold_text
+from condgen.errors import CondgenError
 
 LABEL_COLUMN_GUESSES = ("intent", "category", "label", "class")
 TEXT_COLUMN_GUESSES = ("text", "utterance", "sentence", "query")
 
 
-class DataError(ValueError):
+class DataError(CondgenError, ValueError):
     """Training data that cannot be read or used; the message says how to fix it."""
 
 

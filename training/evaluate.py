@@ -119,8 +119,8 @@ def train_generator(config: EvaluateConfig, few_shot_csv: Path, folder: Path) ->
 async def _generate(bundle: Path, intents: list[str], config: EvaluateConfig, seed: int):
     from tqdm import tqdm
 
-    from condgen.server.sampling import SamplingSettings
     from condgen.server.requests import GenerationSpec
+    from condgen.server.sampling import SamplingSettings
     from condgen.server.scheduler import Scheduler, SchedulerConfig
 
     spec = GenerationSpec(intents=tuple(intents), num_records=config.per_intent, seed=seed,

@@ -24,6 +24,7 @@ import numpy as np
 
 from condgen.bundle import EXAMPLES_NAME, TOKENIZER_NAME, Manifest, OnnxInfo, write_manifest
 from condgen.codec import encode_line
+from condgen.errors import CondgenError
 from condgen.training.finetune import read_training_info
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ DEFAULT_MIN_TOP1 = 0.9
 VARIANTS = ("fp32", "fp16", "int8")
 
 
-class ExportError(RuntimeError):
+class ExportError(CondgenError, RuntimeError):
     """An export that failed or produced a graph that disagrees with PyTorch."""
 
 

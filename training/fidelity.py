@@ -20,7 +20,8 @@ CHAR_NGRAMS = (2, 5)
 def make_pipeline(max_features: int = 60_000, c: float = 10.0):
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline as sk_pipeline, make_union
+    from sklearn.pipeline import make_pipeline as sk_pipeline
+    from sklearn.pipeline import make_union
 
     features = make_union(
         TfidfVectorizer(analyzer="word", ngram_range=WORD_NGRAMS, sublinear_tf=True, max_features=max_features),

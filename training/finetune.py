@@ -30,8 +30,14 @@ from pathlib import Path
 from condgen.bundle import EXAMPLES_NAME
 from condgen.training.base_models import load_base_model
 from condgen.training.config import TrainingConfig
-from condgen.training.data import (encode_lines, examples_by_intent, intent_counts, load_records,
-                                   pack_blocks, split_validation)
+from condgen.training.data import (
+    encode_lines,
+    examples_by_intent,
+    intent_counts,
+    load_records,
+    pack_blocks,
+    split_validation,
+)
 
 log = logging.getLogger(__name__)
 TRAINING_INFO_NAME = "condgen_training.json"

@@ -36,11 +36,18 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from condgen.bundle import (APPEND_ONLY_CACHE, GROUPED_QUERY_ATTENTION, LAST_POSITION_LOGITS, LOGITS_TO_KEEP,
-                            LOGITS_WINDOW, SHARED_ATTENTION_BIAS)
+from condgen.bundle import (
+    APPEND_ONLY_CACHE,
+    GROUPED_QUERY_ATTENTION,
+    LAST_POSITION_LOGITS,
+    LOGITS_TO_KEEP,
+    LOGITS_WINDOW,
+    SHARED_ATTENTION_BIAS,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +56,7 @@ log = logging.getLogger(__name__)
 class _Graph:
     """Lookups over an onnx GraphProto that the rewrites keep up to date."""
 
-    graph: object
+    graph: Any  # onnx.GraphProto (protobuf: untyped)
 
     def producer(self, name: str):
         return next((n for n in self.graph.node if name in n.output), None)
@@ -71,8 +78,10 @@ class _Graph:
                 return float(value.reshape(-1)[0]) if value.size == 1 else None
         node = self.producer(name)
         if node is not None and node.op_type == "Constant":
-            value = numpy_helper.to_array(node.attribute[0].t) if node.attribute[0].name == "value" else None
-            return float(value.reshape(-1)[0]) if value is not None and value.size == 1 else None
+            if node.attribute[0].name != "value":
+                return None
+            array = numpy_helper.to_array(node.attribute[0].t)
+            return float(array.reshape(-1)[0]) if array.size == 1 else None
         return None
 
     def constant(self, name: str, values, dtype=np.int64) -> str:
@@ -333,9 +342,11 @@ def share_attention_bias(graph: _Graph) -> bool:
     from onnx import helper
 
     softmaxes = [n for n in graph.graph.node if n.op_type == "Softmax"]
-    found = [_attention_bias(graph, s) for s in softmaxes]
-    guards = [_nan_guard(graph, s) for s in softmaxes]
-    if not softmaxes or any(f is None for f in found) or any(g is None for g in guards):
+    maybe_found = [_attention_bias(graph, s) for s in softmaxes]
+    maybe_guards = [_nan_guard(graph, s) for s in softmaxes]
+    found = [f for f in maybe_found if f is not None]
+    guards = [g for g in maybe_guards if g is not None]
+    if not softmaxes or len(found) < len(softmaxes) or len(guards) < len(softmaxes):
         return False
     signatures = {_slice_signature(graph, sliced) for _, _, sliced in found}
     if len(signatures) != 1 or None in signatures:

@@ -33,8 +33,10 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from condgen.codec import LabelledText
+from condgen.errors import CondgenError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ TUNE_MARGINS = (-0.1, 0.0, 0.1, 0.25)
 SCORED_MARGIN = -100.0  # keeps every row, with its margin (the tuning fold filters afterwards)
 
 
-class NovelError(ValueError):
+class NovelError(CondgenError, ValueError):
     """The data cannot be split as asked; the message says what to change."""
 
 
@@ -239,7 +241,7 @@ def request_examples(config: NovelConfig, fold: FoldData) -> dict[str, tuple[str
     return {intent: tuple(texts) for intent, texts in examples.items()}
 
 
-async def _generate(bundle: Path, spec, context_examples: int) -> tuple[list, object, float]:
+async def _generate(bundle: Path, spec, context_examples: int) -> tuple[list, Any, float]:
     from condgen.server.limits import LabelCheckConfig
     from condgen.server.scheduler import Scheduler, SchedulerConfig
 
@@ -253,8 +255,8 @@ async def _generate(bundle: Path, spec, context_examples: int) -> tuple[list, ob
 
 def generate(config: NovelConfig, fold: FoldData, bundle: Path, margin: float, per_intent: int):
     """`per_intent` rows per novel intent through the server's scheduler, with the label check."""
-    from condgen.server.sampling import SamplingSettings
     from condgen.server.requests import GenerationSpec
+    from condgen.server.sampling import SamplingSettings
 
     spec = GenerationSpec(intents=tuple(fold.novel), num_records=per_intent, seed=config.seed * 100 + fold.number,
                           sampling=SamplingSettings(temperature=config.temperature, top_p=config.top_p),
@@ -298,7 +300,8 @@ def tune(config: NovelConfig, fold: FoldData, test, judge) -> tuple[Choices, dic
     scores = score_recipes(fold, [], test, config.seed, only=BASELINES)
     baseline = max(BASELINES, key=lambda name: scores[name]["novel_acc"])
     right = judged_right(judge, [LabelledText(r.intent, r.text) for r in records])
-    sweep, best = [], None
+    sweep: list[dict] = []
+    best: tuple[float, float, int] | None = None
     counts = sorted({max(1, config.per_intent // 2), config.per_intent})
     for margin in TUNE_MARGINS:
         share = [ok for r, ok in zip(records, right) if r.label_margin >= margin]
@@ -312,9 +315,11 @@ def tune(config: NovelConfig, fold: FoldData, test, judge) -> tuple[Choices, dic
                 best = (acc, margin, count)
         sweep.append(entry)
         log.info("tuning: %s", entry)
+    assert best is not None  # TUNE_MARGINS and counts are not empty
     choices = Choices(baseline, best[1], best[2])
-    return choices, {"fold": fold.number, "novel": fold.novel, "baselines": {k: v["novel_acc"] for k, v in scores.items()},
-                     "sweep": sweep, "choices": asdict(choices)}
+    baselines = {k: v["novel_acc"] for k, v in scores.items()}
+    return choices, {"fold": fold.number, "novel": fold.novel, "baselines": baselines, "sweep": sweep,
+                     "choices": asdict(choices)}
 
 
 def run_fold(config: NovelConfig, fold: FoldData, test, judge, choices: Choices) -> FoldResult:
@@ -347,7 +352,8 @@ def summarise(config: NovelConfig, choices: Choices, results: list[FoldResult], 
         "setting": "novel", "generator": config.generator, "shots": config.shots,
         "novel_per_fold": config.novel_per_fold, "folds": len(results), "per_intent": choices.rows_per_intent,
         "label_margin": choices.margin, "baseline_name": choices.baseline,
-        "novel_acc_baseline": mean(choices.baseline, "novel_acc"), "novel_acc_augmented": mean("augmented", "novel_acc"),
+        "novel_acc_baseline": mean(choices.baseline, "novel_acc"),
+        "novel_acc_augmented": mean("augmented", "novel_acc"),
         "novel_gain_points": statistics.mean(gains), "novel_gain_ci95": paired_ci95(gains),
         "novel_acc_topline": mean("topline", "novel_acc"),
         "novel_acc_by_recipe": {name: mean(name, "novel_acc") for name in results[0].scores},

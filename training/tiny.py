@@ -5,8 +5,8 @@ through exactly the same fine-tune, export and serving path as a real base model
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 

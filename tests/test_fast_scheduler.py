@@ -1,0 +1,155 @@
+"""The scheduler over the fake engine: determinism, policies, budgets, cancellation, faults,
+request examples and the label check, in seconds and without a model (`make test-fast`)."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+
+import pytest
+from fake_engine import FakeEngine
+
+from condgen.bundle import read_manifest
+from condgen.server.errors import Overloaded, ShuttingDown
+from condgen.server.requests import GeneratedRecord, GenerationSpec
+from condgen.server.sampling import SamplingSettings
+from condgen.server.scheduler import Scheduler, SchedulerConfig
+
+pytestmark = pytest.mark.fast
+
+
+def spec(intent, n, seed, **kw) -> GenerationSpec:
+    settings = dict(intents=(intent,) if isinstance(intent, str) else tuple(intent), num_records=n, seed=seed,
+                    sampling=SamplingSettings(temperature=1.0), max_new_tokens=30, num_prompt_examples=2,
+                    sequences_per_round=3, avoid_recent_duplicates=False)
+    settings.update(kw)
+    return GenerationSpec(**settings)
+
+
+def run(bundle, specs, config=SchedulerConfig(), engine=None):
+    """Every spec's (records, summary or error) and the scheduler's stats at the end."""
+    engine = engine or FakeEngine(read_manifest(bundle))
+
+    async def main():
+        async with Scheduler.for_bundle(bundle, config, engine=engine) as scheduler:
+            async def one(s):
+                try:
+                    return await scheduler.collect(s)
+                except Exception as exc:  # noqa: BLE001 - the test inspects it
+                    return [], exc
+            results = await asyncio.gather(*[one(s) for s in specs])
+            return results, scheduler.stats(), scheduler.totals()
+
+    return asyncio.run(main())
+
+
+def texts(records):
+    return [(r.intent, r.text) for r in records]
+
+
+def test_records_arrive_with_a_summary(fake_bundle_dir):
+    [(records, summary)], stats, totals = run(fake_bundle_dir, [spec(["card_arrival", "exchange_rate"], 4, 1)])
+    assert summary.complete and summary.records_accepted == 8
+    assert sorted({r.intent for r in records}) == ["card_arrival", "exchange_rate"]
+    assert all(isinstance(r, GeneratedRecord) and r.text for r in records)
+    assert totals["records_accepted"] == 8 and stats["steps"] > 0 and stats["running_sequences"] == 0
+
+
+def test_same_seed_same_records_whatever_shares_the_batch(fake_bundle_dir):
+    target = spec("card_arrival", 5, seed=42)
+    [(alone, _)], _, _ = run(fake_bundle_dir, [target])
+    crowd = [spec("exchange_rate", 6, 1), target, spec("lost_or_stolen_card", 4, 2), spec("card_arrival", 3, 3)]
+    results, _, _ = run(fake_bundle_dir, crowd, SchedulerConfig(max_batch_size=7))
+    assert texts(results[1][0]) == texts(alone)
+
+
+@pytest.mark.parametrize("policy", ["continuous", "static"])
+def test_both_policies_finish_every_request(fake_bundle_dir, policy):
+    specs = [spec("card_arrival", 4, s) for s in range(5)]
+    results, stats, _ = run(fake_bundle_dir, specs, SchedulerConfig(max_batch_size=6, policy=policy))
+    assert all(summary.complete for _, summary in results)
+    assert stats["policy"] == policy
+
+
+def test_a_round_larger_than_the_token_budget_runs_alone(fake_bundle_dir):
+    results, _, _ = run(fake_bundle_dir, [spec("card_arrival", 3, 1), spec("exchange_rate", 3, 2)],
+                        SchedulerConfig(max_batch_tokens=1))
+    assert all(summary.complete for _, summary in results)
+
+
+def test_a_request_beyond_the_active_limit_is_refused(fake_bundle_dir):
+    async def main():
+        async with Scheduler.for_bundle(fake_bundle_dir, SchedulerConfig(max_active_requests=1),
+                                        engine=FakeEngine(read_manifest(fake_bundle_dir))) as scheduler:
+            first = scheduler.submit(spec("card_arrival", 2, 1))
+            with pytest.raises(Overloaded):
+                scheduler.submit(spec("card_arrival", 2, 2))
+            return [item async for item in first]
+    assert asyncio.run(main())
+
+
+def test_a_stopped_scheduler_refuses_new_requests(fake_bundle_dir):
+    async def main():
+        async with Scheduler.for_bundle(fake_bundle_dir, engine=FakeEngine(read_manifest(fake_bundle_dir))) as s:
+            s.stop()
+            with pytest.raises(ShuttingDown):
+                s.submit(spec("card_arrival", 2, 1))
+    asyncio.run(main())
+
+
+def test_cancel_ends_a_request_without_a_summary(fake_bundle_dir):
+    async def main():
+        async with Scheduler.for_bundle(fake_bundle_dir, engine=FakeEngine(read_manifest(fake_bundle_dir))) as s:
+            handle = s.submit(spec("card_arrival", 500, 1))
+            other = asyncio.create_task(s.collect(spec("exchange_rate", 3, 2)))
+            received = []
+            async for item in handle:
+                received.append(item)
+                handle.cancel()
+            return received, await other
+    received, (records, summary) = asyncio.run(main())
+    assert len(received) < 500 and all(isinstance(r, GeneratedRecord) for r in received)
+    assert summary.complete and len(records) == 3
+
+
+def test_an_engine_failure_fails_the_batch_and_the_loop_goes_on(fake_bundle_dir):
+    engine = FakeEngine(read_manifest(fake_bundle_dir), fail_after_steps=3)
+    [(_, error)], _, _ = run(fake_bundle_dir, [spec("card_arrival", 50, 1)], engine=engine)
+    assert isinstance(error, RuntimeError) and "injected" in str(error)
+    engine.fail_after_steps = None
+    [(records, summary)], _, _ = run(fake_bundle_dir, [spec("card_arrival", 2, 1)], engine=engine)
+    assert summary.complete and len(records) == 2
+
+
+def test_supplied_examples_make_a_new_intent_and_are_never_copied(fake_bundle_dir):
+    supplied = {"crypto_purchase": ("buy crypto with my card", "can i buy bitcoin", "purchase crypto today")}
+    [(records, summary)], _, _ = run(fake_bundle_dir, [spec("crypto_purchase", 6, 3, examples=supplied)])
+    assert summary.complete and {r.intent for r in records} == {"crypto_purchase"}
+    assert not {r.text for r in records} & set(supplied["crypto_purchase"])
+
+
+def test_the_label_check_scores_against_supplied_rivals(fake_bundle_dir):
+    supplied = {"crypto_purchase": ("buy crypto with my card", "can i buy bitcoin", "purchase crypto today")}
+    both = ("crypto_purchase", "exchange_rate")
+    [(records, summary)], _, _ = run(fake_bundle_dir, [spec(both, 4, 5, examples=supplied, label_check=True)])
+    assert summary.complete
+    # exchange_rate lines have a rival (the supplied intent); crypto_purchase ones none (no classifier here)
+    assert all(r.label_margin >= 0 for r in records if r.intent == "exchange_rate")
+    assert all(math.isnan(r.label_margin) for r in records if r.intent == "crypto_purchase")
+    strict = spec(both, 2, 5, examples=supplied, label_check=True, label_margin=100.0, max_rounds=2)
+    [(kept, summary)], _, _ = run(fake_bundle_dir, [strict])
+    assert {r.intent for r in kept} == {"crypto_purchase"}  # nothing to compare with: not checked
+    assert summary.rejected["label_check"] > 0 and summary.incomplete_intents == ["exchange_rate"]
+
+
+def test_same_seed_same_records_under_the_label_check(fake_bundle_dir):
+    supplied = {"crypto_purchase": ("buy crypto with my card", "can i buy bitcoin")}
+    target = spec(("crypto_purchase", "card_arrival"), 3, 7, examples=supplied, label_check=True)
+    [(alone, _)], _, _ = run(fake_bundle_dir, [target])
+    [(_, _), (crowded, _)], _, _ = run(fake_bundle_dir, [spec("exchange_rate", 5, 1), target])
+    assert texts(crowded) == texts(alone)
+
+
+def test_spec_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec("card_arrival", 1, 1).num_records = 2  # type: ignore[misc]
