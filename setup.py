@@ -2,6 +2,7 @@
 
 The stubs are build output (gitignored), never edited by hand.
 """
+
 from pathlib import Path
 
 from setuptools import setup
@@ -16,8 +17,15 @@ def generate_stubs() -> None:
     proto_files = sorted(str(p.relative_to(ROOT / "protos")) for p in (ROOT / "protos").rglob("*.proto"))
     out = str(ROOT)
     well_known = str(Path(protoc.__file__).parent / "_proto")
-    args = ["protoc", f"-I{include}", f"-I{well_known}", f"--python_out={out}",
-            f"--pyi_out={out}", f"--grpc_python_out={out}", *proto_files]
+    args = [
+        "protoc",
+        f"-I{include}",
+        f"-I{well_known}",
+        f"--python_out={out}",
+        f"--pyi_out={out}",
+        f"--grpc_python_out={out}",
+        *proto_files,
+    ]
     if protoc.main(args) != 0:
         raise SystemExit(f"protoc failed on {proto_files}")
     init = ROOT / "condgen" / "v1" / "__init__.py"

@@ -1,4 +1,5 @@
 """Run every benchmark side by side and write bench/results/latest.json (see condgen.bench)."""
+
 from __future__ import annotations
 
 import argparse
@@ -37,15 +38,27 @@ TARGETS = [  # (name, numerator, denominator, at least)
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="condgen bench", description=__doc__)
     parser.add_argument("--bundle", type=Path, default=Path("demo_out/bundle"), help="bundle to serve (make demo)")
-    parser.add_argument("--checkpoint", type=Path, help="checkpoint of the bundle, for the transformers and "
-                        "optimum baselines (default: the bundle's sibling `checkpoint`)")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="checkpoint of the bundle, for the transformers and "
+        "optimum baselines (default: the bundle's sibling `checkpoint`)",
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens per sequence in the engine runs")
     parser.add_argument("--prompt-examples", type=int, default=10, help="real examples per prompt")
-    parser.add_argument("--max-batch-size", type=int, default=32,
-                        help="the server's and the in-process scheduler's batch rows (condgen serve's default)")
-    parser.add_argument("--max-batch-tokens", type=int, default=0,
-                        help="KV-cache budget for the server and the in-process scheduler (0: none)")
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=32,
+        help="the server's and the in-process scheduler's batch rows (condgen serve's default)",
+    )
+    parser.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=0,
+        help="KV-cache budget for the server and the in-process scheduler (0: none)",
+    )
     parser.add_argument("--quick", action="store_true", help="small loads (a smoke test, not figures)")
     parser.add_argument("--output", type=Path, default=Path("bench/results/latest.json"))
     return parser.parse_args(argv)
@@ -53,8 +66,9 @@ def parse_args(argv=None):
 
 def git_sha() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -65,8 +79,15 @@ def progress(message: str) -> None:
 
 def serving_figures(args, intents: list[str], load: StreamLoad, streams: tuple[int, ...]) -> dict:
     results = {}
-    server = ServerProcess(args.bundle, "--device", args.device, "--max-batch-size", str(args.max_batch_size),
-                           "--max-batch-tokens", str(args.max_batch_tokens))
+    server = ServerProcess(
+        args.bundle,
+        "--device",
+        args.device,
+        "--max-batch-size",
+        str(args.max_batch_size),
+        "--max-batch-tokens",
+        str(args.max_batch_tokens),
+    )
     try:
         for count in streams:
             progress(f"server: {count} concurrent streams")
@@ -88,8 +109,9 @@ def batching_figures(args, intents: list[str], load: StreamLoad, quick: bool) ->
     mixed = mixed_specs(intents, load, small=2 if quick else 5, large=10 if quick else 100, count=5 if quick else 10)
     for policy in ("continuous", "static"):
         progress(f"mixed workload, {policy} batching")
-        figures[f"{policy}_tok_s_mixed"] = in_process(args.bundle, args.device, mixed,
-                                                      SchedulerConfig(max_batch_size=16, policy=policy))
+        figures[f"{policy}_tok_s_mixed"] = in_process(
+            args.bundle, args.device, mixed, SchedulerConfig(max_batch_size=16, policy=policy)
+        )
     return figures
 
 
@@ -98,19 +120,23 @@ def engine_figures(args, prompts: list[str], checkpoint: Path) -> dict:
     for batch in (1, 16):
         chosen = prompts[:batch]
         progress(f"engine alone, batch {batch}")
-        figures[f"engine_tok_s_b{batch}"], figures["device"] = our_engine(args.bundle, chosen, args.new_tokens,
-                                                                          args.device)
+        figures[f"engine_tok_s_b{batch}"], figures["device"] = our_engine(
+            args.bundle, chosen, args.new_tokens, args.device
+        )
         progress(f"transformers generate, batch {batch}")
-        figures[f"transformers_tok_s_b{batch}"] = transformers_generate(checkpoint, chosen, args.new_tokens,
-                                                                        args.device)
+        figures[f"transformers_tok_s_b{batch}"] = transformers_generate(
+            checkpoint, chosen, args.new_tokens, args.device
+        )
         progress(f"optimum ORTModelForCausalLM, batch {batch}")
         figures[f"optimum_tok_s_b{batch}"] = optimum_generate(checkpoint, chosen, args.new_tokens, args.device)
     return figures
 
 
 def print_table(report: dict) -> None:
-    print(f"\ncondgen bench  model={report['model']}  device={report['device']}  threads={report['threads']}  "
-          f"git={report['git_sha']}")
+    print(
+        f"\ncondgen bench  model={report['model']}  device={report['device']}  threads={report['threads']}  "
+        f"git={report['git_sha']}"
+    )
     for key, value in report.items():
         if isinstance(value, float):
             print(f"  {key:<28} {value:>10.1f}")
@@ -132,10 +158,17 @@ def main(argv=None) -> int:
     intents = sorted(read_examples(args.bundle))
     load = StreamLoad(num_records=2 if args.quick else 8, prompt_examples=args.prompt_examples)
     started = time.time()
-    report = {"model": f"{manifest.base_model} ({manifest.onnx.variant})", "threads": os.cpu_count(),
-              "git_sha": git_sha(), "platform": platform.platform(), "new_tokens": args.new_tokens,
-              "prompt_examples": args.prompt_examples, "stream_load": asdict(load),
-              "max_batch_size": args.max_batch_size, "max_batch_tokens": args.max_batch_tokens}
+    report = {
+        "model": f"{manifest.base_model} ({manifest.onnx.variant})",
+        "threads": os.cpu_count(),
+        "git_sha": git_sha(),
+        "platform": platform.platform(),
+        "new_tokens": args.new_tokens,
+        "prompt_examples": args.prompt_examples,
+        "stream_load": asdict(load),
+        "max_batch_size": args.max_batch_size,
+        "max_batch_tokens": args.max_batch_tokens,
+    }
     report.update(serving_figures(args, intents, load, (1, 4, 8) if args.quick else (1, 16, 64)))
     if args.quick:  # the quick run's middle load stands in for c16 and c64
         report["server_tok_s_c16"] = report.pop("server_tok_s_c4")

@@ -5,6 +5,7 @@ same number of new tokens greedily (EOS ignored) and is timed from prompt to las
 prefill included, on its second run of the workload (the first, untimed, lets each one
 allocate and pick kernels for these shapes). Tokens per second count generated tokens only.
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,8 +26,12 @@ def bench_prompts(bundle: Path, count: int, examples_per_prompt: int, separator:
     examples = read_examples(bundle)
     intents = sorted(examples)
     rng = np.random.default_rng(0)
-    return [build_prompt(intents[i % len(intents)], examples[intents[i % len(intents)]], examples_per_prompt,
-                         rng, separator)[0] for i in range(count)]
+    return [
+        build_prompt(
+            intents[i % len(intents)], examples[intents[i % len(intents)]], examples_per_prompt, rng, separator
+        )[0]
+        for i in range(count)
+    ]
 
 
 def engine_greedy(engine: Engine, prompts: list[list[int]], new_tokens: int) -> None:
@@ -57,11 +62,18 @@ def our_engine(bundle: Path, prompts: list[str], new_tokens: int, device: str) -
 def hf_generate(model, tokenizer, prompts: list[str], new_tokens: int, device) -> None:
     import torch
 
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False,
-                        return_token_type_ids=False).to(device)
+    encoded = tokenizer(
+        prompts, return_tensors="pt", padding=True, add_special_tokens=False, return_token_type_ids=False
+    ).to(device)
     with torch.inference_mode():
-        model.generate(**encoded, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                       use_cache=True, pad_token_id=tokenizer.pad_token_id)
+        model.generate(
+            **encoded,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=tokenizer.pad_token_id,
+        )
 
 
 def _tokenizer(checkpoint: Path):
@@ -74,8 +86,9 @@ def _tokenizer(checkpoint: Path):
     return tokenizer
 
 
-def transformers_generate(checkpoint: Path, prompts: list[str], new_tokens: int, device: str,
-                          half_on_gpu: bool = False) -> float:
+def transformers_generate(
+    checkpoint: Path, prompts: list[str], new_tokens: int, device: str, half_on_gpu: bool = False
+) -> float:
     """transformers `generate` in its default precision (fp32), or in fp16 when it runs on a GPU
     and `half_on_gpu` (to match an fp16 bundle)."""
     import torch

@@ -8,6 +8,7 @@ half precision on the same GPU, prompts and token counts, side by side; and the 
 in-process scheduler load. Prints and writes JSON. Fails loudly if CUDA is not what the
 session runs on (`--device cpu` only rehearses the script).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,24 +48,36 @@ def main(argv=None) -> int:
     manifest = read_manifest(args.bundle, verify=False)
     prompts = bench_prompts(args.bundle, 16, args.prompt_examples, manifest.separator)
     device = args.device  # cpu only rehearses the script
-    report = {"bundle": str(args.bundle), "variant": manifest.onnx.variant, "ort": ort.__version__,
-              "providers": ort.get_available_providers(), "new_tokens": args.new_tokens}
+    report = {
+        "bundle": str(args.bundle),
+        "variant": manifest.onnx.variant,
+        "ort": ort.__version__,
+        "providers": ort.get_available_providers(),
+        "new_tokens": args.new_tokens,
+    }
     for binding in ("on", "off"):
         engine = Engine(args.bundle, manifest, EngineConfig(device=device, io_binding=binding))
         report["device"] = engine.provider
         for batch in (1, 16):
-            report[f"engine_tok_s_b{batch}_iobinding_{binding}"] = engine_tok_s(engine, prompts[:batch],
-                                                                                 args.new_tokens)
-            print(f"io binding {binding}, batch {batch}: {report[f'engine_tok_s_b{batch}_iobinding_{binding}']:.1f} "
-                  f"tok/s", flush=True)
+            report[f"engine_tok_s_b{batch}_iobinding_{binding}"] = engine_tok_s(
+                engine, prompts[:batch], args.new_tokens
+            )
+            print(
+                f"io binding {binding}, batch {batch}: {report[f'engine_tok_s_b{batch}_iobinding_{binding}']:.1f} "
+                f"tok/s",
+                flush=True,
+            )
     if args.checkpoint:
         for batch in (1, 16):
             report[f"transformers_fp16_tok_s_b{batch}"] = transformers_generate(
-                args.checkpoint, prompts[:batch], args.new_tokens, device, half_on_gpu=True)
-            print(f"transformers fp16, batch {batch}: {report[f'transformers_fp16_tok_s_b{batch}']:.1f} tok/s",
-                  flush=True)
+                args.checkpoint, prompts[:batch], args.new_tokens, device, half_on_gpu=True
+            )
+            print(
+                f"transformers fp16, batch {batch}: {report[f'transformers_fp16_tok_s_b{batch}']:.1f} tok/s", flush=True
+            )
             report[f"engine_over_transformers_b{batch}"] = round(
-                report[f"engine_tok_s_b{batch}_iobinding_on"] / report[f"transformers_fp16_tok_s_b{batch}"], 2)
+                report[f"engine_tok_s_b{batch}_iobinding_on"] / report[f"transformers_fp16_tok_s_b{batch}"], 2
+            )
     load = StreamLoad(prompt_examples=args.prompt_examples)
     intents = sorted(read_examples(args.bundle))
     specs = [spec_for(intents[i % len(intents)], i, load.num_records, load) for i in range(16)]

@@ -17,6 +17,7 @@ the bundle's classifier, which the check uses to pick rivals): a row is "right" 
 predicts its requested intent. Precision of a margin = right rows among those it keeps; recall =
 kept rows among the right ones. Writes bench/results/label_check.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,14 @@ async def timed_run(scheduler: Scheduler, spec: GenerationSpec) -> dict:
     started = time.perf_counter()
     records, summary = await scheduler.collect(spec)
     seconds = time.perf_counter() - started
-    return {"records": records, "seconds": seconds, "records_per_s": len(records) / seconds,
-            "lines_parsed": summary.lines_parsed, "rejected": dict(summary.rejected), "complete": summary.complete}
+    return {
+        "records": records,
+        "seconds": seconds,
+        "records_per_s": len(records) / seconds,
+        "lines_parsed": summary.lines_parsed,
+        "rejected": dict(summary.rejected),
+        "complete": summary.complete,
+    }
 
 
 def sweep(records, right: list[bool]) -> list[dict]:
@@ -60,25 +67,34 @@ def sweep(records, right: list[bool]) -> list[dict]:
     total_right = sum(right)
     for margin in SWEEP:
         kept = [ok for r, ok in zip(records, right) if r.label_margin >= margin]
-        rows.append({"margin": margin, "kept_share": len(kept) / len(records) if records else 0.0,
-                     "precision": sum(kept) / len(kept) if kept else 0.0,
-                     "recall": sum(kept) / total_right if total_right else 0.0})
+        rows.append(
+            {
+                "margin": margin,
+                "kept_share": len(kept) / len(records) if records else 0.0,
+                "precision": sum(kept) / len(kept) if kept else 0.0,
+                "recall": sum(kept) / total_right if total_right else 0.0,
+            }
+        )
     return rows
 
 
 async def measure(args) -> dict:
     judge = fit_judge(args.data)
     intents = tuple(args.intent or DEMO_INTENTS)
-    base = GenerationSpec(intents=intents, num_records=args.per_intent, seed=args.seed,
-                          sampling=SamplingSettings(temperature=args.temperature, top_p=args.top_p),
-                          max_new_tokens=args.max_new_tokens, num_prompt_examples=args.prompt_examples,
-                          avoid_recent_duplicates=False)
+    base = GenerationSpec(
+        intents=intents,
+        num_records=args.per_intent,
+        seed=args.seed,
+        sampling=SamplingSettings(temperature=args.temperature, top_p=args.top_p),
+        max_new_tokens=args.max_new_tokens,
+        num_prompt_examples=args.prompt_examples,
+        avoid_recent_duplicates=False,
+    )
     config = LabelCheckConfig(rivals=args.rivals, context_examples=args.context_examples)
     runs = {}
     async with Scheduler.for_bundle(args.bundle, label_check=config) as scheduler:
         await scheduler.collect(dataclasses.replace(base, num_records=2))  # warm-up
-        for name, check, margin in (("off", False, 0.0), ("scored", True, NO_FILTER_MARGIN),
-                                    ("on", True, args.margin)):
+        for name, check, margin in (("off", False, 0.0), ("scored", True, NO_FILTER_MARGIN), ("on", True, args.margin)):
             print(f"run: label check {name}", flush=True)
             runs[name] = await timed_run(scheduler, dataclasses.replace(base, label_check=check, label_margin=margin))
 
@@ -86,18 +102,29 @@ async def measure(args) -> dict:
         predicted = judge.predict([r.text for r in records]) if records else []
         return [p == r.intent for p, r in zip(predicted, records)]
 
-    report = {"bundle": str(args.bundle), "intents": list(intents), "per_intent": args.per_intent,
-              "margin": args.margin, "rivals": args.rivals, "context_examples": args.context_examples,
-              "git_sha": _git_sha()}
+    report = {
+        "bundle": str(args.bundle),
+        "intents": list(intents),
+        "per_intent": args.per_intent,
+        "margin": args.margin,
+        "rivals": args.rivals,
+        "context_examples": args.context_examples,
+        "git_sha": _git_sha(),
+    }
     for name, run in runs.items():
         ok = right(run["records"])
-        report[name] = {"records": len(ok), "on_label_share": sum(ok) / len(ok) if ok else 0.0,
-                        **{k: v for k, v in run.items() if k != "records"}}
+        report[name] = {
+            "records": len(ok),
+            "on_label_share": sum(ok) / len(ok) if ok else 0.0,
+            **{k: v for k, v in run.items() if k != "records"},
+        }
     scored = runs["scored"]["records"]
     report["sweep"] = sweep(scored, right(scored))
     predicted = judge.predict([r.text for r in scored]) if scored else []
-    report["rows"] = [{"intent": r.intent, "text": r.text, "label_margin": r.label_margin, "judge": str(p)}
-                      for r, p in zip(scored, predicted)]
+    report["rows"] = [
+        {"intent": r.intent, "text": r.text, "label_margin": r.label_margin, "judge": str(p)}
+        for r, p in zip(scored, predicted)
+    ]
     report["scoring_overhead"] = runs["scored"]["seconds"] / runs["off"]["seconds"] - 1.0
     report["records_per_s_ratio_on_vs_off"] = runs["on"]["records_per_s"] / runs["off"]["records_per_s"]
     return report
@@ -111,11 +138,15 @@ def _git_sha() -> str:
 def print_report(report: dict) -> None:
     for name in ("off", "scored", "on"):
         run = report[name]
-        print(f"label check {name:6s}: {run['records']} rows, on-label (judge) {run['on_label_share']:.1%}, "
-              f"{run['records_per_s']:.2f} records/s, {run['lines_parsed']} lines, "
-              f"label_check rejections {run['rejected'].get('label_check', 0)}")
-    print(f"scoring overhead {report['scoring_overhead']:+.1%}; records/s on/off "
-          f"{report['records_per_s_ratio_on_vs_off']:.2f}")
+        print(
+            f"label check {name:6s}: {run['records']} rows, on-label (judge) {run['on_label_share']:.1%}, "
+            f"{run['records_per_s']:.2f} records/s, {run['lines_parsed']} lines, "
+            f"label_check rejections {run['rejected'].get('label_check', 0)}"
+        )
+    print(
+        f"scoring overhead {report['scoring_overhead']:+.1%}; records/s on/off "
+        f"{report['records_per_s_ratio_on_vs_off']:.2f}"
+    )
     print("margin   kept   precision  recall")
     for row in report["sweep"]:
         print(f"{row['margin']:7.2f}  {row['kept_share']:5.1%}  {row['precision']:8.1%}  {row['recall']:6.1%}")

@@ -5,6 +5,7 @@ Tokens per second are the `tokens_generated` of every request's Summary over the
 of the whole load. TTFT is the time from a call to its first record; TPOT is a stream's
 time after its first record per token of one of its sequences.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -58,7 +59,10 @@ class ServerProcess:
         self._log = tempfile.TemporaryFile(mode="a+")  # noqa: SIM115
         self.process = subprocess.Popen(
             [sys.executable, "-m", "condgen.cli", "serve", "--bundle", str(bundle), "--port", "0", *serve_args],
-            stdout=subprocess.PIPE, stderr=self._log, text=True)
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+        )
         assert self.process.stdout is not None
         for line in self.process.stdout:
             match = re.search(r"listening on (\S+):(\d+)", line)
@@ -100,20 +104,29 @@ def one_stream(target: str, intent: str, seed: int, load: StreamLoad, out: list,
     first = None
     records = 0
     with Client(target, timeout=1800) as client:
-        for _ in client.generate([intent], load.num_records, seed=seed, temperature=load.temperature,
-                                 max_new_tokens=load.max_new_tokens, num_prompt_examples=load.prompt_examples,
-                                 sequences_per_round=load.sequences_per_round):
+        for _ in client.generate(
+            [intent],
+            load.num_records,
+            seed=seed,
+            temperature=load.temperature,
+            max_new_tokens=load.max_new_tokens,
+            num_prompt_examples=load.prompt_examples,
+            sequences_per_round=load.sequences_per_round,
+        ):
             records += 1
             first = first or time.perf_counter() - started
-        out[index] = StreamResult(first or 0.0, time.perf_counter() - started,
-                                  client.last_summary.tokens_generated, records)
+        out[index] = StreamResult(
+            first or 0.0, time.perf_counter() - started, client.last_summary.tokens_generated, records
+        )
 
 
 def run_streams(target: str, intents: list[str], streams: int, load: StreamLoad) -> tuple[float, list[StreamResult]]:
     """`streams` concurrent Generate calls; returns tokens/s over the wall time and per-stream results."""
     results: list = [None] * streams
-    threads = [threading.Thread(target=one_stream, args=(target, intents[i % len(intents)], i, load, results, i))
-               for i in range(streams)]
+    threads = [
+        threading.Thread(target=one_stream, args=(target, intents[i % len(intents)], i, load, results, i))
+        for i in range(streams)
+    ]
     started = time.perf_counter()
     for thread in threads:
         thread.start()
@@ -128,14 +141,23 @@ def run_streams(target: str, intents: list[str], streams: int, load: StreamLoad)
 def latency_figures(results: list[StreamResult], load: StreamLoad) -> dict:
     ttfts = [r.ttft * 1000 for r in results]
     tpots = [(r.elapsed - r.ttft) * 1000 / max(1.0, r.tokens / load.sequences_per_round) for r in results]
-    return {"ttft_p50_ms": statistics.median(ttfts), "ttft_p95_ms": percentile(ttfts, 0.95),
-            "tpot_ms": statistics.median(tpots)}
+    return {
+        "ttft_p50_ms": statistics.median(ttfts),
+        "ttft_p95_ms": percentile(ttfts, 0.95),
+        "tpot_ms": statistics.median(tpots),
+    }
 
 
 def spec_for(intent: str, seed: int, num_records: int, load: StreamLoad) -> GenerationSpec:
-    return GenerationSpec(intents=(intent,), num_records=num_records, seed=seed,
-                          sampling=SamplingSettings(temperature=load.temperature), max_new_tokens=load.max_new_tokens,
-                          num_prompt_examples=load.prompt_examples, sequences_per_round=load.sequences_per_round)
+    return GenerationSpec(
+        intents=(intent,),
+        num_records=num_records,
+        seed=seed,
+        sampling=SamplingSettings(temperature=load.temperature),
+        max_new_tokens=load.max_new_tokens,
+        num_prompt_examples=load.prompt_examples,
+        sequences_per_round=load.sequences_per_round,
+    )
 
 
 async def _run_in_process(engine: Engine, bundle: Path, specs: list[GenerationSpec], config: SchedulerConfig) -> float:
@@ -154,8 +176,9 @@ async def _run_in_process(engine: Engine, bundle: Path, specs: list[GenerationSp
     return sum(tokens) / wall
 
 
-def in_process(bundle: Path, device: str, specs: list[GenerationSpec], config: SchedulerConfig,
-               engine: Engine | None = None) -> float:
+def in_process(
+    bundle: Path, device: str, specs: list[GenerationSpec], config: SchedulerConfig, engine: Engine | None = None
+) -> float:
     """Tokens/s of `specs` submitted together straight to a scheduler (no gRPC)."""
     manifest = read_manifest(bundle, verify=False)
     engine = engine or Engine(bundle, manifest, EngineConfig(device=device))
@@ -164,5 +187,4 @@ def in_process(bundle: Path, device: str, specs: list[GenerationSpec], config: S
 
 def mixed_specs(intents: list[str], load: StreamLoad, small: int, large: int, count: int) -> list[GenerationSpec]:
     """Every fifth request wants `large` records, the others `small`."""
-    return [spec_for(intents[i % len(intents)], 1000 + i, large if i % 5 == 0 else small, load)
-            for i in range(count)]
+    return [spec_for(intents[i % len(intents)], 1000 + i, large if i % 5 == 0 else small, load) for i in range(count)]

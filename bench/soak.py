@@ -5,6 +5,7 @@ back for `--minutes`, samples the server's resident memory every few seconds, an
 the growth from the end of the warm-up (the first 10% of the run) to the end. Writes
 bench/results/soak.json. Loopback only; the load stops by itself.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,17 @@ def client_loop(target: str, intents: list[str], stop: threading.Event, outcomes
         while not stop.is_set():
             seed += 1
             try:
-                list(client.generate([intents[seed % len(intents)]], 4, seed=seed, temperature=0.9,
-                                     max_new_tokens=48, num_prompt_examples=10, sequences_per_round=4))
+                list(
+                    client.generate(
+                        [intents[seed % len(intents)]],
+                        4,
+                        seed=seed,
+                        temperature=0.9,
+                        max_new_tokens=48,
+                        num_prompt_examples=10,
+                        sequences_per_round=4,
+                    )
+                )
                 outcomes["OK"] += 1
             except GenerateError as exc:
                 outcomes[exc.code.name] += 1
@@ -53,16 +63,21 @@ def main(argv=None) -> int:
     intents = sorted(read_examples(args.bundle))
     server = ServerProcess(args.bundle, "--device", "cpu", "--max-batch-size", "64")
     stop, outcomes, samples = threading.Event(), Counter[str](), []
-    threads = [threading.Thread(target=client_loop, args=(server.target, intents, stop, outcomes, i), daemon=True)
-               for i in range(args.streams)]
+    threads = [
+        threading.Thread(target=client_loop, args=(server.target, intents, stop, outcomes, i), daemon=True)
+        for i in range(args.streams)
+    ]
     started = time.monotonic()
     try:
         for thread in threads:
             thread.start()
         while (elapsed := time.monotonic() - started) < args.minutes * 60:
             samples.append((round(elapsed, 1), rss_mb(server.process.pid)))
-            print(f"[soak] {elapsed:6.0f} s  rss {samples[-1][1]:7.1f} MB  calls {dict(outcomes)}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[soak] {elapsed:6.0f} s  rss {samples[-1][1]:7.1f} MB  calls {dict(outcomes)}",
+                file=sys.stderr,
+                flush=True,
+            )
             time.sleep(5)
         stop.set()
         for thread in threads:
@@ -71,13 +86,22 @@ def main(argv=None) -> int:
         server.stop()
     warm = [mb for t, mb in samples if t >= args.minutes * 6][0]
     end = samples[-1][1]
-    report = {"minutes": args.minutes, "streams": args.streams, "calls": dict(outcomes), "rss_after_warmup_mb": warm,
-              "rss_end_mb": end, "rss_peak_mb": max(mb for _, mb in samples),
-              "rss_growth_pct": (end - warm) / warm * 100, "samples": samples}
+    report = {
+        "minutes": args.minutes,
+        "streams": args.streams,
+        "calls": dict(outcomes),
+        "rss_after_warmup_mb": warm,
+        "rss_end_mb": end,
+        "rss_peak_mb": max(mb for _, mb in samples),
+        "rss_growth_pct": (end - warm) / warm * 100,
+        "samples": samples,
+    }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2))
-    print(f"RSS {warm:.0f} MB after warm-up -> {end:.0f} MB at the end: {report['rss_growth_pct']:+.1f}% "
-          f"({sum(outcomes.values())} calls: {dict(outcomes)}); written to {args.output}")
+    print(
+        f"RSS {warm:.0f} MB after warm-up -> {end:.0f} MB at the end: {report['rss_growth_pct']:+.1f}% "
+        f"({sum(outcomes.values())} calls: {dict(outcomes)}); written to {args.output}"
+    )
     return 0 if report["rss_growth_pct"] < 10 else 1
 
 

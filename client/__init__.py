@@ -1,4 +1,5 @@
 """condgen.client: Python client for the condgen gRPC API, with DataFrame output."""
+
 from condgen.client.client import AsyncClient, Client, GenerateError, Record, TlsSettings, build_request
 from condgen.client.resume import RetryPolicy
 

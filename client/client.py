@@ -16,6 +16,7 @@ Every `generate` call sends an `x-request-id` (the `request_id` given, else a ne
 the same for all its retries) that shows in the server's log line; the id the server used
 (echoed in trailing metadata) lands in `client.last_request_id`.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -76,14 +77,26 @@ class TlsSettings:
         return grpc.ssl_channel_credentials(self.root_certificates, self.private_key, self.certificate_chain)
 
 
-def build_request(intents: Sequence[str], num_records: int, *, temperature: float | None = None,
-                  top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
-                  max_new_tokens: int | None = None, num_prompt_examples: int | None = None,
-                  sequences_per_round: int | None = None, max_rounds: int | None = None,
-                  allow_training_copies: bool = False, avoid_recent_duplicates: bool | None = None,
-                  min_fidelity: float | None = None, require_predicted_intent: bool = False,
-                  examples: Mapping[str, Sequence[str]] | None = None, label_check: bool | None = None,
-                  label_margin: float | None = None) -> pb.GenerateRequest:
+def build_request(
+    intents: Sequence[str],
+    num_records: int,
+    *,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    seed: int | None = None,
+    max_new_tokens: int | None = None,
+    num_prompt_examples: int | None = None,
+    sequences_per_round: int | None = None,
+    max_rounds: int | None = None,
+    allow_training_copies: bool = False,
+    avoid_recent_duplicates: bool | None = None,
+    min_fidelity: float | None = None,
+    require_predicted_intent: bool = False,
+    examples: Mapping[str, Sequence[str]] | None = None,
+    label_check: bool | None = None,
+    label_margin: float | None = None,
+) -> pb.GenerateRequest:
     """A GenerateRequest; None leaves a setting to the server's default.
 
     `examples` maps intents (each also in `intents`) to real texts the server builds their
@@ -94,18 +107,36 @@ def build_request(intents: Sequence[str], num_records: int, *, temperature: floa
     if isinstance(intents, str):
         intents = [intents]
     supplied = [pb.IntentExamples(intent=name, texts=list(texts)) for name, texts in (examples or {}).items()]
-    params: dict[str, Any] = {k: v for k, v in dict(
-        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_new_tokens=max_new_tokens).items()
-        if v is not None}
+    params: dict[str, Any] = {
+        k: v
+        for k, v in dict(
+            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_new_tokens=max_new_tokens
+        ).items()
+        if v is not None
+    }
     sampling = pb.SamplingParams(**params)
-    optional: dict[str, Any] = {k: v for k, v in dict(num_prompt_examples=num_prompt_examples,
-                                      sequences_per_round=sequences_per_round, max_rounds=max_rounds,
-                                      avoid_recent_duplicates=avoid_recent_duplicates,
-                                      min_fidelity=min_fidelity, label_check=label_check,
-                                      label_margin=label_margin).items() if v is not None}
-    return pb.GenerateRequest(intents=list(intents), num_records=num_records, sampling=sampling,
-                              allow_training_copies=allow_training_copies,
-                              require_predicted_intent=require_predicted_intent, examples=supplied, **optional)
+    optional: dict[str, Any] = {
+        k: v
+        for k, v in dict(
+            num_prompt_examples=num_prompt_examples,
+            sequences_per_round=sequences_per_round,
+            max_rounds=max_rounds,
+            avoid_recent_duplicates=avoid_recent_duplicates,
+            min_fidelity=min_fidelity,
+            label_check=label_check,
+            label_margin=label_margin,
+        ).items()
+        if v is not None
+    }
+    return pb.GenerateRequest(
+        intents=list(intents),
+        num_records=num_records,
+        sampling=sampling,
+        allow_training_copies=allow_training_copies,
+        require_predicted_intent=require_predicted_intent,
+        examples=supplied,
+        **optional,
+    )
 
 
 def _echoed_request_id(metadata) -> str | None:
@@ -116,8 +147,7 @@ def _echoed_request_id(metadata) -> str | None:
 
 
 def _record(message: pb.Record, index: int) -> Record:
-    return Record(message.intent, message.text, index, message.fidelity, message.predicted_intent,
-                  message.label_margin)
+    return Record(message.intent, message.text, index, message.fidelity, message.predicted_intent, message.label_margin)
 
 
 def _channel_options(target: str) -> list:
@@ -130,8 +160,14 @@ def _channel_options(target: str) -> list:
 class _Base:
     """Targets, credentials and retry settings shared by both clients."""
 
-    def __init__(self, target: str | Sequence[str], timeout: float | None, token: str | None,
-                 tls: TlsSettings | None, retry: RetryPolicy):
+    def __init__(
+        self,
+        target: str | Sequence[str],
+        timeout: float | None,
+        token: str | None,
+        tls: TlsSettings | None,
+        retry: RetryPolicy,
+    ):
         self.targets = [target] if isinstance(target, str) else list(target)
         if not self.targets:
             raise ValueError("give at least one target")
@@ -152,8 +188,7 @@ class _Base:
 
     def _should_retry(self, exc: grpc.RpcError, progress: Progress, deadline: float | None) -> bool:
         left = self._left(deadline)
-        return (exc.code() in RETRYABLE and progress.attempt < self.retry.max_attempts
-                and (left is None or left > 0))
+        return exc.code() in RETRYABLE and progress.attempt < self.retry.max_attempts and (left is None or left > 0)
 
     def _rotate(self) -> None:
         self._current = (self._current + 1) % len(self.targets)
@@ -162,8 +197,15 @@ class _Base:
 class Client(_Base):
     """Blocking client for one or more server targets (`host:port`, or `dns:///name:port`)."""
 
-    def __init__(self, target: str | Sequence[str], timeout: float | None = None, *, token: str | None = None,
-                 tls: TlsSettings | None = None, retry: RetryPolicy = RetryPolicy()):
+    def __init__(
+        self,
+        target: str | Sequence[str],
+        timeout: float | None = None,
+        *,
+        token: str | None = None,
+        tls: TlsSettings | None = None,
+        retry: RetryPolicy = RetryPolicy(),
+    ):
         super().__init__(target, timeout, token, tls, retry)
         self._channels: dict[str, grpc.Channel] = {}
 
@@ -182,13 +224,22 @@ class Client(_Base):
         target = self.targets[self._current]
         if target not in self._channels:
             options = _channel_options(target)
-            self._channels[target] = (grpc.secure_channel(target, self._tls.credentials(), options) if self._tls
-                                      else grpc.insecure_channel(target, options))
+            self._channels[target] = (
+                grpc.secure_channel(target, self._tls.credentials(), options)
+                if self._tls
+                else grpc.insecure_channel(target, options)
+            )
         return pb_grpc.GeneratorStub(self._channels[target])
 
-    def generate(self, intents: Sequence[str], num_records: int, *,
-                 on_record: Callable[[Record], None] | None = None, request_id: str | None = None,
-                 **settings) -> Iterator[Record]:
+    def generate(
+        self,
+        intents: Sequence[str],
+        num_records: int,
+        *,
+        on_record: Callable[[Record], None] | None = None,
+        request_id: str | None = None,
+        **settings,
+    ) -> Iterator[Record]:
         """Stream records (settings: see `build_request`); the summary lands in `last_summary`."""
         progress = Progress(build_request(intents, num_records, **settings))
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
@@ -223,8 +274,15 @@ class Client(_Base):
                 yield record
         self.last_request_id = _echoed_request_id(call.trailing_metadata())
 
-    def generate_df(self, intents: Sequence[str], num_records: int, *, return_summary: bool = False,
-                    with_scores: bool = False, **settings):
+    def generate_df(
+        self,
+        intents: Sequence[str],
+        num_records: int,
+        *,
+        return_summary: bool = False,
+        with_scores: bool = False,
+        **settings,
+    ):
         """All records of one request as a pandas DataFrame with columns `intent`, `text`
         (plus `fidelity`, `predicted_intent`, `label_margin` with `with_scores=True`);
         `return_summary=True` returns (frame, Summary).
@@ -254,8 +312,15 @@ class Client(_Base):
 class AsyncClient(_Base):
     """asyncio client with the same calls (and the same retries) as `Client`."""
 
-    def __init__(self, target: str | Sequence[str], timeout: float | None = None, *, token: str | None = None,
-                 tls: TlsSettings | None = None, retry: RetryPolicy = RetryPolicy()):
+    def __init__(
+        self,
+        target: str | Sequence[str],
+        timeout: float | None = None,
+        *,
+        token: str | None = None,
+        tls: TlsSettings | None = None,
+        retry: RetryPolicy = RetryPolicy(),
+    ):
         super().__init__(target, timeout, token, tls, retry)
         self._channels: dict[str, grpc.aio.Channel] = {}
 
@@ -274,12 +339,16 @@ class AsyncClient(_Base):
         target = self.targets[self._current]
         if target not in self._channels:
             options = _channel_options(target)
-            self._channels[target] = (grpc.aio.secure_channel(target, self._tls.credentials(), options) if self._tls
-                                      else grpc.aio.insecure_channel(target, options))
+            self._channels[target] = (
+                grpc.aio.secure_channel(target, self._tls.credentials(), options)
+                if self._tls
+                else grpc.aio.insecure_channel(target, options)
+            )
         return pb_grpc.GeneratorStub(self._channels[target])
 
-    async def generate(self, intents: Sequence[str], num_records: int, *, request_id: str | None = None,
-                       **settings) -> AsyncIterator[Record]:
+    async def generate(
+        self, intents: Sequence[str], num_records: int, *, request_id: str | None = None, **settings
+    ) -> AsyncIterator[Record]:
         progress = Progress(build_request(intents, num_records, **settings))
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         self.last_summary = None
@@ -287,8 +356,9 @@ class AsyncClient(_Base):
         while progress.remaining():
             try:
                 for request in progress.next_requests():
-                    call = self._stub().Generate(request, timeout=self._left(deadline),
-                                                 metadata=self._call_metadata(request_id))
+                    call = self._stub().Generate(
+                        request, timeout=self._left(deadline), metadata=self._call_metadata(request_id)
+                    )
                     async for response in call:
                         if response.HasField("summary"):
                             progress.summaries.append(response.summary)
@@ -308,8 +378,15 @@ class AsyncClient(_Base):
                 self._rotate()
         self.last_summary = progress.summary()
 
-    async def generate_df(self, intents: Sequence[str], num_records: int, *, return_summary: bool = False,
-                          with_scores: bool = False, **settings):
+    async def generate_df(
+        self,
+        intents: Sequence[str],
+        num_records: int,
+        *,
+        return_summary: bool = False,
+        with_scores: bool = False,
+        **settings,
+    ):
         from condgen.client.frames import records_to_frame
 
         records = [r async for r in self.generate(intents, num_records, **settings)]

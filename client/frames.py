@@ -1,4 +1,5 @@
 """Records -> pandas DataFrame, and DataFrame -> .csv / .parquet / .jsonl by file extension."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -33,8 +34,10 @@ def read_examples_csv(path: str | Path, text_column: str = "text") -> dict[str, 
     frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     label = next((c for c in LABEL_COLUMN_GUESSES if c in frame.columns), None)
     if text_column not in frame.columns or label is None:
-        raise ValueError(f"{path}: need a `{text_column}` column and one of {', '.join(LABEL_COLUMN_GUESSES)}; "
-                         f"found {', '.join(frame.columns)}")
+        raise ValueError(
+            f"{path}: need a `{text_column}` column and one of {', '.join(LABEL_COLUMN_GUESSES)}; "
+            f"found {', '.join(frame.columns)}"
+        )
     examples: dict[str, list[str]] = {}
     for intent, text in zip(frame[label], frame[text_column]):
         examples.setdefault(intent.strip(), []).append(" ".join(text.split()))

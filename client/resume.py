@@ -6,6 +6,7 @@ client's total deadline. The retry asks only for the records still missing per i
 with a new seed, and drops any text already received, so the caller gets exactly the
 requested count per intent, with unique indices and no duplicates.
 """
+
 from __future__ import annotations
 
 import random
@@ -31,7 +32,7 @@ class RetryPolicy:
     max_seconds: float = 5.0
 
     def delay(self, attempt: int, rng: random.Random) -> float:
-        return rng.uniform(0, min(self.max_seconds, self.base_seconds * 2 ** attempt))
+        return rng.uniform(0, min(self.max_seconds, self.base_seconds * 2**attempt))
 
 
 class Progress:
@@ -45,8 +46,11 @@ class Progress:
         self.attempt = 0
 
     def remaining(self) -> dict[str, int]:
-        return {i: self.request.num_records - self.received[i] for i in self.request.intents
-                if self.received[i] < self.request.num_records}
+        return {
+            i: self.request.num_records - self.received[i]
+            for i in self.request.intents
+            if self.received[i] < self.request.num_records
+        }
 
     def next_requests(self) -> list[pb.GenerateRequest]:
         """Requests for what is missing: one per distinct missing count (num_records is per intent)."""

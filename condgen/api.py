@@ -13,6 +13,7 @@ Thin over the CLI's own pieces: `train` is `condgen train`, `export` is `condgen
 `serve` starts `condgen serve`'s server in a background thread and stops it on exit, and
 the object it returns is a `condgen.client.Client` connected to it.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -43,9 +44,16 @@ def training_config(config: Mapping[str, Any] | str | Path | None = None, **over
     return loaded.with_overrides(**overrides)
 
 
-def train(data, output: str | Path, *, config: Mapping[str, Any] | str | Path | None = None,
-          base_model: str | None = None, text_column: str | None = None, label_column: str | None = None,
-          **overrides) -> Path:
+def train(
+    data,
+    output: str | Path,
+    *,
+    config: Mapping[str, Any] | str | Path | None = None,
+    base_model: str | None = None,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    **overrides,
+) -> Path:
     """Fine-tune a generator on `data` (a pandas DataFrame, a CSV path or `hf:NAME`); returns the
     checkpoint folder. Columns are guessed (`text`; `intent`/`category`/`label`) unless named.
 
@@ -55,8 +63,14 @@ def train(data, output: str | Path, *, config: Mapping[str, Any] | str | Path | 
 
     output = Path(output)
     source = _data_source(data, output)
-    settings = training_config(config, data_source=source, pretrained_model=base_model, text_column=text_column,
-                               label_column=label_column, **overrides)
+    settings = training_config(
+        config,
+        data_source=source,
+        pretrained_model=base_model,
+        text_column=text_column,
+        label_column=label_column,
+        **overrides,
+    )
     return finetune(settings, output).output_dir
 
 
@@ -96,8 +110,9 @@ class LocalServer(Client):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True,
-                                        name="condgen-local-server")
+        self._thread = threading.Thread(
+            target=lambda: asyncio.run(self._serve()), daemon=True, name="condgen-local-server"
+        )
         self._thread.start()
         self._ready.wait()
         if self._error is not None:

@@ -6,6 +6,7 @@ described by `Manifest`. The manifest is enough to serve the bundle; it also rec
 SHA-256 of every file so that a tampered or incomplete bundle is refused before loading.
 Nothing in a bundle is executed or unpickled.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -119,8 +120,10 @@ def read_manifest(bundle_dir: str | Path, verify: bool = True) -> Manifest:
         raise BundleError(f"{path} is not valid JSON: {exc}") from exc
     version = raw.get("format_version")
     if version not in READABLE_VERSIONS:
-        raise BundleError(f"bundle format version {version!r} is not supported (this condgen reads versions "
-                          f"{', '.join(map(str, READABLE_VERSIONS))}); re-export it")
+        raise BundleError(
+            f"bundle format version {version!r} is not supported (this condgen reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}); re-export it"
+        )
     manifest = Manifest.from_dict(raw)
     if verify:
         verify_files(bundle_dir, manifest)
@@ -136,8 +139,10 @@ def verify_files(bundle_dir: Path, manifest: Manifest) -> None:
         if not path.is_file():
             raise BundleError(f"bundle is incomplete: {name} is missing from {bundle_dir}")
         if sha256_of(path) != expected:
-            raise BundleError(f"bundle file {name} does not match its recorded checksum: "
-                              f"it was changed after export; re-export the bundle")
+            raise BundleError(
+                f"bundle file {name} does not match its recorded checksum: "
+                f"it was changed after export; re-export the bundle"
+            )
 
 
 def read_examples(bundle_dir: str | Path) -> dict[str, list[str]]:

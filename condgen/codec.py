@@ -5,6 +5,7 @@ Training writes lines with `encode_line`, the server parses generated lines with
 the first separator splits a line); embedded newlines and runs of whitespace are folded
 to single spaces; a label that contains the separator or a line break is rejected.
 """
+
 from __future__ import annotations
 
 import re
@@ -40,8 +41,8 @@ def check_label(label: str, separator: str = DEFAULT_SEPARATOR) -> str:
         raise CodecError("empty label: every record needs an intent")
     if separator in cleaned:
         raise CodecError(
-            f"label {label!r} contains the separator {separator!r}; rename the label "
-            f"or choose another separator")
+            f"label {label!r} contains the separator {separator!r}; rename the label or choose another separator"
+        )
     if "\n" in cleaned or "\r" in cleaned:
         raise CodecError(f"label {label!r} contains a line break; labels must be one line")
     return cleaned

@@ -3,6 +3,7 @@
 A log call may carry structured fields with `extra={"fields": {...}}`; the text format
 appends them as key=value pairs, the JSON format puts them at the top level.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,9 @@ class TextFormatter(logging.Formatter):
         fields = _fields(record)
         if not fields:
             return line
-        pairs = " ".join(f"{key}={json.dumps(value, ensure_ascii=False, separators=(',', ':'))}"
-                         for key, value in fields.items())
+        pairs = " ".join(
+            f"{key}={json.dumps(value, ensure_ascii=False, separators=(',', ':'))}" for key, value in fields.items()
+        )
         head, newline, rest = line.partition("\n")  # keep a traceback below the fields
         return f"{head} {pairs}{newline}{rest}"
 
@@ -40,8 +42,12 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, the fields, any exception."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
-                 "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        entry = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
         for key, value in _fields(record).items():
             entry.setdefault(key, value)
         if record.exc_info:

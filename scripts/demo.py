@@ -7,6 +7,7 @@ share of rows it assigns to their requested intent judges the generator and its 
 A second request brings five texts of an intent the model was never trained on
 (`NEW_INTENT`) and gets new rows of it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,11 +21,13 @@ from pathlib import Path
 
 INTENTS = ["card_arrival", "lost_or_stolen_card", "exchange_rate", "top_up_failed", "pin_blocked"]
 NEW_INTENT = "crypto_purchase"  # not one of banking77's intents: its examples come with the request
-NEW_INTENT_TEXTS = ["Can I buy bitcoin with the money in my account?",
-                    "How do I purchase cryptocurrency in the app?",
-                    "I want to buy some ethereum, is that possible?",
-                    "Which cryptocurrencies can I buy with my card?",
-                    "Is there a fee for buying crypto?"]
+NEW_INTENT_TEXTS = [
+    "Can I buy bitcoin with the money in my account?",
+    "How do I purchase cryptocurrency in the app?",
+    "I want to buy some ethereum, is that possible?",
+    "Which cryptocurrencies can I buy with my card?",
+    "Is there a fee for buying crypto?",
+]
 
 
 def run_step(title: str, command: list[str]) -> float:
@@ -37,8 +40,12 @@ def run_step(title: str, command: list[str]) -> float:
 def start_server(bundle: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
     """Start `condgen serve` on a free port; return the process and its address."""
     log = open(log_path, "w")  # noqa: SIM115 - the server's log, open while it runs
-    process = subprocess.Popen([sys.executable, "-m", "condgen.cli", "serve", "--bundle", str(bundle), "--port", "0"],
-                               stdout=subprocess.PIPE, stderr=log, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "condgen.cli", "serve", "--bundle", str(bundle), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+    )
     for line in process.stdout:
         print(line, end="", flush=True)
         match = re.search(r"listening on (\S+):(\d+)", line)
@@ -59,9 +66,11 @@ def copy_rate(frame, train_csv: Path) -> float:
 def describe(summary, what: str) -> str:
     acceptance = summary.records_accepted / summary.lines_parsed if summary.lines_parsed else 0.0
     rejected = {f.name: v for f, v in summary.rejected.ListFields()}
-    return (f"{what}: accepted {summary.records_accepted}/{summary.lines_parsed} lines = {acceptance:.1%}; "
-            f"rejected: {rejected or 'none'}; tokens generated: {summary.tokens_generated}"
-            f"{'' if summary.complete else ' (INCOMPLETE: round budget spent)'}")
+    return (
+        f"{what}: accepted {summary.records_accepted}/{summary.lines_parsed} lines = {acceptance:.1%}; "
+        f"rejected: {rejected or 'none'}; tokens generated: {summary.tokens_generated}"
+        f"{'' if summary.complete else ' (INCOMPLETE: round budget spent)'}"
+    )
 
 
 def main() -> None:
@@ -78,10 +87,13 @@ def main() -> None:
     bundle = args.out / "bundle"
     times = {}
     if not (args.skip_training and (bundle / "condgen.json").is_file()):
-        times["train_s"] = run_step("1/4 fine-tune", [*condgen, "train", "--config", args.config, "--data", args.data,
-                                                      "--output", str(args.out / "checkpoint")])
-        times["export_s"] = run_step("2/4 export", [*condgen, "export", "--checkpoint", str(args.out / "checkpoint"),
-                                                    "--output", str(bundle)])
+        times["train_s"] = run_step(
+            "1/4 fine-tune",
+            [*condgen, "train", "--config", args.config, "--data", args.data, "--output", str(args.out / "checkpoint")],
+        )
+        times["export_s"] = run_step(
+            "2/4 export", [*condgen, "export", "--checkpoint", str(args.out / "checkpoint"), "--output", str(bundle)]
+        )
     print("\n=== 3/4 serve", flush=True)
     process, target = start_server(bundle, args.out / "server.log")
     try:
@@ -93,17 +105,34 @@ def main() -> None:
         gen_started = time.time()
         with Client(target, timeout=1800) as client:
             with tqdm(total=len(INTENTS) * args.num_records, unit="rec") as bar:
-                frame, summary = client.generate_df(INTENTS, args.num_records, seed=7, temperature=0.5, top_p=0.95,
-                                                    on_record=lambda _: bar.update(1), return_summary=True,
-                                                    with_scores=True)
+                frame, summary = client.generate_df(
+                    INTENTS,
+                    args.num_records,
+                    seed=7,
+                    temperature=0.5,
+                    top_p=0.95,
+                    on_record=lambda _: bar.update(1),
+                    return_summary=True,
+                    with_scores=True,
+                )
             times["generate_s"] = time.time() - gen_started
-            print(f"\n=== 4/4 (cont.) {args.new_intent_records} records of a new intent, {NEW_INTENT!r}, "
-                  f"from {len(NEW_INTENT_TEXTS)} examples sent with the request", flush=True)
+            print(
+                f"\n=== 4/4 (cont.) {args.new_intent_records} records of a new intent, {NEW_INTENT!r}, "
+                f"from {len(NEW_INTENT_TEXTS)} examples sent with the request",
+                flush=True,
+            )
             new_started = time.time()
-            new_frame, new_summary = client.generate_df([NEW_INTENT], args.new_intent_records, seed=7,
-                                                        temperature=0.5, top_p=0.95, max_rounds=40,
-                                                        examples={NEW_INTENT: NEW_INTENT_TEXTS},
-                                                        return_summary=True, with_scores=True)
+            new_frame, new_summary = client.generate_df(
+                [NEW_INTENT],
+                args.new_intent_records,
+                seed=7,
+                temperature=0.5,
+                top_p=0.95,
+                max_rounds=40,
+                examples={NEW_INTENT: NEW_INTENT_TEXTS},
+                return_summary=True,
+                with_scores=True,
+            )
             times["new_intent_s"] = time.time() - new_started
     finally:
         process.send_signal(signal.SIGTERM)
@@ -121,10 +150,14 @@ def main() -> None:
     print(describe(summary, "the five intents"))
     print(describe(new_summary, f"the new intent {NEW_INTENT!r}"))
     on_label = (frame["predicted_intent"] == frame["intent"]).mean() if len(frame) else 0.0
-    print(f"copies of a training text: {copy_rate(frame, Path(args.data)):.1%}; mean fidelity (bundle classifier): "
-          f"{frame['fidelity'].mean():.3f}")
-    print(f"on-label: the bundle classifier assigns {on_label:.0%} of the rows to their requested intent "
-          f"(its filter off; the served model's label check on)")
+    print(
+        f"copies of a training text: {copy_rate(frame, Path(args.data)):.1%}; mean fidelity (bundle classifier): "
+        f"{frame['fidelity'].mean():.3f}"
+    )
+    print(
+        f"on-label: the bundle classifier assigns {on_label:.0%} of the rows to their requested intent "
+        f"(its filter off; the served model's label check on)"
+    )
     times["total_s"] = time.time() - started
     print("timings: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
 

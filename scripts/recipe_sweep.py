@@ -16,6 +16,7 @@ the full training split: a diagnostic of what perfect labels would give, never a
 Writes OUTPUT/sweep.json (gain in points over the few-shot baseline per recipe and filter)
 and OUTPUT/pool-*.csv.
 """
+
 import argparse
 import json
 import multiprocessing
@@ -36,21 +37,30 @@ from condgen.training.data import load_records
 from condgen.training.evaluate import distinct_2, sample_few_shot, write_csv
 from condgen.training.fidelity import fit_classifier
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = argparse.ArgumentParser(
+    description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+)
 parser.add_argument("--data", required=True, help="training CSV (intent/text columns)")
 parser.add_argument("--output", type=Path, required=True, help="folder for sweep.json, pools and checkpoints")
 parser.add_argument("--base-model", default="smollm2-135m")
 parser.add_argument("--shots", type=int, default=10)
 parser.add_argument("--candidates", type=int, default=40, help="first lines sampled per intent and setting")
 parser.add_argument("--cap", type=int, default=20, help="synthetic rows per intent added to the few-shot set")
-parser.add_argument("--train", nargs="+", default=["s80:80:3e-4:0", "base-instruct:0:0:0", "s160:160:3e-4:0",
-                                                   "s40:40:3e-4:0", "s80-grouped:80:3e-4:1"],
-                    help="recipes NAME:STEPS:LR:GROUP_BY_INTENT (0 steps: the base model as it is)")
-parser.add_argument("--sample", nargs="+", default=["0.9:25", "1.2:25", "0.9:4"],
-                    help="sampling settings TEMPERATURE:PROMPT_EXAMPLES")
-parser.add_argument("--budget-seconds", type=float, default=float("inf"),
-                    help="start no further training recipe after this many seconds")
+parser.add_argument(
+    "--train",
+    nargs="+",
+    default=["s80:80:3e-4:0", "base-instruct:0:0:0", "s160:160:3e-4:0", "s40:40:3e-4:0", "s80-grouped:80:3e-4:1"],
+    help="recipes NAME:STEPS:LR:GROUP_BY_INTENT (0 steps: the base model as it is)",
+)
+parser.add_argument(
+    "--sample", nargs="+", default=["0.9:25", "1.2:25", "0.9:4"], help="sampling settings TEMPERATURE:PROMPT_EXAMPLES"
+)
+parser.add_argument(
+    "--budget-seconds",
+    type=float,
+    default=float("inf"),
+    help="start no further training recipe after this many seconds",
+)
 parser.add_argument("--intents", type=int, default=0, help="only the first N intents (0: all; for a dry run)")
 ARGS = parser.parse_args()
 OUT, CANDIDATES, CAP, BUDGET_S = ARGS.output, ARGS.candidates, ARGS.cap, ARGS.budget_seconds
@@ -66,7 +76,7 @@ train = load_records(ARGS.data)
 few = sample_few_shot(train, ARGS.shots, 0)
 intents = sorted({r.intent for r in few})
 if ARGS.intents:
-    intents = intents[:ARGS.intents]
+    intents = intents[: ARGS.intents]
     few = [r for r in few if r.intent in intents]
     train = [r for r in train if r.intent in intents]
 few_keys = {normalize_for_match(r.text) for r in few}
@@ -91,8 +101,9 @@ def dev_acc(rows):
 
 
 # Workers fork now, before CUDA starts, and inherit the data; classifier fits run there while the GPU samples.
-workers = ProcessPoolExecutor(max_workers=max(2, (os.cpu_count() or 2) - 2),
-                              mp_context=multiprocessing.get_context("fork"))
+workers = ProcessPoolExecutor(
+    max_workers=max(2, (os.cpu_count() or 2) - 2), mp_context=multiprocessing.get_context("fork")
+)
 judge_future, fs_future = workers.submit(fit, train), workers.submit(fit, few)
 baseline_future = workers.submit(dev_acc, [])
 
@@ -101,6 +112,7 @@ def local_base_model() -> str:
     """The base model as a local folder: an offline GGUF model loads and dequantises once,
     and every recipe starts from the saved copy."""
     from condgen.training.base_models import OFFLINE_MODELS, load_base_model
+
     if ARGS.base_model not in OFFLINE_MODELS:
         return ARGS.base_model
     folder = OUT / "base"
@@ -116,12 +128,24 @@ def train_recipe(name, steps, lr, group):
     from condgen.training.base_models import load_base_model
     from condgen.training.config import TrainingConfig
     from condgen.training.finetune import finetune
+
     if steps == 0:
         return load_base_model(BASE)
-    cfg = TrainingConfig(data_source=str(few_csv), pretrained_model=BASE,
-                         steps=steps, batch_size=8, max_tokens=64, learning_rate=lr,
-                         warmup_steps=max(1, steps // 10), validation_fraction=0.0, eval_steps=10_000,
-                         save_steps=10_000, logging_steps=max(1, steps // 5), seed=0, group_by_intent=group)
+    cfg = TrainingConfig(
+        data_source=str(few_csv),
+        pretrained_model=BASE,
+        steps=steps,
+        batch_size=8,
+        max_tokens=64,
+        learning_rate=lr,
+        warmup_steps=max(1, steps // 10),
+        validation_fraction=0.0,
+        eval_steps=10_000,
+        save_steps=10_000,
+        logging_steps=max(1, steps // 5),
+        seed=0,
+        group_by_intent=group,
+    )
     return load_base_model(str(finetune(cfg, OUT / name).output_dir))
 
 
@@ -138,11 +162,23 @@ def sample_pool(model, tok, temperature, k, top_p=0.95, max_new=64):
     lines = []
     chunk = 1024
     for s in range(0, len(prompts), chunk):
-        enc = tok(prompts[s:s + chunk], return_tensors="pt", padding=True, add_special_tokens=False,
-                  return_token_type_ids=False).to(DEVICE)
-        out = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p, max_new_tokens=max_new,
-                             eos_token_id=[newline, tok.eos_token_id], pad_token_id=tok.pad_token_id)
-        texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        enc = tok(
+            prompts[s : s + chunk],
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=False,
+            return_token_type_ids=False,
+        ).to(DEVICE)
+        out = model.generate(
+            **enc,
+            do_sample=True,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new,
+            eos_token_id=[newline, tok.eos_token_id],
+            pad_token_id=tok.pad_token_id,
+        )
+        texts = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         lines.extend(t.split("\n")[0] for t in texts)
     pool, seen, reasons = [], set(), defaultdict(int)
     for intent, cont in zip(owners, lines):
@@ -195,20 +231,34 @@ def evaluate_pool(name, pool, reasons):
     agree = fs_clf.classes_[P.argmax(1)] == labels
     nov = novelty(pool)
     everything = np.ones(len(pool), bool)
-    selections = {"raw": cap(pool, everything), "agree": cap(pool, agree),
-                  "agree-novel": cap(pool, agree, nov), "agree-confident": cap(pool, agree, -own),
-                  "oracle": cap(pool, jok), "oracle-novel": cap(pool, jok, nov)}
+    selections = {
+        "raw": cap(pool, everything),
+        "agree": cap(pool, agree),
+        "agree-novel": cap(pool, agree, nov),
+        "agree-confident": cap(pool, agree, -own),
+        "oracle": cap(pool, jok),
+        "oracle-novel": cap(pool, jok, nov),
+    }
     futures = [workers.submit(dev_acc, [pool[i] for i in keep]) for keep in selections.values()]
-    row = {"recipe": name, "pool": len(pool), "rejected": reasons, "judge_ok_raw": float(jok.mean()),
-           "novelty_median": float(np.median(nov)), "distinct_2": distinct_2(texts)}
+    row = {
+        "recipe": name,
+        "pool": len(pool),
+        "rejected": reasons,
+        "judge_ok_raw": float(jok.mean()),
+        "novelty_median": float(np.median(nov)),
+        "distinct_2": distinct_2(texts),
+    }
     return row, selections, jok, futures
 
 
 def finish_pool(row, selections, jok, futures):
     accs = [f.result() for f in futures]
     for (sel, keep), acc in zip(selections.items(), accs):
-        row[sel] = {"n": len(keep), "judge_ok": float(jok[keep].mean()) if keep else 0.0,
-                    "gain": round((acc - baseline) * 100, 2)}
+        row[sel] = {
+            "n": len(keep),
+            "judge_ok": float(jok[keep].mean()) if keep else 0.0,
+            "gain": round((acc - baseline) * 100, 2),
+        }
     log(json.dumps(row))
     return row
 

@@ -5,6 +5,7 @@ service and server reflection, and Prometheus metrics over HTTP when `metrics_po
 SIGTERM/SIGINT turn health to NOT_SERVING, refuse new calls with UNAVAILABLE, let in-flight
 streams finish within the grace period, then exit.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -88,19 +89,29 @@ async def start_server(config: ServeConfig, engine: Engine | None = None) -> Run
     built over this bundle (the fast tests pass a fake one); by default the bundle's graph."""
     manifest = read_manifest(config.bundle, verify=config.verify_bundle)
     telemetry = Telemetry()
-    scheduler = Scheduler.build(config.bundle, config.scheduler, config.engine, config.label_check,
-                                on_step=telemetry.observe_step, manifest=manifest, engine=engine)
+    scheduler = Scheduler.build(
+        config.bundle,
+        config.scheduler,
+        config.engine,
+        config.label_check,
+        on_step=telemetry.observe_step,
+        manifest=manifest,
+        engine=engine,
+    )
     engine = scheduler.engine
     telemetry.watch(scheduler)
-    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    options = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ]
     if config.max_connection_age_seconds is not None:
         if config.max_connection_age_seconds < 0.001:
             raise ValueError(f"max connection age {config.max_connection_age_seconds} s: give a positive number")
         options.append(("grpc.max_connection_age_ms", int(config.max_connection_age_seconds * 1000)))
     server = grpc.aio.server(interceptors=config.security.interceptors(on_denied=telemetry.denied), options=options)
     pb_grpc.add_GeneratorServicer_to_server(
-        GeneratorServicer(scheduler, manifest, config.limits, config.defaults, telemetry), server)
+        GeneratorServicer(scheduler, manifest, config.limits, config.defaults, telemetry), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -117,11 +128,17 @@ async def start_server(config: ServeConfig, engine: Engine | None = None) -> Run
     task = asyncio.create_task(scheduler.run(), name="condgen-scheduler")
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving %s (%d intents) on %s:%d with %s%s%s", config.bundle, len(manifest.intents),
-             config.host, port, engine.provider, ", TLS" if credentials else "",
-             ", token auth" if config.security.auth_token else "")
-    return RunningServer(server, port, scheduler, task, health_servicer, config.grace_seconds, telemetry,
-                         metrics_port)
+    log.info(
+        "serving %s (%d intents) on %s:%d with %s%s%s",
+        config.bundle,
+        len(manifest.intents),
+        config.host,
+        port,
+        engine.provider,
+        ", TLS" if credentials else "",
+        ", token auth" if config.security.auth_token else "",
+    )
+    return RunningServer(server, port, scheduler, task, health_servicer, config.grace_seconds, telemetry, metrics_port)
 
 
 async def serve_forever(config: ServeConfig) -> None:
@@ -140,7 +157,10 @@ async def _serve_until_signalled(config: ServeConfig) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(running.server.wait_for_termination()),
-               running.scheduler_task]
+    waiters = [
+        asyncio.create_task(stop.wait()),
+        asyncio.create_task(running.server.wait_for_termination()),
+        running.scheduler_task,
+    ]
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     await running.stop()

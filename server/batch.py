@@ -19,6 +19,7 @@ no cache at all; a full buffer grows with headroom (one copy every `headroom` st
 A batch built by a consuming join or leave also keeps spare rows (`storage`), so that the
 next rounds join by writing their rows into them instead of copying the whole batch.
 """
+
 from __future__ import annotations
 
 import mmap
@@ -53,18 +54,32 @@ class Batch:
         return value.shape[2] if isinstance(value, np.ndarray) else self.past_len
 
     @classmethod
-    def for_prompts(cls, seq_ids: list[int], prompts: list[list[int]], past_names: list[str], kv_heads: int,
-                    head_dim: int, dtype=np.float32, append_only: bool = False) -> Batch:
+    def for_prompts(
+        cls,
+        seq_ids: list[int],
+        prompts: list[list[int]],
+        past_names: list[str],
+        kv_heads: int,
+        head_dim: int,
+        dtype=np.float32,
+        append_only: bool = False,
+    ) -> Batch:
         """A batch ready to prefill the prompts (left-padded to the longest) with an empty cache."""
         n, width = len(prompts), max(len(p) for p in prompts)
         ids = np.zeros((n, width), dtype=np.int64)
         mask = np.zeros((n, width), dtype=np.int64)
         for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt):] = prompt
-            mask[row, width - len(prompt):] = 1
+            ids[row, width - len(prompt) :] = prompt
+            mask[row, width - len(prompt) :] = 1
         empty = np.zeros((n, kv_heads, 0, head_dim), dtype=dtype)  # (batch, heads, past_len=0, head_dim)
-        return cls(list(seq_ids), ids, np.zeros((n, 0), dtype=np.int64), {name: empty for name in past_names},
-                   None if mask.all() else mask, append_only)
+        return cls(
+            list(seq_ids),
+            ids,
+            np.zeros((n, 0), dtype=np.int64),
+            {name: empty for name in past_names},
+            None if mask.all() else mask,
+            append_only,
+        )
 
     def _new_mask(self) -> np.ndarray:
         if self.next_mask is not None:
@@ -98,7 +113,7 @@ class Batch:
             self._regrow(new_len)
         length = self.past_len
         for name, new in present.items():
-            self.past[name][:, :, length:length + new_len] = new
+            self.past[name][:, :, length : length + new_len] = new
 
     def _regrow(self, new_len: int) -> None:
         """New buffers with headroom for `new_len` more entries. The copy leaves out the leading
@@ -143,14 +158,18 @@ class Batch:
             return self._compacted(rows)  # keeps the spare rows for the next join
         if rows and start == 0 and on_host and rows[-1] - rows[0] + 1 == len(rows):
             run = slice(rows[0], rows[-1] + 1)  # first-axis slices of C-contiguous arrays stay contiguous
-            return Batch(seq_ids, self.next_ids[run], self.past_mask[run],
-                         {name: value[run] for name, value in self.past.items()}, append_only=self.append_only)
+            return Batch(
+                seq_ids,
+                self.next_ids[run],
+                self.past_mask[run],
+                {name: value[run] for name, value in self.past.items()},
+                append_only=self.append_only,
+            )
         if rows and start == 0 and on_host and consume:
             return self._compacted(rows)
         index = np.array(rows, dtype=np.int64)
-        kept = Batch(seq_ids, self.next_ids[index], self.past_mask[index][:, start:], {},
-                     append_only=self.append_only)
-        kept.past = kept._copy_layers([self], lambda source, value: value[index, :, start:source.past_len], consume)
+        kept = Batch(seq_ids, self.next_ids[index], self.past_mask[index][:, start:], {}, append_only=self.append_only)
+        kept.past = kept._copy_layers([self], lambda source, value: value[index, :, start : source.past_len], consume)
         return kept
 
     def _compacted(self, rows: list[int]) -> Batch:
@@ -166,9 +185,14 @@ class Batch:
         order = list(range(n))
         for hole, mover in zip(holes, movers):
             order[hole] = mover
-        return Batch([self.seq_ids[i] for i in order], self.next_ids[order], self.past_mask[order],
-                     {name: value[:n] for name, value in self.past.items()}, append_only=self.append_only,
-                     storage=self.storage)
+        return Batch(
+            [self.seq_ids[i] for i in order],
+            self.next_ids[order],
+            self.past_mask[order],
+            {name: value[:n] for name, value in self.past.items()},
+            append_only=self.append_only,
+            storage=self.storage,
+        )
 
     def _copy_layers(self, sources: list[Batch], block_of, consume: bool) -> dict:
         """New cache tensors for this batch, one per name, each built by `_buffer` from
@@ -181,10 +205,9 @@ class Batch:
         if spare_rows:
             self.storage = storage
         for name in list(sources[0].past):
-            past[name] = self._buffer([block_of(source, to_host(source.past[name])) for source in sources],
-                                      spare_rows)
+            past[name] = self._buffer([block_of(source, to_host(source.past[name])) for source in sources], spare_rows)
             if spare_rows:
-                storage[name], past[name] = past[name], past[name][:len(self)]
+                storage[name], past[name] = past[name], past[name][: len(self)]
             if consume:
                 for source in sources:
                     del source.past[name]
@@ -202,7 +225,7 @@ class Batch:
         out = cache_zeros((rows + spare_rows, heads, width, dim), blocks[0].dtype)
         row = 0
         for block in blocks:
-            out[row:row + block.shape[0], :, length - block.shape[2]:length] = block
+            out[row : row + block.shape[0], :, length - block.shape[2] : length] = block
             row += block.shape[0]
         return out
 
@@ -211,11 +234,19 @@ class Batch:
         if len(self) != 1:
             raise ValueError("only a one-row batch can be forked")
         n, length = len(seq_ids), self.past_len
-        past = {name: self._buffer([np.broadcast_to(value[:, :, :length], (n, *value.shape[1:2], length,
-                                                                             *value.shape[3:]))])
-                for name, value in self.host_past().items()}
-        return Batch(list(seq_ids), np.repeat(self.next_ids, n, axis=0), np.repeat(self.past_mask, n, axis=0), past,
-                     append_only=self.append_only)
+        past = {
+            name: self._buffer(
+                [np.broadcast_to(value[:, :, :length], (n, *value.shape[1:2], length, *value.shape[3:]))]
+            )
+            for name, value in self.host_past().items()
+        }
+        return Batch(
+            list(seq_ids),
+            np.repeat(self.next_ids, n, axis=0),
+            np.repeat(self.past_mask, n, axis=0),
+            past,
+            append_only=self.append_only,
+        )
 
     @classmethod
     def concatenate(cls, batches: list[Batch], consume: bool = False) -> Batch:
@@ -236,7 +267,7 @@ class Batch:
         next_ids = np.concatenate([b.next_ids for b in batches], axis=0)
         mask = np.concatenate([_left_pad(b.past_mask, past_len, axis=1) for b in batches], axis=0)
         merged = cls(seq_ids, next_ids, mask, {}, append_only=batches[0].append_only)
-        merged.past = merged._copy_layers(batches, lambda source, value: value[:, :, :source.past_len], consume)
+        merged.past = merged._copy_layers(batches, lambda source, value: value[:, :, : source.past_len], consume)
         return merged
 
     def _has_room_for(self, newcomers: list[Batch]) -> bool:
@@ -244,8 +275,11 @@ class Batch:
         if self.storage is None:
             return False
         spare = next(iter(self.storage.values())).shape[0] - len(self)
-        return (sum(len(b) for b in newcomers) <= spare and all(b.past_len <= self.past_len for b in newcomers)
-                and all(b.next_mask is None for b in [self, *newcomers]))
+        return (
+            sum(len(b) for b in newcomers) <= spare
+            and all(b.past_len <= self.past_len for b in newcomers)
+            and all(b.next_mask is None for b in [self, *newcomers])
+        )
 
     def _joined_in_place(self, newcomers: list[Batch]) -> Batch:
         """This batch with the newcomers' rows written into its spare rows, each right-aligned to
@@ -255,17 +289,20 @@ class Batch:
         for name, buffer in self.storage.items():
             row = rows
             for batch in newcomers:
-                block = to_host(batch.past[name])[:, :, :batch.past_len]
-                buffer[row:row + len(batch), :, length - batch.past_len:length] = block
+                block = to_host(batch.past[name])[:, :, : batch.past_len]
+                buffer[row : row + len(batch), :, length - batch.past_len : length] = block
                 row += len(batch)
             for batch in newcomers:
                 del batch.past[name]
         total = rows + sum(len(b) for b in newcomers)
-        return Batch(self.seq_ids + [s for b in newcomers for s in b.seq_ids],
-                     np.concatenate([self.next_ids] + [b.next_ids for b in newcomers], axis=0),
-                     np.concatenate([self.past_mask] + [_left_pad(b.past_mask, length, axis=1) for b in newcomers]),
-                     {name: buffer[:total] for name, buffer in self.storage.items()}, append_only=True,
-                     storage=self.storage)
+        return Batch(
+            self.seq_ids + [s for b in newcomers for s in b.seq_ids],
+            np.concatenate([self.next_ids] + [b.next_ids for b in newcomers], axis=0),
+            np.concatenate([self.past_mask] + [_left_pad(b.past_mask, length, axis=1) for b in newcomers]),
+            {name: buffer[:total] for name, buffer in self.storage.items()},
+            append_only=True,
+            storage=self.storage,
+        )
 
 
 def cache_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:

@@ -8,6 +8,7 @@ method): with shingles ordered rarest first, two sets with Jaccard >= t must sha
 shingle among the first |x| - ceil(t|x|) + 1 of each, so only training texts that share
 one of the query's few rarest shingles are compared.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,7 @@ SHINGLE = 3
 def shingles(normalized: str) -> frozenset[str]:
     if len(normalized) <= SHINGLE:
         return frozenset([normalized]) if normalized else frozenset()
-    return frozenset(normalized[i:i + SHINGLE] for i in range(len(normalized) - SHINGLE + 1))
+    return frozenset(normalized[i : i + SHINGLE] for i in range(len(normalized) - SHINGLE + 1))
 
 
 def jaccard(a: frozenset, b: frozenset) -> float:

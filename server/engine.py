@@ -9,6 +9,7 @@ last logits cross the bus. A bundle exported with the append-only cache (the def
 training/graph.py) returns only each step's new entries, which `Batch.advance` writes into
 host buffers in place: no step copies the cache. No torch or transformers here.
 """
+
 from __future__ import annotations
 
 import logging
@@ -58,8 +59,10 @@ def choose_providers(device: str) -> list[str]:
     """Execution providers for `device`; `auto` takes CUDA when onnxruntime-gpu sees a GPU."""
     available = ort.get_available_providers()
     if device == "cuda" and "CUDAExecutionProvider" not in available:
-        raise EngineError("--device cuda: this onnxruntime has no CUDAExecutionProvider; "
-                          "install onnxruntime-gpu on a machine with an NVIDIA GPU")
+        raise EngineError(
+            "--device cuda: this onnxruntime has no CUDAExecutionProvider; "
+            "install onnxruntime-gpu on a machine with an NVIDIA GPU"
+        )
     if device in ("cuda", "auto") and "CUDAExecutionProvider" in available:
         if hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # CUDA / cuDNN libraries installed as nvidia-* wheels
@@ -91,22 +94,27 @@ class Engine:
         self.manifest = manifest
         self.info = manifest.onnx
         providers = choose_providers(config.device)
-        self.session = ort.InferenceSession(str(bundle_dir / self.info.file), session_options(config.threads),
-                                            providers=providers)
+        self.session = ort.InferenceSession(
+            str(bundle_dir / self.info.file), session_options(config.threads), providers=providers
+        )
         self.provider = self.session.get_providers()[0]
         self.device_type = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
         # An append-only graph returns only new cache entries, written into host buffers in place.
         self.append_only = APPEND_ONLY_CACHE in self.info.rewrites
         self.io_binding = not self.append_only and (
-            config.io_binding == "on" or (config.io_binding == "auto" and self.device_type == "cuda"))
+            config.io_binding == "on" or (config.io_binding == "auto" and self.device_type == "cuda")
+        )
         if self.append_only and self.device_type == "cuda":
-            log.warning("this bundle's cache is append-only (host buffers): under CUDA every step sends the "
-                        "cache to the GPU; export with `--variant fp16` or `--cache whole` to keep it there")
+            log.warning(
+                "this bundle's cache is append-only (host buffers): under CUDA every step sends the "
+                "cache to the GPU; export with `--variant fp16` or `--cache whole` to keep it there"
+            )
         self.tokenizer = Tokenizer.from_file(str(bundle_dir / TOKENIZER_NAME))
         self.dtype = np.float16 if self.info.dtype == "float16" else np.float32
         self.input_names = set(self.info.inputs)
-        self.session_inputs = ({i.name for i in self.session.get_inputs()}
-                               | {i.name for i in self.session.get_overridable_initializers()})
+        self.session_inputs = {i.name for i in self.session.get_inputs()} | {
+            i.name for i in self.session.get_overridable_initializers()
+        }
         self.output_names = ["logits", *self.info.present_key_names]
         self.vocab_size = self.session.get_outputs()[0].shape[-1]
         if not isinstance(self.vocab_size, int):
@@ -115,8 +123,14 @@ class Engine:
         # Scoring a line needs the logits of its every token: a graph that keeps all positions,
         # or one whose last-position slice takes a window (`num_logits_to_keep`).
         self.can_score = LOGITS_WINDOW in self.info.rewrites or LAST_POSITION_LOGITS not in self.info.rewrites
-        log.info("engine on %s: %d layers, %d KV heads of %d, vocab %d", self.provider, self.info.num_layers,
-                 self.info.num_kv_heads, self.info.head_dim, self.vocab_size)
+        log.info(
+            "engine on %s: %d layers, %d KV heads of %d, vocab %d",
+            self.provider,
+            self.info.num_layers,
+            self.info.num_kv_heads,
+            self.info.head_dim,
+            self.vocab_size,
+        )
 
     def _tokens_containing(self, text: str) -> np.ndarray:
         """Boolean mask over the vocabulary: tokens whose decoded text contains `text`."""
@@ -138,11 +152,19 @@ class Engine:
 
     def prompts_batch(self, seq_ids: list[int], prompts: list[list[int]]) -> Batch:
         """A batch that prefills several prompts in one pass (left-padded)."""
-        return Batch.for_prompts(seq_ids, prompts, self.info.past_key_names, self.info.num_kv_heads,
-                                 self.info.head_dim, self.dtype, self.append_only)
+        return Batch.for_prompts(
+            seq_ids,
+            prompts,
+            self.info.past_key_names,
+            self.info.num_kv_heads,
+            self.info.head_dim,
+            self.dtype,
+            self.append_only,
+        )
 
-    def prefill(self, seq_ids: list[int], prompts: list[list[int]],
-                max_tokens: int = 1024) -> list[tuple[Batch, np.ndarray]]:
+    def prefill(
+        self, seq_ids: list[int], prompts: list[list[int]], max_tokens: int = 1024
+    ) -> list[tuple[Batch, np.ndarray]]:
         """Prefill prompts, several per pass; one (one-row batch, last logits) per prompt, in the
         order given. Prompts of similar lengths share a pass (longest first), so little of a pass
         is left padding; at most `max_tokens` padded tokens a pass bound its activations."""
@@ -154,16 +176,17 @@ class Engine:
                 results[index] = (batch.filter([seq_ids[index]]), logits[row])
         return results
 
-    def score(self, contexts: list[list[int]], continuations: list[list[int]],
-              max_tokens: int = 1024) -> np.ndarray:
+    def score(self, contexts: list[list[int]], continuations: list[list[int]], max_tokens: int = 1024) -> np.ndarray:
         """Mean log-probability per token of each continuation after its context, (rows,).
 
         One pass (no cache kept) per group of rows of similar length, at most `max_tokens`
         padded tokens each; the graph returns logits for the last len(continuation) + 1
         positions only, so a pass holds at most max_tokens x vocab floats of logits."""
         if not self.can_score:
-            raise EngineError("this bundle's graph returns last-position logits only; re-export it with this "
-                              "version of condgen to score lines")
+            raise EngineError(
+                "this bundle's graph returns last-position logits only; re-export it with this "
+                "version of condgen to score lines"
+            )
         rows = [list(c) + list(t) for c, t in zip(contexts, continuations)]
         means = np.zeros(len(rows), dtype=np.float64)
         for group in _length_groups(rows, max_tokens):
@@ -175,7 +198,7 @@ class Engine:
                 if not len(tokens):
                     continue
                 # Right-aligned rows: position keep-1-n+i predicts continuation token i.
-                window = logits[row, keep - 1 - len(tokens):keep - 1].astype(np.float64)  # (n, vocab)
+                window = logits[row, keep - 1 - len(tokens) : keep - 1].astype(np.float64)  # (n, vocab)
                 top = window.max(axis=-1, keepdims=True)
                 log_norm = top[:, 0] + np.log(np.exp(window - top).sum(axis=-1))
                 means[index] = float((window[np.arange(len(tokens)), tokens] - log_norm).mean())

@@ -4,6 +4,7 @@ Handlers raise these; `grpc_errors` (a decorator for unary and streaming handler
 them into statuses: bad input INVALID_ARGUMENT, overload RESOURCE_EXHAUSTED, shutting down
 UNAVAILABLE, anything else INTERNAL with the error logged under the call's request id.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -61,6 +62,7 @@ def grpc_errors(handler):
     log line) through to its final status."""
     method = handler.__name__
     if inspect.isasyncgenfunction(handler):
+
         @functools.wraps(handler)
         async def stream(self, request, context):
             call = self.telemetry.track(method, request, context)
@@ -79,6 +81,7 @@ def grpc_errors(handler):
                 code, message = status_for(exc, call.request_id)
                 call.end(code, message)
                 await context.abort(code, message)
+
         return stream
 
     @functools.wraps(handler)
@@ -98,4 +101,5 @@ def grpc_errors(handler):
             await context.abort(code, message)
         call.end(grpc.StatusCode.OK)
         return response
+
     return unary

@@ -6,6 +6,7 @@ module re-implements scikit-learn's TfidfVectorizer transform (word 1-2 grams an
 2-5 grams, lowercase, sublinear tf, l2 norm) and the multinomial softmax, so the server
 scores records without importing scikit-learn.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,7 @@ def word_ngrams(text: str, low: int, high: int) -> list[str]:
     tokens = _WORD.findall(text.lower())
     grams: list[str] = []
     for n in range(low, high + 1):
-        grams.extend(" ".join(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+        grams.extend(" ".join(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
     return grams
 
 
@@ -37,7 +38,7 @@ def char_wb_ngrams(text: str, low: int, high: int) -> list[str]:
         for n in range(low, high + 1):
             if len(padded) < n:
                 break
-            grams.extend(padded[i:i + n] for i in range(len(padded) - n + 1))
+            grams.extend(padded[i : i + n] for i in range(len(padded) - n + 1))
     return grams
 
 
@@ -88,9 +89,16 @@ class FidelityScorer:
             return None
         meta = json.loads((bundle_dir / FIDELITY_META).read_text())
         with np.load(bundle_dir / FIDELITY_ARRAYS, allow_pickle=False) as arrays:
-            parts = [TfidfPart(p["analyzer"], tuple(p["ngram_range"]), p["vocabulary"],
-                               arrays[f"idf_{i}"].astype(np.float64), p["offset"])
-                     for i, p in enumerate(meta["parts"])]
+            parts = [
+                TfidfPart(
+                    p["analyzer"],
+                    tuple(p["ngram_range"]),
+                    p["vocabulary"],
+                    arrays[f"idf_{i}"].astype(np.float64),
+                    p["offset"],
+                )
+                for i, p in enumerate(meta["parts"])
+            ]
             return cls(meta["classes"], parts, arrays["coef"].astype(np.float32), arrays["intercept"])
 
     def features_of(self, texts: list[str]) -> np.ndarray:

@@ -9,6 +9,7 @@ peaked anywhere between 1.3 and 1.8 GB. A fixed threshold sends blocks above it 
 mappings, which go back to the system when freed; `malloc_trim` every second hands back the
 free pages between the smaller heap blocks. Both are glibc features; elsewhere this is a no-op.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -32,8 +33,10 @@ class HeapConfig:
 
     def __post_init__(self) -> None:
         if not 0 <= self.mmap_threshold_bytes <= GLIBC_MAX_MMAP_THRESHOLD:
-            raise ValueError(f"mmap threshold {_describe_bytes(self.mmap_threshold_bytes)}: give 0 (glibc's own) "
-                             f"up to {_describe_bytes(GLIBC_MAX_MMAP_THRESHOLD)}")
+            raise ValueError(
+                f"mmap threshold {_describe_bytes(self.mmap_threshold_bytes)}: give 0 (glibc's own) "
+                f"up to {_describe_bytes(GLIBC_MAX_MMAP_THRESHOLD)}"
+            )
         if self.trim_interval_seconds < 0:
             raise ValueError(f"heap trim interval {self.trim_interval_seconds} s: give 0 (never) or more")
 
@@ -67,14 +70,18 @@ class HeapKeeper:
         if not self.available:
             log.info("heap tuning skipped: the C library is not glibc")
             return self
-        if self.config.mmap_threshold_bytes and not self._libc.mallopt(M_MMAP_THRESHOLD,
-                                                                       self.config.mmap_threshold_bytes):
+        if self.config.mmap_threshold_bytes and not self._libc.mallopt(
+            M_MMAP_THRESHOLD, self.config.mmap_threshold_bytes
+        ):
             log.warning("glibc refused mmap threshold %d", self.config.mmap_threshold_bytes)
         if self.config.trim_interval_seconds:
             self._thread = threading.Thread(target=self._trim_until_stopped, name="condgen-heap-trim", daemon=True)
             self._thread.start()
-        log.info("heap: mmap threshold %s, trim every %s", _describe_bytes(self.config.mmap_threshold_bytes),
-                 f"{self.config.trim_interval_seconds:g} s" if self.config.trim_interval_seconds else "never")
+        log.info(
+            "heap: mmap threshold %s, trim every %s",
+            _describe_bytes(self.config.mmap_threshold_bytes),
+            f"{self.config.trim_interval_seconds:g} s" if self.config.trim_interval_seconds else "never",
+        )
         return self
 
     def _trim_until_stopped(self) -> None:

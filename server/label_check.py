@@ -15,6 +15,7 @@ have seen that intent's name, so its examples, and as many of every rival's, mak
 comparable. All lines that end in one decoding step are scored together, in as few padded
 passes as the token budget allows.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,8 +45,14 @@ class LineToCheck:
 class LabelChecker:
     """Scores lines under competing intents with the served engine."""
 
-    def __init__(self, engine, scorer: FidelityScorer | None, examples: Mapping[str, Sequence[str]],
-                 separator: str, config: LabelCheckConfig = LabelCheckConfig()):
+    def __init__(
+        self,
+        engine,
+        scorer: FidelityScorer | None,
+        examples: Mapping[str, Sequence[str]],
+        separator: str,
+        config: LabelCheckConfig = LabelCheckConfig(),
+    ):
         self.engine = engine
         self.scorer = scorer
         self.examples = examples
@@ -61,8 +68,8 @@ class LabelChecker:
             probs = self.scorer.predict_proba([line.text for line in lines])  # (lines, classes)
             order = np.argsort(-probs, axis=1)
             for row, line in enumerate(lines):
-                names = (self.scorer.classes[int(i)] for i in order[row, :self.config.rivals + 1])
-                ranked[row] = [n for n in names if n != line.intent][:self.config.rivals]
+                names = (self.scorer.classes[int(i)] for i in order[row, : self.config.rivals + 1])
+                ranked[row] = [n for n in names if n != line.intent][: self.config.rivals]
         for row, line in enumerate(lines):
             ranked[row] += [i for i in line.supplied if i != line.intent and i not in ranked[row]]
         return ranked
@@ -90,8 +97,7 @@ class LabelChecker:
         if not contexts:
             return []
         scores = self.engine.score(contexts, continuations, self.config.max_tokens_per_pass)
-        return [float(scores[own] - max(scores[r] for r in others)) if others else NOT_CHECKED
-                for own, others in plan]
+        return [float(scores[own] - max(scores[r] for r in others)) if others else NOT_CHECKED for own, others in plan]
 
     def _examples_for(self, line: LineToCheck, rivals: list[str]) -> int:
         """Examples of context per candidate: more where a candidate came with the request."""

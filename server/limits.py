@@ -1,5 +1,6 @@
 """Request limits and defaults of `condgen serve` (plain dataclasses; no heavy imports,
 so the CLI can build its flags from them)."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass

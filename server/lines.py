@@ -9,6 +9,7 @@ scheduler has scored the step's lines (`settle`). Accepted lines become `Generat
 their request's outbox; every line parsed, record accepted and rejection is counted per request
 and over the server's life (`Totals`).
 """
+
 from __future__ import annotations
 
 from collections import Counter, deque
@@ -138,8 +139,11 @@ class LineKeeper:
         if self.judge.seen_before(verdict.text, job.seen):  # an earlier line of this step
             return self.reject(state, "duplicate")
         self.judge.remember(job.intent, verdict.text, job.seen)
-        state.outbox.put_nowait(GeneratedRecord(job.intent, verdict.text, job.accepted, verdict.fidelity,
-                                                verdict.predicted_intent, label_margin))
+        state.outbox.put_nowait(
+            GeneratedRecord(
+                job.intent, verdict.text, job.accepted, verdict.fidelity, verdict.predicted_intent, label_margin
+            )
+        )
         job.accepted += 1
         state.summary.records_accepted += 1
         self.totals.records_accepted += 1

@@ -6,6 +6,7 @@ need. `static` (a baseline for benchmarks): whole requests at a time; a new grou
 starts only when every request of the previous group has finished, and each request keeps a
 fixed set of rows (one round per job at a time).
 """
+
 from __future__ import annotations
 
 from condgen.server.requests import Job, RequestState
@@ -41,7 +42,7 @@ class StaticPolicy(BatchingPolicy):
         group = [r for r in requests if r.id in self._group]
         if not group and requests:
             widest = max(r.spec.sequences_per_round for r in requests)
-            group = requests[:max(1, max_batch_size // widest)]
+            group = requests[: max(1, max_batch_size // widest)]
             self._group = {r.id for r in group}
         return group
 

@@ -4,6 +4,7 @@ A round whose prompt was prefilled recently (the same seed and round, or an inte
 no more examples than the prompt takes) skips the prefill: the cached one-row cache and
 last-position logits are forked instead. The cache is bounded by cached tokens, not entries.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -43,8 +44,13 @@ class PrefixCache:
             return None
         self._entries.move_to_end(tuple(token_ids))
         self.hits += 1
-        batch = Batch([seq_id], np.zeros((1, 0), dtype=np.int64), np.ones((1, entry.tokens), dtype=np.int64),
-                      dict(entry.past), append_only=entry.append_only)
+        batch = Batch(
+            [seq_id],
+            np.zeros((1, 0), dtype=np.int64),
+            np.ones((1, entry.tokens), dtype=np.int64),
+            dict(entry.past),
+            append_only=entry.append_only,
+        )
         return batch, entry.logits
 
     def store(self, token_ids: list[int], batch: Batch, logits: np.ndarray) -> None:
@@ -54,7 +60,7 @@ class PrefixCache:
         key = tuple(token_ids)
         if key in self._entries:
             return
-        past = {name: np.array(value[:, :, :batch.past_len]) for name, value in batch.host_past().items()}  # own copy
+        past = {name: np.array(value[:, :, : batch.past_len]) for name, value in batch.host_past().items()}  # own copy
         self._entries[key] = CachedPrefill(past, np.array(logits, copy=True), batch.append_only)
         self.tokens += len(token_ids)
         while self.tokens > self.max_tokens:

@@ -1,4 +1,5 @@
 """Prompts: k real examples of one intent as training lines, then `intent,` to continue."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -8,8 +9,9 @@ import numpy as np
 from condgen.codec import encode_line
 
 
-def build_prompt(intent: str, texts: list[str], k: int, rng: np.random.Generator,
-                 separator: str, shuffle: bool = False) -> tuple[str, list[str]]:
+def build_prompt(
+    intent: str, texts: list[str], k: int, rng: np.random.Generator, separator: str, shuffle: bool = False
+) -> tuple[str, list[str]]:
     """`intent,text\\n` for k examples drawn without replacement, then the open line `intent,`.
 
     Returns the prompt and the example texts it shows.

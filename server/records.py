@@ -11,6 +11,7 @@ allowed); its fidelity (probability of
 the intent under the bundle's classifier) is at least the request's `min_fidelity` and, if
 the request asks, the classifier's most likely intent is the requested one.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,19 @@ from condgen.codec import CodecError, decode_line, normalize_for_match
 from condgen.server.copy_index import CopyIndex
 from condgen.server.fidelity import FidelityScorer
 
-REJECTION_REASONS = ("malformed", "wrong_intent", "empty_text", "too_short", "too_long", "truncated",
-                     "prompt_echo", "duplicate", "training_copy", "low_fidelity", "label_check")
+REJECTION_REASONS = (
+    "malformed",
+    "wrong_intent",
+    "empty_text",
+    "too_short",
+    "too_long",
+    "truncated",
+    "prompt_echo",
+    "duplicate",
+    "training_copy",
+    "low_fidelity",
+    "label_check",
+)
 RECENT_PER_INTENT = 5000
 
 
@@ -37,8 +49,9 @@ class LengthBounds:
     def from_stats(cls, stats: dict) -> LengthBounds:
         if not stats:
             return cls()
-        return cls(max(1, math.floor(0.5 * stats.get("p01", stats["min"]))),
-                   math.ceil(1.5 * stats.get("p99", stats["max"])))
+        return cls(
+            max(1, math.floor(0.5 * stats.get("p01", stats["min"]))), math.ceil(1.5 * stats.get("p99", stats["max"]))
+        )
 
 
 @dataclass(frozen=True)
@@ -93,11 +106,22 @@ class RecordJudge:
     @classmethod
     def for_bundle(cls, bundle_dir, manifest, examples: dict[str, list[str]]) -> RecordJudge:
         texts = [t for group in examples.values() for t in group]
-        return cls(manifest.separator, LengthBounds.from_stats(manifest.text_length), CopyIndex(texts),
-                   FidelityScorer.load(bundle_dir))
+        return cls(
+            manifest.separator,
+            LengthBounds.from_stats(manifest.text_length),
+            CopyIndex(texts),
+            FidelityScorer.load(bundle_dir),
+        )
 
-    def judge(self, line: str, intent: str, settings: JudgeSettings, seen: set[str],
-              prompt_texts: frozenset[str], supplied: CopyIndex | None = None) -> Verdict:
+    def judge(
+        self,
+        line: str,
+        intent: str,
+        settings: JudgeSettings,
+        seen: set[str],
+        prompt_texts: frozenset[str],
+        supplied: CopyIndex | None = None,
+    ) -> Verdict:
         """Check one line generated for `intent`; `seen` holds the request's accepted keys,
         `supplied` the examples the request brought for the intent."""
         try:
@@ -118,8 +142,9 @@ class RecordJudge:
             return Verdict(reason="prompt_echo")
         if key in seen or (settings.avoid_recent_duplicates and (intent, key) in self.recent):
             return Verdict(reason="duplicate")
-        if not settings.allow_training_copies and (self.copies.is_copy(text)
-                                                   or (supplied is not None and supplied.is_copy(text))):
+        if not settings.allow_training_copies and (
+            self.copies.is_copy(text) or (supplied is not None and supplied.is_copy(text))
+        ):
             return Verdict(reason="training_copy")
         fidelity, predicted = self.scorer.score(text, intent) if self.scorer is not None else (1.0, intent)
         if fidelity < settings.min_fidelity or (settings.require_predicted_intent and predicted != intent):

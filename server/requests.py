@@ -5,6 +5,7 @@ process); `Job` is one intent of it, `RequestState` the request in flight (its j
 queue and counters), `RequestHandle` what a caller iterates for records and then the summary.
 None of these know how batches are formed: that is the scheduler's and its policy's business.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -41,8 +42,9 @@ class GenerationSpec:
 
     @property
     def judging(self) -> JudgeSettings:
-        return JudgeSettings(self.allow_training_copies, self.avoid_recent_duplicates, self.min_fidelity,
-                             self.require_predicted_intent)
+        return JudgeSettings(
+            self.allow_training_copies, self.avoid_recent_duplicates, self.min_fidelity, self.require_predicted_intent
+        )
 
     def round_budget(self) -> int:
         if self.max_rounds:

@@ -3,6 +3,7 @@
 Every sequence samples with its own `numpy.random.Generator`, so a seeded request gives
 the same tokens whatever else shares the batch.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -63,13 +64,13 @@ def _nucleus(probs: np.ndarray, candidates: np.ndarray | None, top_p: float) -> 
     if candidates is not None:
         kept = probs[candidates]
         cumulative = np.cumsum(kept) / kept.sum()
-        return candidates[:int(np.searchsorted(cumulative, top_p)) + 1]
+        return candidates[: int(np.searchsorted(cumulative, top_p)) + 1]
     width = 256
     while True:
         ranked = _top_k_candidates(probs, width)
         cumulative = np.cumsum(probs[ranked])
         if cumulative[-1] >= top_p or ranked.shape[0] == probs.shape[0]:
-            return ranked[:int(np.searchsorted(cumulative, top_p)) + 1]
+            return ranked[: int(np.searchsorted(cumulative, top_p)) + 1]
         width *= 4
 
 
@@ -81,8 +82,9 @@ def _draw(probs: np.ndarray, rng: np.random.Generator) -> int:
     return int(cdf.searchsorted(rng.random(), side="right"))
 
 
-def sample_token(logits: np.ndarray, settings: SamplingSettings, rng: np.random.Generator,
-                 probs: np.ndarray | None = None) -> int:
+def sample_token(
+    logits: np.ndarray, settings: SamplingSettings, rng: np.random.Generator, probs: np.ndarray | None = None
+) -> int:
     """Pick the next token from one row of logits (shape: (vocab,)); `probs`, where given, is
     that row's `softmax` at the settings' temperature, computed beforehand (`softmax_rows`)."""
     if settings.greedy:

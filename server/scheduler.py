@@ -34,6 +34,7 @@ engine and each is accepted or rejected (`label_check`) by its margin.
 All state lives on the event loop thread; only the engine's passes (`Engine.forward`,
 `Engine.prefill`, `Engine.score`) run in a worker thread.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -100,16 +101,23 @@ class RoundPlan:
 class Scheduler:
     """Owns the running `Batch` and moves sequences in and out of it."""
 
-    def __init__(self, engine: Engine, examples: dict[str, list[str]], separator: str,
-                 config: SchedulerConfig = SchedulerConfig(), judge: RecordJudge | None = None,
-                 on_step: Callable[[str, int, float], None] | None = None,
-                 label_checker: LabelChecker | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        examples: dict[str, list[str]],
+        separator: str,
+        config: SchedulerConfig = SchedulerConfig(),
+        judge: RecordJudge | None = None,
+        on_step: Callable[[str, int, float], None] | None = None,
+        label_checker: LabelChecker | None = None,
+    ):
         self.engine = engine
         self.examples = examples
         self.separator = separator
         self.config = config
-        judge = judge or RecordJudge(separator, LengthBounds(),
-                                     CopyIndex(t for texts in examples.values() for t in texts), None)
+        judge = judge or RecordJudge(
+            separator, LengthBounds(), CopyIndex(t for texts in examples.values() for t in texts), None
+        )
         self.lines = LineKeeper(engine, judge)
         self.policy = make_policy(config.policy)
         self.requests: list[RequestState] = []
@@ -129,10 +137,16 @@ class Scheduler:
         return self.lines.judge
 
     @classmethod
-    def build(cls, bundle: str | Path, config: SchedulerConfig = SchedulerConfig(),
-              engine_config: EngineConfig = EngineConfig(), label_check: LabelCheckConfig = LabelCheckConfig(),
-              on_step: Callable[[str, int, float], None] | None = None, manifest=None,
-              engine: Engine | None = None) -> Scheduler:
+    def build(
+        cls,
+        bundle: str | Path,
+        config: SchedulerConfig = SchedulerConfig(),
+        engine_config: EngineConfig = EngineConfig(),
+        label_check: LabelCheckConfig = LabelCheckConfig(),
+        on_step: Callable[[str, int, float], None] | None = None,
+        manifest=None,
+        engine: Engine | None = None,
+    ) -> Scheduler:
         """A scheduler over a bundle: its engine, judge and (where the graph can score) label check.
         `manifest`: the bundle's, when the caller has read (and verified) it already; `engine`: one
         already running over this bundle (benchmarks reuse one across schedulers)."""
@@ -149,9 +163,14 @@ class Scheduler:
         return cls(engine, examples, manifest.separator, config, judge, on_step, checker)
 
     @classmethod
-    def for_bundle(cls, bundle: str | Path, config: SchedulerConfig = SchedulerConfig(),
-                   engine_config: EngineConfig = EngineConfig(), label_check: LabelCheckConfig = LabelCheckConfig(),
-                   engine: Engine | None = None) -> contextlib.AbstractAsyncContextManager[Scheduler]:
+    def for_bundle(
+        cls,
+        bundle: str | Path,
+        config: SchedulerConfig = SchedulerConfig(),
+        engine_config: EngineConfig = EngineConfig(),
+        label_check: LabelCheckConfig = LabelCheckConfig(),
+        engine: Engine | None = None,
+    ) -> contextlib.AbstractAsyncContextManager[Scheduler]:
         """`async with Scheduler.for_bundle(bundle) as scheduler:` builds a scheduler and runs it
         for the block (see `running`)."""
         return cls.build(bundle, config, engine_config, label_check, engine=engine).running()
@@ -167,8 +186,9 @@ class Scheduler:
             self.stop()
             await task
 
-    async def collect(self, spec: GenerationSpec, on_record: Callable[[GeneratedRecord], None] | None = None
-                      ) -> tuple[list[GeneratedRecord], GenerationSummary]:
+    async def collect(
+        self, spec: GenerationSpec, on_record: Callable[[GeneratedRecord], None] | None = None
+    ) -> tuple[list[GeneratedRecord], GenerationSummary]:
         """Every record of one request (each also handed to `on_record`), and its summary."""
         records, summary = [], None
         async for item in self.submit(spec):
@@ -185,8 +205,10 @@ class Scheduler:
         if self._stopping:
             raise ShuttingDown("the server is shutting down; retry on another server")
         if len(self.requests) >= self.config.max_active_requests:
-            raise Overloaded(f"the server is full ({len(self.requests)} requests in flight, "
-                             f"limit {self.config.max_active_requests}); retry later")
+            raise Overloaded(
+                f"the server is full ({len(self.requests)} requests in flight, "
+                f"limit {self.config.max_active_requests}); retry later"
+            )
         if spec.label_check and self.label_checker is None:
             raise ValueError("this server has no label check (its bundle cannot score lines)")
         jobs = [self._job(spec, number, intent) for number, intent in enumerate(spec.intents)]
@@ -197,9 +219,14 @@ class Scheduler:
 
     def _job(self, spec: GenerationSpec, number: int, intent: str) -> Job:
         supplied = spec.examples.get(intent)
-        return Job(intent, number, self.engine.encode(line_prefix(intent, self.separator)), spec.num_records,
-                   examples=list(supplied) if supplied else self.examples[intent],
-                   supplied=CopyIndex(supplied) if supplied else None)
+        return Job(
+            intent,
+            number,
+            self.engine.encode(line_prefix(intent, self.separator)),
+            spec.num_records,
+            examples=list(supplied) if supplied else self.examples[intent],
+            supplied=CopyIndex(supplied) if supplied else None,
+        )
 
     def cancel(self, state: RequestState) -> None:
         if not state.finished:
@@ -211,17 +238,28 @@ class Scheduler:
         loop mutates are copied in one C-level step before they are walked."""
         requests, sequences, batch = list(self.requests), list(self.sequences.values()), self.batch
         rows, past_len = (len(batch), batch.past_len) if batch is not None else (0, 0)
-        return {"running_sequences": len(sequences), "active_requests": len(requests),
-                "queued_requests": sum(1 for r in requests if not any(job.active for job in r.jobs)),
-                "batch_tokens": rows * past_len, "reserved_batch_tokens": self._footprint(sequences),
-                "batch_rows": rows, "steps": self.steps,
-                "policy": self.config.policy, "prefix_cache": self.prefix_cache.stats()}
+        return {
+            "running_sequences": len(sequences),
+            "active_requests": len(requests),
+            "queued_requests": sum(1 for r in requests if not any(job.active for job in r.jobs)),
+            "batch_tokens": rows * past_len,
+            "reserved_batch_tokens": self._footprint(sequences),
+            "batch_rows": rows,
+            "steps": self.steps,
+            "policy": self.config.policy,
+            "prefix_cache": self.prefix_cache.stats(),
+        }
 
     def totals(self) -> dict:
         """Counters since the server started: tokens, lines, records, rejections, steps."""
         t = self.lines.totals
-        return {"tokens_generated": t.tokens_generated, "lines_parsed": t.lines_parsed,
-                "records_accepted": t.records_accepted, "rejected": dict(t.rejected), "steps": self.steps}
+        return {
+            "tokens_generated": t.tokens_generated,
+            "lines_parsed": t.lines_parsed,
+            "records_accepted": t.records_accepted,
+            "rejected": dict(t.rejected),
+            "steps": self.steps,
+        }
 
     def stop(self) -> None:
         """Take no new requests; `run` returns once the ones in flight are done."""
@@ -289,8 +327,9 @@ class Scheduler:
 
     def _fits_token_budget(self, rows: int, reserve: int) -> bool:
         budget = self.config.max_batch_tokens
-        return (not budget or not self.sequences
-                or self._footprint(list(self.sequences.values()), rows, reserve) <= budget)
+        return (
+            not budget or not self.sequences or self._footprint(list(self.sequences.values()), rows, reserve) <= budget
+        )
 
     async def _admit_rounds(self, loop) -> None:
         """Start every round there is room for; their prompts are prefilled together."""
@@ -301,8 +340,7 @@ class Scheduler:
         new_batches = [self._fork(plan) for plan in plans if plan.prefill is not None and not plan.state.finished]
         new_batches = [b for b in new_batches if any(s in self.sequences for s in b.seq_ids)]
         if new_batches:
-            self.batch = Batch.concatenate(([self.batch] if self.batch is not None else []) + new_batches,
-                                           consume=True)
+            self.batch = Batch.concatenate(([self.batch] if self.batch is not None else []) + new_batches, consume=True)
             self.batch = self.batch.filter([s for s in self.batch.seq_ids if s in self.sequences], consume=True)
 
     def _plan_rounds(self) -> list[RoundPlan]:
@@ -331,8 +369,9 @@ class Scheduler:
         spec = state.spec
         prompt_rng = sequence_rng(spec.seed, job.number, job.rounds, 1 << 20)
         examples = job.examples
-        prompt, shown = build_prompt(job.intent, examples, spec.num_prompt_examples, prompt_rng, self.separator,
-                                     shuffle=job.supplied is not None)
+        prompt, shown = build_prompt(
+            job.intent, examples, spec.num_prompt_examples, prompt_rng, self.separator, shuffle=job.supplied is not None
+        )
         prompt_ids = self.engine.encode(prompt)
         tokens_per_line = len(prompt_ids) / len(shown) if shown else job.tokens_per_line
         reserve = self._reserve(len(prompt_ids), spec.max_new_tokens, len(job.prefix_tokens), tokens_per_line)
@@ -342,9 +381,15 @@ class Scheduler:
         prompt_keys = frozenset(normalize_for_match(t) for t in shown)
         seq_ids = [next(self._ids) for _ in range(n)]
         for fork_index, seq_id in enumerate(seq_ids):
-            self.sequences[seq_id] = Sequence(seq_id, state, job,
-                                              sequence_rng(spec.seed, job.number, job.rounds, fork_index),
-                                              list(job.prefix_tokens), prompt_keys, reserved_tokens=reserve)
+            self.sequences[seq_id] = Sequence(
+                seq_id,
+                state,
+                job,
+                sequence_rng(spec.seed, job.number, job.rounds, fork_index),
+                list(job.prefix_tokens),
+                prompt_keys,
+                reserved_tokens=reserve,
+            )
             job.active.add(seq_id)
         job.rounds += 1
         state.summary.rounds += 1
@@ -372,8 +417,9 @@ class Scheduler:
         if firsts:
             started = time.perf_counter()
             try:
-                results = await loop.run_in_executor(self._executor, self.engine.prefill,
-                                                     [p.seq_ids[0] for p in firsts], [p.prompt_ids for p in firsts])
+                results = await loop.run_in_executor(
+                    self._executor, self.engine.prefill, [p.seq_ids[0] for p in firsts], [p.prompt_ids for p in firsts]
+                )
             except Exception as exc:  # noqa: BLE001 - the requests of these rounds fail, others go on
                 for plan in plans:
                     if plan.prefill is None:
@@ -402,8 +448,7 @@ class Scheduler:
         batch = self.batch
         assert batch is not None
         probs = self._sampling_probs(batch.seq_ids, logits)
-        next_tokens = [self._guarded_next_token(s, logits[row], probs.get(row))
-                       for row, s in enumerate(batch.seq_ids)]
+        next_tokens = [self._guarded_next_token(s, logits[row], probs.get(row)) for row, s in enumerate(batch.seq_ids)]
         self._set_next_or_drop(batch, next_tokens)
         self.batch = batch.filter([s for s in batch.seq_ids if s in self.sequences], consume=True)
 
@@ -444,8 +489,9 @@ class Scheduler:
         assert self.label_checker is not None  # `submit` refuses label_check requests without one
         started = time.perf_counter()
         try:
-            margins = await loop.run_in_executor(self._executor, self.label_checker.margins,
-                                                 [p.to_check() for p in pending])
+            margins = await loop.run_in_executor(
+                self._executor, self.label_checker.margins, [p.to_check() for p in pending]
+            )
         except Exception as exc:  # noqa: BLE001 - the requests of these lines fail, the others go on
             for state in {p.state for p in pending}:
                 self._fail(state, exc)

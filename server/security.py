@@ -5,6 +5,7 @@ a certificate signed by that CA: mutual TLS), and an optional bearer token
 (`--auth-token-file`): every call but the health service must send the metadata
 `authorization: Bearer <token>`, or it gets UNAUTHENTICATED.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -39,8 +40,9 @@ class SecurityConfig:
     auth_token: str | None = None
 
     @classmethod
-    def from_files(cls, cert: Path | None, key: Path | None, client_ca: Path | None,
-                   token_file: Path | None) -> SecurityConfig:
+    def from_files(
+        cls, cert: Path | None, key: Path | None, client_ca: Path | None, token_file: Path | None
+    ) -> SecurityConfig:
         if (cert is None) != (key is None):
             raise SecurityError("--tls-cert and --tls-key go together: give both or neither")
         if client_ca is not None and cert is None:
@@ -54,8 +56,11 @@ class SecurityConfig:
     def server_credentials(self) -> grpc.ServerCredentials | None:
         if self.tls_cert is None:
             return None
-        return grpc.ssl_server_credentials([(self.tls_key, self.tls_cert)], root_certificates=self.client_ca,
-                                           require_client_auth=self.client_ca is not None)
+        return grpc.ssl_server_credentials(
+            [(self.tls_key, self.tls_cert)],
+            root_certificates=self.client_ca,
+            require_client_auth=self.client_ca is not None,
+        )
 
     def interceptors(self, on_denied: Callable[[str, object], None] | None = None) -> list:
         """Server interceptors; `on_denied(method, context)` hears of every refused call."""
@@ -84,10 +89,13 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
 
 def _denying(handler: grpc.RpcMethodHandler, method: str, on_denied) -> grpc.RpcMethodHandler:
     """A handler of the same shape as `handler` that refuses the call."""
+
     async def _deny(request, context):
         on_denied(method, context)
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                            "missing or wrong auth token: send metadata `authorization: Bearer <token>`")
+        await context.abort(
+            grpc.StatusCode.UNAUTHENTICATED,
+            "missing or wrong auth token: send metadata `authorization: Bearer <token>`",
+        )
 
     async def _deny_stream(request, context):
         await _deny(request, context)

@@ -9,6 +9,7 @@ metrics endpoint is served over HTTP only when a port is given (`--metrics-port`
 it in the trailing metadata, counts the call by method and status code and logs one line
 when it ends.
 """
+
 from __future__ import annotations
 
 import logging
@@ -51,24 +52,32 @@ class _SchedulerCollector:
 
     def collect(self):
         stats, totals = self.scheduler.stats(), self.scheduler.totals()
-        for name, key, text in (("condgen_queue_depth", "queued_requests", "Requests admitted but not yet decoding"),
-                                ("condgen_active_requests", "active_requests", "Requests in flight"),
-                                ("condgen_running_sequences", "running_sequences", "Sequences in the running batch"),
-                                ("condgen_batch_cache_tokens", "batch_tokens",
-                                 "KV-cache size of the running batch in tokens (rows x length)")):
+        for name, key, text in (
+            ("condgen_queue_depth", "queued_requests", "Requests admitted but not yet decoding"),
+            ("condgen_active_requests", "active_requests", "Requests in flight"),
+            ("condgen_running_sequences", "running_sequences", "Sequences in the running batch"),
+            (
+                "condgen_batch_cache_tokens",
+                "batch_tokens",
+                "KV-cache size of the running batch in tokens (rows x length)",
+            ),
+        ):
             yield GaugeMetricFamily(name, text, value=stats[key])
-        for name, key, text in (("condgen_generated_tokens", "tokens_generated", "Tokens sampled by the model"),
-                                ("condgen_lines_parsed", "lines_parsed", "Lines the model completed"),
-                                ("condgen_records_accepted", "records_accepted", "Records streamed to clients"),
-                                ("condgen_engine_steps", "steps", "Decode steps of the running batch")):
+        for name, key, text in (
+            ("condgen_generated_tokens", "tokens_generated", "Tokens sampled by the model"),
+            ("condgen_lines_parsed", "lines_parsed", "Lines the model completed"),
+            ("condgen_records_accepted", "records_accepted", "Records streamed to clients"),
+            ("condgen_engine_steps", "steps", "Decode steps of the running batch"),
+        ):
             yield CounterMetricFamily(name, text, value=totals[key])
         rejected = CounterMetricFamily("condgen_records_rejected", "Lines rejected, by reason", labels=["reason"])
         for reason, count in sorted(totals["rejected"].items()):
             rejected.add_metric([reason], count)
         yield rejected
         cache = stats["prefix_cache"]
-        lookups = CounterMetricFamily("condgen_prefix_cache_lookups", "Prompt prefills looked up in the cache",
-                                      labels=["result"])
+        lookups = CounterMetricFamily(
+            "condgen_prefix_cache_lookups", "Prompt prefills looked up in the cache", labels=["result"]
+        )
         lookups.add_metric(["hit"], cache["hits"])
         lookups.add_metric(["miss"], cache["misses"])
         yield lookups
@@ -79,20 +88,41 @@ class Telemetry:
 
     def __init__(self):
         self.registry = CollectorRegistry()
-        self.requests = Counter("condgen_requests", "RPCs by method and final status code",
-                                ["method", "code"], registry=self.registry)
-        self.request_seconds = Histogram("condgen_request_duration_seconds", "RPC duration by method", ["method"],
-                                         buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.first_record_seconds = Histogram("condgen_time_to_first_record_seconds",
-                                              "From a Generate call's start to its first record",
-                                              buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.record_seconds = Histogram("condgen_record_latency_seconds",
-                                        "Time between consecutive records of one Generate stream",
-                                        buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.batch_size = Histogram("condgen_batch_size", "Sequences in the batch per decode step",
-                                    buckets=_BATCH_BUCKETS, registry=self.registry)
-        self.step_seconds = Histogram("condgen_engine_step_seconds", "Engine pass time by phase", ["phase"],
-                                      buckets=_STEP_BUCKETS, registry=self.registry)
+        self.requests = Counter(
+            "condgen_requests", "RPCs by method and final status code", ["method", "code"], registry=self.registry
+        )
+        self.request_seconds = Histogram(
+            "condgen_request_duration_seconds",
+            "RPC duration by method",
+            ["method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.first_record_seconds = Histogram(
+            "condgen_time_to_first_record_seconds",
+            "From a Generate call's start to its first record",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.record_seconds = Histogram(
+            "condgen_record_latency_seconds",
+            "Time between consecutive records of one Generate stream",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "condgen_batch_size",
+            "Sequences in the batch per decode step",
+            buckets=_BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.step_seconds = Histogram(
+            "condgen_engine_step_seconds",
+            "Engine pass time by phase",
+            ["phase"],
+            buckets=_STEP_BUCKETS,
+            registry=self.registry,
+        )
         self._http = None
 
     def watch(self, scheduler: SchedulerView) -> None:
@@ -173,20 +203,35 @@ class CallTracker:
         self.telemetry.requests.labels(self.method, code.name).inc()
         self.telemetry.request_seconds.labels(self.method).observe(seconds)
         level = logging.WARNING if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) else logging.INFO
-        log.log(level, "%s %s %s in %.3f s", self.request_id, self.method, code.name, seconds,
-                extra={"fields": self._fields(code, seconds, details)})
+        log.log(
+            level,
+            "%s %s %s in %.3f s",
+            self.request_id,
+            self.method,
+            code.name,
+            seconds,
+            extra={"fields": self._fields(code, seconds, details)},
+        )
 
     def _fields(self, code: grpc.StatusCode, seconds: float, details: str) -> dict:
-        fields = {"request_id": self.request_id, "method": self.method, "status": code.name,
-                  "duration_s": round(seconds, 4)}
+        fields = {
+            "request_id": self.request_id,
+            "method": self.method,
+            "status": code.name,
+            "duration_s": round(seconds, 4),
+        }
         if isinstance(self.request, pb.GenerateRequest):
             fields["intents"] = [intent[:64] for intent in list(self.request.intents)[:20]]
             fields["num_records"] = self.request.num_records
             fields["records_sent"] = self._counts.records
         summary = self._counts.summary
         if summary is not None:
-            fields.update(lines_parsed=summary.lines_parsed, tokens=summary.tokens_generated,
-                          rounds=summary.rounds, rejected={k: v for k, v in _rejections(summary).items() if v})
+            fields.update(
+                lines_parsed=summary.lines_parsed,
+                tokens=summary.tokens_generated,
+                rounds=summary.rounds,
+                rejected={k: v for k, v in _rejections(summary).items() if v},
+            )
         if details and code != grpc.StatusCode.OK:
             fields["details"] = details[:300]
         return fields

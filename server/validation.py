@@ -4,6 +4,7 @@
 RequestError naming the field, the limit and the value; unknown intents get close matches.
 An intent the bundle does not know is fine when the request brings examples of it.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -47,8 +48,9 @@ def check_examples(request: pb.GenerateRequest, limits: Limits, separator: str) 
     for entry in request.examples:
         name = entry.intent
         if len(name) > limits.max_intent_chars:
-            raise RequestError(f"`examples`: an intent name is {len(name)} characters; "
-                               f"the limit is {limits.max_intent_chars}")
+            raise RequestError(
+                f"`examples`: an intent name is {len(name)} characters; the limit is {limits.max_intent_chars}"
+            )
         try:
             if check_label(name, separator) != name:
                 raise CodecError(f"label {name!r} has spaces at its ends; trim them")
@@ -66,13 +68,15 @@ def _checked_texts(intent: str, texts, limits: Limits) -> tuple[str, ...]:
     if not texts:
         raise RequestError(f"`examples` for {intent!r} has no texts; give at least one")
     if len(texts) > limits.max_examples_per_intent:
-        raise RequestError(f"`examples` for {intent!r} has {len(texts)} texts; the limit is "
-                           f"{limits.max_examples_per_intent}")
+        raise RequestError(
+            f"`examples` for {intent!r} has {len(texts)} texts; the limit is {limits.max_examples_per_intent}"
+        )
     for number, text in enumerate(texts):
         where = f"`examples` for {intent!r}, text {number}"
         if "\n" in text or "\r" in text:
-            raise RequestError(f"{where} contains a line break; each example must be one line "
-                               "(replace line breaks with spaces)")
+            raise RequestError(
+                f"{where} contains a line break; each example must be one line (replace line breaks with spaces)"
+            )
         if not text.strip():
             raise RequestError(f"{where} is empty")
         if len(text) > limits.max_example_chars:
@@ -80,8 +84,9 @@ def _checked_texts(intent: str, texts, limits: Limits) -> tuple[str, ...]:
     return tuple(t.strip() for t in texts)
 
 
-def check_sampling(request: pb.GenerateRequest, limits: Limits,
-                   defaults: Defaults) -> tuple[SamplingSettings, int, int]:
+def check_sampling(
+    request: pb.GenerateRequest, limits: Limits, defaults: Defaults
+) -> tuple[SamplingSettings, int, int]:
     sampling = request.sampling
     temperature = sampling.temperature if sampling.HasField("temperature") else defaults.temperature
     top_p = sampling.top_p if sampling.HasField("top_p") else defaults.top_p
@@ -103,8 +108,10 @@ def check_label_check(request: pb.GenerateRequest, defaults: Defaults, available
     wanted = request.label_check if request.HasField("label_check") else defaults.label_check
     if wanted and not available:
         if request.HasField("label_check"):
-            raise RequestError("`label_check`: this server's bundle cannot score lines (its graph keeps only the "
-                               "last logits); re-export it with this condgen version, or leave label_check unset")
+            raise RequestError(
+                "`label_check`: this server's bundle cannot score lines (its graph keeps only the "
+                "last logits); re-export it with this condgen version, or leave label_check unset"
+            )
         wanted = False
     margin = request.label_margin if request.HasField("label_margin") else defaults.label_margin
     if not margin == margin or abs(margin) > 100:  # NaN, or beyond any mean log-probability gap
@@ -112,13 +119,22 @@ def check_label_check(request: pb.GenerateRequest, defaults: Defaults, available
     return bool(wanted), float(margin)
 
 
-def to_spec(request: pb.GenerateRequest, known: dict[str, int], limits: Limits, defaults: Defaults,
-            max_batch_size: int, separator: str = ",", label_check_available: bool = True) -> GenerationSpec:
+def to_spec(
+    request: pb.GenerateRequest,
+    known: dict[str, int],
+    limits: Limits,
+    defaults: Defaults,
+    max_batch_size: int,
+    separator: str = ",",
+    label_check_available: bool = True,
+) -> GenerationSpec:
     """Validate a GenerateRequest and turn it into the scheduler's GenerationSpec."""
     size = request.ByteSize()
     if size > limits.max_request_bytes:
-        raise RequestError(f"the request is {size} bytes; the limit is {limits.max_request_bytes} "
-                           "(condgen serve --max-request-bytes); send fewer or shorter examples")
+        raise RequestError(
+            f"the request is {size} bytes; the limit is {limits.max_request_bytes} "
+            "(condgen serve --max-request-bytes); send fewer or shorter examples"
+        )
     examples = check_examples(request, limits, separator)
     intents = check_intents(list(request.intents), known, limits, frozenset(examples))
     _check_range("num_records", request.num_records, 1, limits.max_records_per_intent)
@@ -135,13 +151,22 @@ def to_spec(request: pb.GenerateRequest, known: dict[str, int], limits: Limits, 
         raise RequestError(f"`min_fidelity` must be between 0 and 1, got {min_fidelity}")
     # A seeded request is reproducible unless it asks to avoid the server's recent output.
     seeded = request.sampling.HasField("seed")
-    avoid_recent = (request.avoid_recent_duplicates if request.HasField("avoid_recent_duplicates")
-                    else not seeded)
+    avoid_recent = request.avoid_recent_duplicates if request.HasField("avoid_recent_duplicates") else not seeded
     label_check, label_margin = check_label_check(request, defaults, label_check_available)
-    return GenerationSpec(intents=intents, num_records=int(request.num_records), sampling=settings, seed=seed,
-                          max_new_tokens=max_new_tokens, num_prompt_examples=int(shots),
-                          sequences_per_round=int(spr), max_rounds=int(rounds),
-                          allow_training_copies=bool(request.allow_training_copies),
-                          avoid_recent_duplicates=bool(avoid_recent), min_fidelity=float(min_fidelity),
-                          require_predicted_intent=bool(request.require_predicted_intent),
-                          examples=examples, label_check=label_check, label_margin=label_margin)
+    return GenerationSpec(
+        intents=intents,
+        num_records=int(request.num_records),
+        sampling=settings,
+        seed=seed,
+        max_new_tokens=max_new_tokens,
+        num_prompt_examples=int(shots),
+        sequences_per_round=int(spr),
+        max_rounds=int(rounds),
+        allow_training_copies=bool(request.allow_training_copies),
+        avoid_recent_duplicates=bool(avoid_recent),
+        min_fidelity=float(min_fidelity),
+        require_predicted_intent=bool(request.require_predicted_intent),
+        examples=examples,
+        label_check=label_check,
+        label_margin=label_margin,
+    )

@@ -4,6 +4,7 @@ Everything is built once per test session in a temporary folder: a BPE tokenizer
 2-layer Llama (seconds on a CPU), fine-tuned with the real `finetune`, exported with the
 real `export_bundle`, served by the real gRPC server on a free loopback port.
 """
+
 from __future__ import annotations
 
 import csv
@@ -24,8 +25,9 @@ def _shared_data() -> Path:
     beside = ROOT.parent / "shared" / "data"
     if beside.is_dir():
         return beside
-    origin = subprocess.run(["git", "-C", str(ROOT), "config", "--get", "remote.origin.url"],
-                            capture_output=True, text=True).stdout.strip()
+    origin = subprocess.run(
+        ["git", "-C", str(ROOT), "config", "--get", "remote.origin.url"], capture_output=True, text=True
+    ).stdout.strip()
     if origin and Path(origin).is_dir():
         return Path(origin).resolve().parent / "shared" / "data"
     return beside
@@ -38,8 +40,9 @@ EXAMPLES_PER_INTENT = 6
 
 def _short_examples(path: Path) -> list[dict]:
     if not path.is_file():
-        raise FileNotFoundError(f"the tests read banking77 from {path}: put ../shared/data beside the checkout "
-                                "or set CONDGEN_SHARED_DATA")
+        raise FileNotFoundError(
+            f"the tests read banking77 from {path}: put ../shared/data beside the checkout or set CONDGEN_SHARED_DATA"
+        )
     with open(path, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     picked = []
@@ -84,9 +87,22 @@ def tiny_base(workdir, train_records) -> Path:
 def tiny_config(train_csv: Path, tiny_base: Path, **overrides):
     from condgen.training.config import TrainingConfig
 
-    settings = dict(data_source=str(train_csv), pretrained_model=str(tiny_base), steps=250, batch_size=4,
-                    max_tokens=64, learning_rate=5e-3, warmup_steps=10, lr_scheduler="linear", weight_decay=0.0,
-                    validation_fraction=0.0, eval_steps=1000, save_steps=1000, logging_steps=50, seed=0)
+    settings = dict(
+        data_source=str(train_csv),
+        pretrained_model=str(tiny_base),
+        steps=250,
+        batch_size=4,
+        max_tokens=64,
+        learning_rate=5e-3,
+        warmup_steps=10,
+        lr_scheduler="linear",
+        weight_decay=0.0,
+        validation_fraction=0.0,
+        eval_steps=1000,
+        save_steps=1000,
+        logging_steps=50,
+        seed=0,
+    )
     settings.update(overrides)
     return TrainingConfig(**settings)
 

@@ -14,6 +14,7 @@ sampling with the same seed gives the same records whatever the batch, as with t
 The label check works too: a text with the words of intent A scores higher after `A,` than
 after `B,`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,9 +29,44 @@ from condgen.server.batch import Batch
 
 EOS, NEWLINE, COMMA = 0, 1, 2
 VOCAB = 2048
-WORDS = ("my", "the", "card", "please", "when", "will", "where", "is", "how", "can", "i", "get", "a", "new",
-         "money", "help", "why", "did", "it", "not", "arrive", "yet", "account", "today", "still", "need",
-         "urgent", "tell", "me", "about", "fee", "rate", "transfer", "app", "phone", "week")
+WORDS = (
+    "my",
+    "the",
+    "card",
+    "please",
+    "when",
+    "will",
+    "where",
+    "is",
+    "how",
+    "can",
+    "i",
+    "get",
+    "a",
+    "new",
+    "money",
+    "help",
+    "why",
+    "did",
+    "it",
+    "not",
+    "arrive",
+    "yet",
+    "account",
+    "today",
+    "still",
+    "need",
+    "urgent",
+    "tell",
+    "me",
+    "about",
+    "fee",
+    "rate",
+    "transfer",
+    "app",
+    "phone",
+    "week",
+)
 PIECE = re.compile(r"\n|,| ?[^\s,]+")
 INTENT_BOOST = 2.5
 
@@ -39,13 +75,26 @@ def fake_bundle(folder: Path, examples: dict[str, list[str]]) -> Path:
     """A bundle folder with a manifest and examples but no graph (for `FakeEngine`)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / EXAMPLES_NAME).write_text(json.dumps(examples))
-    info = OnnxInfo(file="fake.onnx", inputs=[], outputs=[], past_key_names=["past.0"], present_key_names=["present.0"],
-                    num_layers=1, num_kv_heads=1, head_dim=1, variant="fake")
+    info = OnnxInfo(
+        file="fake.onnx",
+        inputs=[],
+        outputs=[],
+        past_key_names=["past.0"],
+        present_key_names=["present.0"],
+        num_layers=1,
+        num_kv_heads=1,
+        head_dim=1,
+        variant="fake",
+    )
     lengths = [len(t) for texts in examples.values() for t in texts]
-    manifest = Manifest(base_model="fake", separator=",", intents={i: len(t) for i, t in examples.items()},
-                        onnx=info, eos_token_id=EOS,
-                        text_length={"min": min(lengths), "max": max(lengths), "p01": min(lengths),
-                                     "p99": max(lengths)})
+    manifest = Manifest(
+        base_model="fake",
+        separator=",",
+        intents={i: len(t) for i, t in examples.items()},
+        onnx=info,
+        eos_token_id=EOS,
+        text_length={"min": min(lengths), "max": max(lengths), "p01": min(lengths), "p99": max(lengths)},
+    )
     write_manifest(folder, manifest)
     return folder
 
@@ -116,7 +165,7 @@ class FakeEngine:
     @staticmethod
     def _histories(batch: Batch) -> list[list[int]]:
         """Each row's real tokens: its cache (where the mask says real) then its next tokens."""
-        past = next(iter(batch.past.values()))[:, 0, :batch.past_len, 0]  # (rows, past_len)
+        past = next(iter(batch.past.values()))[:, 0, : batch.past_len, 0]  # (rows, past_len)
         new_mask = batch.next_mask if batch.next_mask is not None else np.ones(batch.next_ids.shape, dtype=np.int64)
         rows = []
         for row in range(len(batch)):
@@ -131,12 +180,17 @@ class FakeEngine:
             raise RuntimeError("fake engine failure (injected)")
         histories = self._histories(batch)
         new = batch.next_ids.astype(np.float32)[:, None, :, None]  # (rows, heads=1, new_len, dim=1)
-        batch.advance({name: np.concatenate([batch.past[name][:, :, :batch.past_len], new], axis=2)
-                       for name in self.info.past_key_names})
+        batch.advance(
+            {
+                name: np.concatenate([batch.past[name][:, :, : batch.past_len], new], axis=2)
+                for name in self.info.past_key_names
+            }
+        )
         return np.stack([self._next_logits(h) for h in histories])
 
-    def prefill(self, seq_ids: list[int], prompts: list[list[int]],
-                max_tokens: int = 1024) -> list[tuple[Batch, np.ndarray]]:
+    def prefill(
+        self, seq_ids: list[int], prompts: list[list[int]], max_tokens: int = 1024
+    ) -> list[tuple[Batch, np.ndarray]]:
         batch = Batch.for_prompts(seq_ids, prompts, self.info.past_key_names, 1, 1)
         logits = self.forward(batch)
         return [(batch.filter([seq_id]), logits[row]) for row, seq_id in enumerate(seq_ids)]

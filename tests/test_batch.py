@@ -1,4 +1,5 @@
 """Batch bookkeeping: feed, advance, filter, fork and concatenate keep rows aligned."""
+
 import numpy as np
 import pytest
 
@@ -122,7 +123,7 @@ def append_prompt(seq_id, tokens):
 
 def markers(batch: Batch, row: int = 0) -> list[float]:
     """The cache's marker values of a row over its valid slots."""
-    return batch.past[NAMES[0]][row, 0, :batch.past_len, 0].tolist()
+    return batch.past[NAMES[0]][row, 0, : batch.past_len, 0].tolist()
 
 
 def test_append_only_cache_keeps_spare_slots_masked_and_writes_in_place():
@@ -235,8 +236,9 @@ def test_consuming_join_writes_newcomers_into_spare_rows():
     assert late.past == {} and later.past == {}
     assert joined.seq_ids == expected.seq_ids == [1, 2, 3, 4]
     assert joined.past_mask.tolist() == expected.past_mask.tolist()
-    assert valid_markers(joined) == valid_markers(expected) == [[5, 6, 7, 8, 12], [9, 10, 11, 13], [20, 21],
-                                                                [30, 31, 32]]
+    assert (
+        valid_markers(joined) == valid_markers(expected) == [[5, 6, 7, 8, 12], [9, 10, 11, 13], [20, 21], [30, 31, 32]]
+    )
     assert joined.feed()["position_ids"].tolist() == expected.feed()["position_ids"].tolist()
     fake_forward_append(joined)
     assert valid_markers(joined)[2] == [20, 21, 22]

@@ -1,4 +1,5 @@
 """The `condgen` command line: generate to files, clear errors instead of tracebacks."""
+
 import json
 
 import pandas as pd
@@ -10,24 +11,70 @@ from condgen.cli import main
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
 def test_generate_writes_each_format(server, tmp_path, suffix, capsys):
     out = tmp_path / f"records{suffix}"
-    code = main(["generate", "--target", server.target, "--intent", "card_arrival", "--intent", "exchange_rate",
-                 "--num-records", "2", "--seed", "5", "--max-new-tokens", "48", "--allow-training-copies",
-                 "--allow-recent-duplicates",
-                 "--output", str(out)])
+    code = main(
+        [
+            "generate",
+            "--target",
+            server.target,
+            "--intent",
+            "card_arrival",
+            "--intent",
+            "exchange_rate",
+            "--num-records",
+            "2",
+            "--seed",
+            "5",
+            "--max-new-tokens",
+            "48",
+            "--allow-training-copies",
+            "--allow-recent-duplicates",
+            "--output",
+            str(out),
+        ]
+    )
     assert code == 0
-    frame = {".csv": pd.read_csv, ".parquet": pd.read_parquet,
-             ".jsonl": lambda p: pd.read_json(p, lines=True)}[suffix](out)
+    frame = {".csv": pd.read_csv, ".parquet": pd.read_parquet, ".jsonl": lambda p: pd.read_json(p, lines=True)}[suffix](
+        out
+    )
     assert list(frame.columns) == ["intent", "text"]
     assert sorted(frame["intent"]) == ["card_arrival", "card_arrival", "exchange_rate", "exchange_rate"]
     assert "accepted 4 of" in capsys.readouterr().out
 
 
 def test_generate_refuses_unknown_formats_and_intents(server, tmp_path, capsys):
-    assert main(["generate", "--target", server.target, "--intent", "card_arrival", "--num-records", "1",
-                 "--output", str(tmp_path / "x.xlsx")]) == 2
+    assert (
+        main(
+            [
+                "generate",
+                "--target",
+                server.target,
+                "--intent",
+                "card_arrival",
+                "--num-records",
+                "1",
+                "--output",
+                str(tmp_path / "x.xlsx"),
+            ]
+        )
+        == 2
+    )
     assert "use a .csv, .parquet or .jsonl" in capsys.readouterr().err
-    assert main(["generate", "--target", server.target, "--intent", "nope", "--num-records", "1",
-                 "--output", str(tmp_path / "x.csv")]) == 2
+    assert (
+        main(
+            [
+                "generate",
+                "--target",
+                server.target,
+                "--intent",
+                "nope",
+                "--num-records",
+                "1",
+                "--output",
+                str(tmp_path / "x.csv"),
+            ]
+        )
+        == 2
+    )
     assert "INVALID_ARGUMENT: unknown intent 'nope'" in capsys.readouterr().err
 
 

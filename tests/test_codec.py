@@ -1,4 +1,5 @@
 """The record codec: commas, newlines, unicode and bad labels."""
+
 import pytest
 
 from condgen.codec import (

@@ -1,4 +1,5 @@
 """Gretel-shaped training configs: both layouts parse; bad fields are named."""
+
 import json
 
 import pytest
@@ -48,9 +49,24 @@ def test_gretel_blueprint_with_params_block(tmp_path):
 
 
 def test_flat_gpt_x_layout_as_json(tmp_path):
-    raw = {"schema_version": "1.0", "models": [{"gpt_x": {
-        "data_source": "data.csv", "pretrained_model": "distilgpt2", "batch_size": 2, "steps": 10,
-        "weight_decay": 0.1, "warmup_steps": 1, "lr_scheduler": "cosine", "learning_rate": 1e-4, "seed": 7}}]}
+    raw = {
+        "schema_version": "1.0",
+        "models": [
+            {
+                "gpt_x": {
+                    "data_source": "data.csv",
+                    "pretrained_model": "distilgpt2",
+                    "batch_size": 2,
+                    "steps": 10,
+                    "weight_decay": 0.1,
+                    "warmup_steps": 1,
+                    "lr_scheduler": "cosine",
+                    "learning_rate": 1e-4,
+                    "seed": 7,
+                }
+            }
+        ],
+    }
     path = tmp_path / "c.json"
     path.write_text(json.dumps(raw))
     config = load_config(path)
@@ -76,12 +92,15 @@ def test_wrong_type_is_named():
         parse_config(_one(batch_size="eight"))
 
 
-@pytest.mark.parametrize("gpt_x, message", [
-    ({"learning_rate": 3.0}, "learning_rate"),
-    ({"lr_scheduler": "exponential"}, "lr_scheduler"),
-    ({"batch_size": 0}, "batch_size"),
-    ({"steps": None, "epochs": None}, "steps"),
-])
+@pytest.mark.parametrize(
+    "gpt_x, message",
+    [
+        ({"learning_rate": 3.0}, "learning_rate"),
+        ({"lr_scheduler": "exponential"}, "lr_scheduler"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"steps": None, "epochs": None}, "steps"),
+    ],
+)
 def test_bad_values(gpt_x, message):
     with pytest.raises(ConfigError, match=message):
         parse_config(_one(**gpt_x))
@@ -209,8 +228,10 @@ def test_gretel_dp_blueprint_is_refused_in_one_line(tmp_path):
     assert "\n" not in str(caught.value)
 
 
-@pytest.mark.parametrize("written, value", [("5e-6", 5e-6), ("1E-4", 1e-4), (".5", 0.5), ("2.5e-5", 2.5e-5),
-                                            ("'5e-6'", 5e-6), ('"0.001"', 0.001)])
+@pytest.mark.parametrize(
+    "written, value",
+    [("5e-6", 5e-6), ("1E-4", 1e-4), (".5", 0.5), ("2.5e-5", 2.5e-5), ("'5e-6'", 5e-6), ('"0.001"', 0.001)],
+)
 def test_numbers_in_yaml12_form_and_numeric_strings(tmp_path, written, value):
     config = _load(tmp_path, f"models:\n  - gpt_x:\n      learning_rate: {written}\n")
     assert config.learning_rate == pytest.approx(value)
@@ -267,8 +288,9 @@ def test_gretel_blueprint_with_every_default_written_out(tmp_path):
     assert config.data_source is None  # Gretel's placeholder: the data comes from --data
 
 
-@pytest.mark.parametrize("field, value", [("prompt_template", "'{text}'"), ("validation", "0.1"),
-                                          ("ref_data", "{data: x.csv}")])
+@pytest.mark.parametrize(
+    "field, value", [("prompt_template", "'{text}'"), ("validation", "0.1"), ("ref_data", "{data: x.csv}")]
+)
 def test_gretel_fields_condgen_cannot_honour_are_refused_in_one_line(tmp_path, field, value):
     with pytest.raises(ConfigError, match=f"`{field}` is set, which condgen cannot honour") as caught:
         _load(tmp_path, f"models:\n  - gpt_x:\n      {field}: {value}\n")

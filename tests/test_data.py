@@ -1,4 +1,5 @@
 """Reading labelled CSVs with any column names, packing token blocks."""
+
 import csv
 
 import pytest
@@ -77,7 +78,7 @@ def test_grouped_packing_puts_each_intents_lines_next_to_each_other():
     groups = ["abc"[i % 3] for i in range(12)]
     blocks = pack_blocks(lines, 8, min_blocks=9, seed=3, groups=groups)  # 3 blocks per pass
     for start in range(0, 9, 3):
-        stream = [t for b in blocks[start:start + 3] for t in b][::2]  # one token per line
+        stream = [t for b in blocks[start : start + 3] for t in b][::2]  # one token per line
         assert sorted(stream) == list(range(12))  # every line once per pass
         runs = [groups[line] for line in stream]
         assert sum(a != b for a, b in zip(runs, runs[1:])) == 2  # three runs: one per group

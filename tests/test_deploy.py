@@ -5,6 +5,7 @@ built: these tests check the fields that must match (selectors and labels, ports
 termination grace against --grace-seconds, the bundle mount against --bundle) and that every
 argument handed to `condgen serve` is one its parser accepts.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,6 +29,7 @@ KUSTOMIZED = ("pvc.yaml", "deployment.yaml", "service.yaml", "pdb.yaml")
 
 
 # --- helpers -----------------------------------------------------------------------------------
+
 
 def load_docs(name: str) -> list[dict]:
     with open(K8S / name, encoding="utf-8") as handle:
@@ -101,12 +103,15 @@ def resolve_port(container: dict, port: int | str) -> int:
 
 # --- Kubernetes manifests ----------------------------------------------------------------------
 
+
 def test_kinds_and_api_versions():
-    expected = {"deployment.yaml": [("apps/v1", "Deployment")],
-                "service.yaml": [("v1", "Service"), ("v1", "Service")],
-                "pdb.yaml": [("policy/v1", "PodDisruptionBudget")],
-                "pvc.yaml": [("v1", "PersistentVolumeClaim")],
-                "bundle-loader.yaml": [("v1", "Pod")]}
+    expected = {
+        "deployment.yaml": [("apps/v1", "Deployment")],
+        "service.yaml": [("v1", "Service"), ("v1", "Service")],
+        "pdb.yaml": [("policy/v1", "PodDisruptionBudget")],
+        "pvc.yaml": [("v1", "PersistentVolumeClaim")],
+        "bundle-loader.yaml": [("v1", "Pod")],
+    }
     for name, kinds in expected.items():
         found = [(d["apiVersion"], d["kind"]) for d in load_docs(name)]
         assert found == kinds, name
@@ -167,8 +172,9 @@ def test_startup_probe_allows_a_slow_model_load(container):
 
 def test_termination_grace_outlasts_the_drain(pod_spec, args):
     grace = float(flag_value(args, "--grace-seconds"))
-    assert pod_spec["terminationGracePeriodSeconds"] > grace, \
+    assert pod_spec["terminationGracePeriodSeconds"] > grace, (
         "the kubelet would SIGKILL the server before its drain ends"
+    )
 
 
 def test_bundle_is_a_read_only_mounted_volume(pod_spec, container, args):
@@ -242,6 +248,7 @@ def test_manifest_args_are_real_serve_flags(args):
 
 
 # --- Dockerfile --------------------------------------------------------------------------------
+
 
 @dataclass
 class Stage:
@@ -325,8 +332,9 @@ def test_builder_copies_every_package_folder(stages):
 def test_runtime_stages(stages, target, extra, device):
     stage = stages[target]
     install = " ".join(stage.all("RUN"))
-    assert "from=builder" in install or any("--from=builder" in c for c in stage.all("COPY")), \
+    assert "from=builder" in install or any("--from=builder" in c for c in stage.all("COPY")), (
         f"{target} installs the builder's wheel"
+    )
     assert f"[{extra}]" in install, f"{target} installs the `{extra}` extra"
     assert "grpcio-tools" not in install and "torch" not in install
 

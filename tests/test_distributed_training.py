@@ -1,5 +1,6 @@
 """`condgen train` under torchrun: two CPU processes over gloo give one checkpoint shaped like a
 single-process run's, written by rank 0 only."""
+
 import json
 import os
 import socket
@@ -56,14 +57,35 @@ def test_torchrun_two_cpu_processes_write_one_checkpoint(tmp_path, train_csv, ti
 
     config_path = write_config(tmp_path / "train.yaml", train_csv, tiny_base)
     out = tmp_path / "ddp"
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")  # CPU processes: gloo
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(PROCESSES),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-               "-m", "condgen", "train", "--config", str(config_path), "--output", str(out)]
-    done = subprocess.run(command, check=False, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=TIMEOUT_S)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        str(PROCESSES),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "condgen",
+        "train",
+        "--config",
+        str(config_path),
+        "--output",
+        str(out),
+    ]
+    done = subprocess.run(
+        command, check=False, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT_S
+    )
     assert done.returncode == 0, done.stdout[-4000:]
     # rank 0 alone prints the progress bar's loss lines, one per logging step
     assert done.stdout.count("{'loss':") == STEPS // LOGGING_STEPS, done.stdout[-4000:]
@@ -71,8 +93,15 @@ def test_torchrun_two_cpu_processes_write_one_checkpoint(tmp_path, train_csv, ti
 
     single = finetune(load_config(config_path), tmp_path / "single").output_dir
     assert final_files(out) == final_files(single)
-    assert {"model.safetensors", "config.json", "tokenizer.json", "metrics.json", "loss_curve.png",
-            "condgen_training.json", "examples.json"} <= final_files(out)
+    assert {
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "metrics.json",
+        "loss_curve.png",
+        "condgen_training.json",
+        "examples.json",
+    } <= final_files(out)
     assert json.loads((out / "config.json").read_text()) == json.loads((single / "config.json").read_text())
 
     info, single_info = (json.loads((d / "condgen_training.json").read_text()) for d in (out, single))
@@ -87,8 +116,9 @@ def test_torchrun_two_cpu_processes_write_one_checkpoint(tmp_path, train_csv, ti
     assert checkpoints == [f"checkpoint-{STEPS}"]
     state = json.loads((out / "trainer" / checkpoints[0] / "trainer_state.json").read_text())
     assert state["global_step"] == state["max_steps"] == STEPS
-    assert {p.name for p in (out / "trainer" / checkpoints[0]).glob("rng_state*")} == \
-        {f"rng_state_{rank}.pth" for rank in range(PROCESSES)}
+    assert {p.name for p in (out / "trainer" / checkpoints[0]).glob("rng_state*")} == {
+        f"rng_state_{rank}.pth" for rank in range(PROCESSES)
+    }
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["complete"] and metrics["world_size"] == PROCESSES and metrics["global_step"] == STEPS

@@ -1,4 +1,5 @@
 """The ONNX engine against transformers: greedy tokens match, alone and in a changing batch."""
+
 import numpy as np
 import pytest
 
@@ -25,9 +26,10 @@ def transformers_greedy(checkpoint, prompt_ids):
 
     model = AutoModelForCausalLM.from_pretrained(str(checkpoint)).eval()
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=STEPS, do_sample=False,
-                             pad_token_id=model.config.pad_token_id)
-    return out[0, len(prompt_ids):].tolist()
+        out = model.generate(
+            torch.tensor([prompt_ids]), max_new_tokens=STEPS, do_sample=False, pad_token_id=model.config.pad_token_id
+        )
+    return out[0, len(prompt_ids) :].tolist()
 
 
 def test_greedy_alone_matches_transformers_generate(engine, checkpoint, prompts):
@@ -40,7 +42,7 @@ def test_greedy_alone_matches_transformers_generate(engine, checkpoint, prompts)
             tokens.append(token)
             batch.set_next([token])
         expected = transformers_greedy(checkpoint, ids)
-        assert tokens[:len(expected)] == expected
+        assert tokens[: len(expected)] == expected
 
 
 def test_sequences_joining_and_leaving_a_running_batch_match(engine, checkpoint, prompts):
@@ -67,7 +69,7 @@ def test_sequences_joining_and_leaving_a_running_batch_match(engine, checkpoint,
     while len(tokens[1]) < STEPS:
         step(running)
     for seq in (0, 1):
-        assert tokens[seq][:len(expected[seq])] == expected[seq]
+        assert tokens[seq][: len(expected[seq])] == expected[seq]
 
 
 def test_forked_prefill_gives_the_same_next_logits(engine, prompts):
@@ -130,7 +132,7 @@ def test_batched_prefill_matches_separate_prefills(engine, checkpoint, prompts):
         batch.set_next(nxt)
     for row in range(2):
         expected = transformers_greedy(checkpoint, ids[row])
-        assert tokens[row][:len(expected)] == expected
+        assert tokens[row][: len(expected)] == expected
 
 
 def transformers_mean_logprob(checkpoint, context, continuation) -> float:
@@ -148,8 +150,11 @@ def transformers_mean_logprob(checkpoint, context, continuation) -> float:
 def test_score_matches_transformers_log_probabilities_in_one_padded_pass(engine, checkpoint):
     """Lines of different lengths scored together (left-padded, a window of logits) give
     the same mean log-probability as transformers on each line alone."""
-    pairs = [("card_arrival,", "When will my card arrive?\n"), ("exchange_rate,", "What is the exchange rate\n"),
-             ("lost_or_stolen_card,", "I lost my card\n")]
+    pairs = [
+        ("card_arrival,", "When will my card arrive?\n"),
+        ("exchange_rate,", "What is the exchange rate\n"),
+        ("lost_or_stolen_card,", "I lost my card\n"),
+    ]
     contexts = [engine.encode(c) for c, _ in pairs]
     continuations = [engine.encode(t) for _, t in pairs]
     scores = engine.score(contexts, continuations)

@@ -1,4 +1,5 @@
 """`condgen evaluate --quick`: the whole experiment on a tiny model gives a well-formed report."""
+
 import csv
 import json
 
@@ -6,9 +7,20 @@ from conftest import BANKING77_TRAIN, TEST_INTENTS
 
 from condgen.cli import main
 
-REPORT_KEYS = ["baseline_acc", "augmented_acc", "baseline_acc_mean", "augmented_acc_mean", "gain_points",
-               "gain_ci95", "macro_f1_gain_points", "fidelity_mean", "train_copy_rate", "distinct_2",
-               "acceptance_rate", "seconds"]
+REPORT_KEYS = [
+    "baseline_acc",
+    "augmented_acc",
+    "baseline_acc_mean",
+    "augmented_acc_mean",
+    "gain_points",
+    "gain_ci95",
+    "macro_f1_gain_points",
+    "fidelity_mean",
+    "train_copy_rate",
+    "distinct_2",
+    "acceptance_rate",
+    "seconds",
+]
 
 
 def subset(source, path, per_intent, columns):
@@ -31,10 +43,36 @@ def test_quick_evaluate_writes_a_complete_report(tmp_path, capsys):
     train = subset(BANKING77_TRAIN, tmp_path / "train.csv", 30, ("text", "intent"))
     test = subset(BANKING77_TRAIN.with_name("test.csv"), tmp_path / "test.csv", 20, ("text", "intent"))
     out = tmp_path / "eval_out"
-    assert main(["evaluate", "--setting", "few-shot", "--data", str(train), "--test", str(test), "--shots", "5",
-                 "--per-intent", "3",
-                 "--seeds", "0", "1", "--steps", "120", "--quick", "--output", str(out),
-                 "--prompt-examples", "4", "--temperature", "1.0"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--setting",
+                "few-shot",
+                "--data",
+                str(train),
+                "--test",
+                str(test),
+                "--shots",
+                "5",
+                "--per-intent",
+                "3",
+                "--seeds",
+                "0",
+                "1",
+                "--steps",
+                "120",
+                "--quick",
+                "--output",
+                str(out),
+                "--prompt-examples",
+                "4",
+                "--temperature",
+                "1.0",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["prompt_examples"] == 4 and report["config"]["temperature"] == 1.0
     assert [k for k in REPORT_KEYS if k not in report] == []
@@ -49,10 +87,34 @@ def test_quick_evaluate_writes_a_complete_report(tmp_path, capsys):
     # re-scoring an earlier run's bundles and rows gives the same figures, without generating
     again = tmp_path / "again.json"
     (out / "report.json").rename(again)
-    assert main(["evaluate", "--setting", "few-shot", "--data", str(train), "--test", str(test), "--shots", "5",
-                 "--per-intent", "3",
-                 "--seeds", "0", "1", "--steps", "120", "--quick", "--output", str(out), "--reuse-bundles",
-                 "--reuse-synthetic"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--setting",
+                "few-shot",
+                "--data",
+                str(train),
+                "--test",
+                str(test),
+                "--shots",
+                "5",
+                "--per-intent",
+                "3",
+                "--seeds",
+                "0",
+                "1",
+                "--steps",
+                "120",
+                "--quick",
+                "--output",
+                str(out),
+                "--reuse-bundles",
+                "--reuse-synthetic",
+            ]
+        )
+        == 0
+    )
     rescored, first = json.loads((out / "report.json").read_text()), json.loads(again.read_text())
     assert rescored["augmented_acc"] == first["augmented_acc"]
     assert rescored["acceptance_rate"] == first["acceptance_rate"]

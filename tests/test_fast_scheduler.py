@@ -1,5 +1,6 @@
 """The scheduler over the fake engine: determinism, policies, budgets, cancellation, faults,
 request examples and the label check, in seconds and without a model (`make test-fast`)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -19,9 +20,16 @@ pytestmark = pytest.mark.fast
 
 
 def spec(intent, n, seed, **kw) -> GenerationSpec:
-    settings = dict(intents=(intent,) if isinstance(intent, str) else tuple(intent), num_records=n, seed=seed,
-                    sampling=SamplingSettings(temperature=1.0), max_new_tokens=30, num_prompt_examples=2,
-                    sequences_per_round=3, avoid_recent_duplicates=False)
+    settings = dict(
+        intents=(intent,) if isinstance(intent, str) else tuple(intent),
+        num_records=n,
+        seed=seed,
+        sampling=SamplingSettings(temperature=1.0),
+        max_new_tokens=30,
+        num_prompt_examples=2,
+        sequences_per_round=3,
+        avoid_recent_duplicates=False,
+    )
     settings.update(kw)
     return GenerationSpec(**settings)
 
@@ -32,11 +40,13 @@ def run(bundle, specs, config=SchedulerConfig(), engine=None):
 
     async def main():
         async with Scheduler.for_bundle(bundle, config, engine=engine) as scheduler:
+
             async def one(s):
                 try:
                     return await scheduler.collect(s)
                 except Exception as exc:  # noqa: BLE001 - the test inspects it
                     return [], exc
+
             results = await asyncio.gather(*[one(s) for s in specs])
             return results, scheduler.stats(), scheduler.totals()
 
@@ -72,19 +82,22 @@ def test_both_policies_finish_every_request(fake_bundle_dir, policy):
 
 
 def test_a_round_larger_than_the_token_budget_runs_alone(fake_bundle_dir):
-    results, _, _ = run(fake_bundle_dir, [spec("card_arrival", 3, 1), spec("exchange_rate", 3, 2)],
-                        SchedulerConfig(max_batch_tokens=1))
+    results, _, _ = run(
+        fake_bundle_dir, [spec("card_arrival", 3, 1), spec("exchange_rate", 3, 2)], SchedulerConfig(max_batch_tokens=1)
+    )
     assert all(summary.complete for _, summary in results)
 
 
 def test_a_request_beyond_the_active_limit_is_refused(fake_bundle_dir):
     async def main():
-        async with Scheduler.for_bundle(fake_bundle_dir, SchedulerConfig(max_active_requests=1),
-                                        engine=FakeEngine(read_manifest(fake_bundle_dir))) as scheduler:
+        async with Scheduler.for_bundle(
+            fake_bundle_dir, SchedulerConfig(max_active_requests=1), engine=FakeEngine(read_manifest(fake_bundle_dir))
+        ) as scheduler:
             first = scheduler.submit(spec("card_arrival", 2, 1))
             with pytest.raises(Overloaded):
                 scheduler.submit(spec("card_arrival", 2, 2))
             return [item async for item in first]
+
     assert asyncio.run(main())
 
 
@@ -94,6 +107,7 @@ def test_a_stopped_scheduler_refuses_new_requests(fake_bundle_dir):
             s.stop()
             with pytest.raises(ShuttingDown):
                 s.submit(spec("card_arrival", 2, 1))
+
     asyncio.run(main())
 
 
@@ -107,6 +121,7 @@ def test_cancel_ends_a_request_without_a_summary(fake_bundle_dir):
                 received.append(item)
                 handle.cancel()
             return received, await other
+
     received, (records, summary) = asyncio.run(main())
     assert len(received) < 500 and all(isinstance(r, GeneratedRecord) for r in received)
     assert summary.complete and len(records) == 3

@@ -1,5 +1,6 @@
 """The real gRPC server and Python client over the fake engine: the serving path end to end
 in seconds (`make test-fast`); tests/test_rpc.py runs the same path over a real model."""
+
 from __future__ import annotations
 
 import grpc
@@ -45,8 +46,9 @@ def test_an_unknown_intent_is_invalid_and_the_server_stays_up(fake_server):
 
 def test_a_new_intent_with_examples_and_the_label_check(fake_server):
     examples = {"crypto_purchase": ["buy crypto with my card", "can i buy bitcoin", "purchase crypto today"]}
-    records = list(fake_server.generate(["crypto_purchase", "exchange_rate"], 2, examples=examples, label_check=True,
-                                        **SETTINGS))
+    records = list(
+        fake_server.generate(["crypto_purchase", "exchange_rate"], 2, examples=examples, label_check=True, **SETTINGS)
+    )
     assert sorted(r.intent for r in records) == ["crypto_purchase"] * 2 + ["exchange_rate"] * 2
     assert not {r.text for r in records} & set(examples["crypto_purchase"])
 

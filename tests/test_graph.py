@@ -1,5 +1,6 @@
 """The export's graph rewrites (condgen.training.graph): applied to the tiny Llama (4 query
 heads, 2 KV heads), they keep PyTorch's logits and change the graph the way they claim."""
+
 from __future__ import annotations
 
 import shutil
@@ -28,9 +29,10 @@ def run(model_path, info, ids: np.ndarray, mask: np.ndarray | None = None, past:
     """One pass: `mask` covers past slots then `ids`; positions count the real tokens before."""
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     mask = np.ones_like(ids) if mask is None else mask
-    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -ids.shape[1]:]
-    past = past or {n: np.zeros((ids.shape[0], info.num_kv_heads, 0, info.head_dim), np.float32)
-                    for n in info.past_key_names}
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -ids.shape[1] :]
+    past = past or {
+        n: np.zeros((ids.shape[0], info.num_kv_heads, 0, info.head_dim), np.float32) for n in info.past_key_names
+    }
     feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **past}
     return session.run(None, {k: v for k, v in feed.items() if k in info.inputs})
 
@@ -38,8 +40,7 @@ def run(model_path, info, ids: np.ndarray, mask: np.ndarray | None = None, past:
 def rewritten_copy(tmp_path, plain_graph, info, **options) -> tuple:
     path = tmp_path / "model.onnx"
     shutil.copy(plain_graph, path)
-    return path, optimise_graph(path, heads=4, kv_heads=2, head_dim=info.head_dim, layers=info.num_layers,
-                                **options)
+    return path, optimise_graph(path, heads=4, kv_heads=2, head_dim=info.head_dim, layers=info.num_layers, **options)
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +50,9 @@ def plain_graph(workdir, checkpoint):
 
     folder = workdir / "plain-onnx"
     if not (folder / "model.onnx").is_file():
-        main_export(str(checkpoint), output=str(folder), task="text-generation-with-past", device="cpu",
-                    do_validation=False)
+        main_export(
+            str(checkpoint), output=str(folder), task="text-generation-with-past", device="cpu", do_validation=False
+        )
     return folder / "model.onnx"
 
 
@@ -102,11 +104,14 @@ def test_append_only_graph_matches_the_plain_graph_with_spare_slots(tmp_path, bu
     step_ids = np.array([[7], [9]], dtype=np.int64)
     step_mask = np.concatenate([mask, np.ones((2, 1), dtype=np.int64)], axis=1)
     exact = dict(zip(info.past_key_names, plain[1:]))
-    spare = {n: np.concatenate([v, np.zeros(v.shape[:2] + (5, v.shape[3]), np.float32)], axis=2)
-             for n, v in exact.items()}
+    spare = {
+        n: np.concatenate([v, np.zeros(v.shape[:2] + (5, v.shape[3]), np.float32)], axis=2) for n, v in exact.items()
+    }
     spare_mask = np.concatenate([mask, np.zeros((2, 5), dtype=np.int64), np.ones((2, 1), dtype=np.int64)], axis=1)
-    plain_step, new_step = run(plain_graph, info, step_ids, step_mask, exact), run(rewritten, info, step_ids,
-                                                                                    spare_mask, spare)
+    plain_step, new_step = (
+        run(plain_graph, info, step_ids, step_mask, exact),
+        run(rewritten, info, step_ids, spare_mask, spare),
+    )
     np.testing.assert_allclose(new_step[0][:, 0], plain_step[0][:, -1], atol=1e-5)
     for whole, appended in zip(plain_step[1:], new_step[1:]):
         assert appended.shape[2] == 1
@@ -130,8 +135,7 @@ def test_a_graph_without_grouped_heads_keeps_its_attention(tmp_path, bundle, pla
     rewritten = tmp_path / "model.onnx"
     shutil.copy(plain_graph, rewritten)
     # Told the heads are not grouped (as for GPT-2): only the logits are sliced.
-    assert optimise_graph(rewritten, heads=2, kv_heads=2, head_dim=info.head_dim,
-                          layers=info.num_layers) == SLICED_ONLY
+    assert optimise_graph(rewritten, heads=2, kv_heads=2, head_dim=info.head_dim, layers=info.num_layers) == SLICED_ONLY
     presents = set(info.present_key_names)
     assert "Unsqueeze" in {n.op_type for n in onnx.load(str(rewritten)).graph.node if presents & set(n.input)}
 
@@ -141,8 +145,12 @@ def test_a_graph_of_another_shape_is_left_whole(tmp_path, bundle, plain_graph):
     rewritten = tmp_path / "model.onnx"
     shutil.copy(plain_graph, rewritten)
     # One layer more than the graph has: the last one cannot match, so no layer is rewritten.
-    assert optimise_graph(rewritten, heads=4, kv_heads=2, head_dim=info.head_dim,
-                          layers=info.num_layers + 1, append_only=False) == SLICED_ONLY
+    assert (
+        optimise_graph(
+            rewritten, heads=4, kv_heads=2, head_dim=info.head_dim, layers=info.num_layers + 1, append_only=False
+        )
+        == SLICED_ONLY
+    )
     nodes = onnx.load(str(rewritten)).graph.node
     assert "Expand" in {n.op_type for n in nodes}  # the cache is still repeated
     assert not any(n.name.startswith("/condgen/gqa/") for n in nodes)

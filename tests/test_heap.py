@@ -1,5 +1,6 @@
 """The server's heap keeper: its settings are validated, and its trim thread hands free heap
 pages back to the system (glibc only)."""
+
 import ctypes
 import re
 import time
@@ -19,11 +20,14 @@ def rss_mib() -> float:
     return int(re.search(r"VmRSS:\s+(\d+) kB", STATUS.read_text()).group(1)) / 1024
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"trim_interval_seconds": -1}, "trim interval"),
-    ({"mmap_threshold_bytes": 64 << 20}, "up to 32 MiB"),
-    ({"mmap_threshold_bytes": -1}, "mmap threshold"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"trim_interval_seconds": -1}, "trim interval"),
+        ({"mmap_threshold_bytes": 64 << 20}, "up to 32 MiB"),
+        ({"mmap_threshold_bytes": -1}, "mmap threshold"),
+    ],
+)
 def test_bad_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         HeapConfig(**kwargs)
@@ -61,10 +65,13 @@ def test_trim_thread_returns_freed_heap_pages_and_stops():
     assert not keeper._thread.is_alive()
 
 
-@pytest.mark.parametrize("flag, value, message", [
-    ("--heap-trim-seconds", "-1", "trim interval -1.0 s"),
-    ("--mmap-threshold-mib", "64", "mmap threshold 64 MiB"),
-])
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--heap-trim-seconds", "-1", "trim interval -1.0 s"),
+        ("--mmap-threshold-mib", "64", "mmap threshold 64 MiB"),
+    ],
+)
 def test_serve_refuses_bad_heap_flags_in_one_line(tmp_path, capsys, flag, value, message):
     from condgen.cli import main
 

@@ -1,5 +1,6 @@
 """examples/banking77.ipynb runs top to bottom (tiny model), so it never goes stale; and the
 Python API it uses (condgen.train / export / serve) works on a DataFrame."""
+
 import csv
 from collections import Counter
 from pathlib import Path
@@ -38,15 +39,20 @@ def test_the_notebook_runs_top_to_bottom_with_the_tiny_model(tmp_path):
     parameters = next(c for c in notebook.cells if "parameters" in c.metadata.get("tags", []))
     data = small_split(tmp_path / "data")
     parameters.source += f"\nDATA_DIR = {str(data)!r}\nQUICK = True\nSTEPS = 40\nROWS_PER_INTENT = 2\n"
-    NotebookClient(notebook, timeout=900, kernel_name="python3",
-                   resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
-    text = "\n".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", ""))
-                     for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs)
+    NotebookClient(
+        notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+    ).execute()
+    text = "\n".join(
+        str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", ""))
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for o in cell.outputs
+    )
     assert "serving on 127.0.0.1:" in text and "on-label overall:" in text and "wrote 10 rows" in text
-    assert not any(o.get("output_type") == "error" for c in notebook.cells if c.cell_type == "code"
-                   for o in c.outputs)
-    assert not any(c.outputs for c in nbformat.read(NOTEBOOK, as_version=4).cells if c.cell_type == "code"), \
+    assert not any(o.get("output_type") == "error" for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
+    assert not any(c.outputs for c in nbformat.read(NOTEBOOK, as_version=4).cells if c.cell_type == "code"), (
         "commit the notebook without outputs"
+    )
 
 
 def test_the_python_api_trains_exports_and_serves_from_a_dataframe(tmp_path, train_csv, tiny_base):
@@ -55,9 +61,12 @@ def test_the_python_api_trains_exports_and_serves_from_a_dataframe(tmp_path, tra
     import condgen
 
     frame = pd.read_csv(train_csv)
-    checkpoint = condgen.train(frame, tmp_path / "ckpt", config={"steps": 30, "batch_size": 4, "max_tokens": 64,
-                                                                 "learning_rate": 5e-3, "validation_fraction": 0.0},
-                               base_model=str(tiny_base))
+    checkpoint = condgen.train(
+        frame,
+        tmp_path / "ckpt",
+        config={"steps": 30, "batch_size": 4, "max_tokens": 64, "learning_rate": 5e-3, "validation_fraction": 0.0},
+        base_model=str(tiny_base),
+    )
     assert (checkpoint / "training_data.csv").is_file()
     bundle = condgen.export(checkpoint, tmp_path / "bundle")
     with condgen.serve(bundle) as server:

@@ -1,5 +1,6 @@
 """`condgen evaluate --setting novel`: the fold split leaks no novel row into fine-tuning, and
 the quick run works end to end for both generators (tiny model, a small slice of banking77)."""
+
 import csv
 import json
 from collections import Counter
@@ -9,8 +10,16 @@ import pytest
 from condgen.codec import LabelledText
 from condgen.training.novel import NovelConfig, fold_data, generator_rows, request_examples, split_folds
 
-INTENTS = ["card_arrival", "lost_or_stolen_card", "exchange_rate", "top_up_failed", "pin_blocked",
-           "card_linking", "cash_withdrawal_charge", "declined_transfer"]
+INTENTS = [
+    "card_arrival",
+    "lost_or_stolen_card",
+    "exchange_rate",
+    "top_up_failed",
+    "pin_blocked",
+    "card_linking",
+    "cash_withdrawal_charge",
+    "declined_transfer",
+]
 
 
 def records(per_intent=12):
@@ -32,8 +41,9 @@ def test_no_novel_row_beyond_the_shots_reaches_the_generator(generator):
     novel = ["exchange_rate", "pin_blocked"]
     fold = fold_data(1, rows, novel, shots=5, seed=0)
     config = NovelConfig(data="", test="", output=None, generator=generator)
-    seen = generator_rows(config, fold) + [LabelledText(i, t) for i, ts in request_examples(config, fold).items()
-                                           for t in ts]
+    seen = generator_rows(config, fold) + [
+        LabelledText(i, t) for i, ts in request_examples(config, fold).items() for t in ts
+    ]
     held = {r for rows_ in fold.held_back.values() for r in rows_}
     assert not held & set(seen)
     shown = Counter(r.intent for r in seen if r.intent in novel)
@@ -67,12 +77,42 @@ def test_evaluate_novel_quick_runs_end_to_end(tmp_path, generator):
     train = slice_csv(tmp_path / "train.csv", BANKING77_TRAIN, 20)
     test = slice_csv(tmp_path / "test.csv", BANKING77_TRAIN.with_name("test.csv"), 8)
     out = tmp_path / "out"
-    assert main(["evaluate", "--quick", "--data", str(train), "--test", str(test), "--output", str(out),
-                 "--generator", generator, "--novel-per-fold", "2"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--quick",
+                "--data",
+                str(train),
+                "--test",
+                str(test),
+                "--output",
+                str(out),
+                "--generator",
+                generator,
+                "--novel-per-fold",
+                "2",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
-    for key in ("setting", "shots", "novel_acc_baseline", "novel_acc_augmented", "novel_gain_points",
-                "novel_gain_ci95", "novel_acc_topline", "baseline_name", "base_acc_delta_points",
-                "overall_gain_points", "label_precision", "train_copy_rate", "records_per_second", "seconds"):
+    for key in (
+        "setting",
+        "shots",
+        "novel_acc_baseline",
+        "novel_acc_augmented",
+        "novel_gain_points",
+        "novel_gain_ci95",
+        "novel_acc_topline",
+        "baseline_name",
+        "base_acc_delta_points",
+        "overall_gain_points",
+        "label_precision",
+        "train_copy_rate",
+        "records_per_second",
+        "seconds",
+    ):
         assert key in report, key
     assert report["setting"] == "novel" and report["generator"] == generator and len(report["per_fold"]) == 1
     assert report["baseline_name"] in ("real", "oversampled", "balanced")
@@ -90,7 +130,23 @@ def test_too_few_intents_for_the_folds_is_a_one_line_error(tmp_path, capsys):
     from tests.conftest import BANKING77_TRAIN
 
     train = slice_csv(tmp_path / "train.csv", BANKING77_TRAIN, 6)
-    assert main(["evaluate", "--data", str(train), "--test", str(train), "--output", str(tmp_path / "o"),
-                 "--novel-per-fold", "4", "--folds", "2"]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--data",
+                str(train),
+                "--test",
+                str(train),
+                "--output",
+                str(tmp_path / "o"),
+                "--novel-per-fold",
+                "4",
+                "--folds",
+                "2",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "lower --folds or --novel-per-fold" in err and "Traceback" not in err

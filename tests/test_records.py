@@ -1,4 +1,5 @@
 """Record checks on hand-made cases: copies, lengths, echoes, duplicates, fidelity scoring."""
+
 import random
 
 import numpy as np
@@ -11,8 +12,12 @@ from condgen.server.records import JudgeSettings, LengthBounds, RecordJudge
 
 pytestmark = pytest.mark.fast
 
-TRAIN = ["I am still waiting on my card?", "My card was stolen last night, help!",
-         "What exchange rate do you use for euros?", "How do I top up with Apple Pay?"]
+TRAIN = [
+    "I am still waiting on my card?",
+    "My card was stolen last night, help!",
+    "What exchange rate do you use for euros?",
+    "How do I top up with Apple Pay?",
+]
 
 
 def test_copy_index_finds_exact_and_near_copies_only():
@@ -50,16 +55,19 @@ def judge_with(scorer=None):
     return RecordJudge(",", LengthBounds(5, 60), CopyIndex(TRAIN), scorer)
 
 
-@pytest.mark.parametrize("line, reason", [
-    ("no separator", "malformed"),
-    ("other_intent,Where is my card?", "wrong_intent"),
-    ("card_arrival,   ", "empty_text"),
-    ("card_arrival,Hi?", "too_short"),
-    ("card_arrival," + "very long " * 10, "too_long"),
-    ("card_arrival,Shown in the prompt.", "prompt_echo"),
-    ("card_arrival,Seen already!", "duplicate"),
-    ("card_arrival,I am still waiting on my card!", "training_copy"),
-])
+@pytest.mark.parametrize(
+    "line, reason",
+    [
+        ("no separator", "malformed"),
+        ("other_intent,Where is my card?", "wrong_intent"),
+        ("card_arrival,   ", "empty_text"),
+        ("card_arrival,Hi?", "too_short"),
+        ("card_arrival," + "very long " * 10, "too_long"),
+        ("card_arrival,Shown in the prompt.", "prompt_echo"),
+        ("card_arrival,Seen already!", "duplicate"),
+        ("card_arrival,I am still waiting on my card!", "training_copy"),
+    ],
+)
 def test_each_rejection_reason(line, reason):
     seen = {normalize_for_match("Seen already")}
     prompt = frozenset([normalize_for_match("Shown in the prompt")])
@@ -83,9 +91,17 @@ def test_switches_allow_copies_and_recent_duplicates():
 def fitted(tmp_path_factory):
     from condgen.training.fidelity import fit_classifier, save_classifier
 
-    texts = ["where is my card", "card not arrived yet", "still waiting for card delivery",
-             "my card was stolen", "I lost my card", "someone took my card",
-             "exchange rate for euro", "what rate do you use", "currency conversion rate"]
+    texts = [
+        "where is my card",
+        "card not arrived yet",
+        "still waiting for card delivery",
+        "my card was stolen",
+        "I lost my card",
+        "someone took my card",
+        "exchange rate for euro",
+        "what rate do you use",
+        "currency conversion rate",
+    ]
     labels = ["card_arrival"] * 3 + ["lost_or_stolen_card"] * 3 + ["exchange_rate"] * 3
     pipeline = fit_classifier(texts, labels)
     folder = tmp_path_factory.mktemp("fidelity")
@@ -95,8 +111,14 @@ def fitted(tmp_path_factory):
 
 def test_fidelity_scorer_matches_scikit_learn(fitted):
     pipeline, scorer = fitted
-    probe = ["Where is my new card??", "stolen card!", "Rate of the euro, please", "unrelated words entirely",
-             "a", "Ünïcödé  spacing\tand\nlines"]
+    probe = [
+        "Where is my new card??",
+        "stolen card!",
+        "Rate of the euro, please",
+        "unrelated words entirely",
+        "a",
+        "Ünïcödé  spacing\tand\nlines",
+    ]
     assert scorer.classes == list(pipeline.classes_)
     np.testing.assert_allclose(scorer.predict_proba(probe), pipeline.predict_proba(probe), atol=1e-5)
 
@@ -104,11 +126,17 @@ def test_fidelity_scorer_matches_scikit_learn(fitted):
 def test_low_fidelity_is_rejected(fitted):
     _, scorer = fitted
     judge = judge_with(scorer)
-    good = judge.judge("exchange_rate,what exchange rate do you use", "exchange_rate",
-                       JudgeSettings(min_fidelity=0.4), set(), frozenset())
+    good = judge.judge(
+        "exchange_rate,what exchange rate do you use",
+        "exchange_rate",
+        JudgeSettings(min_fidelity=0.4),
+        set(),
+        frozenset(),
+    )
     assert good.reason is None and good.fidelity >= 0.4 and good.predicted_intent == "exchange_rate"
-    bad = judge.judge("exchange_rate,my card was stolen today", "exchange_rate",
-                      JudgeSettings(min_fidelity=0.4), set(), frozenset())
+    bad = judge.judge(
+        "exchange_rate,my card was stolen today", "exchange_rate", JudgeSettings(min_fidelity=0.4), set(), frozenset()
+    )
     assert bad.reason == "low_fidelity" and bad.predicted_intent == "lost_or_stolen_card"
 
 

@@ -1,4 +1,5 @@
 """Load, cancellation, faults, drain, fuzz, auth and TLS: bounded, loopback only."""
+
 from __future__ import annotations
 
 import contextlib
@@ -26,8 +27,9 @@ from condgen.server.security import SecurityConfig
 from condgen.v1 import generator_pb2 as pb
 from condgen.v1 import generator_pb2_grpc as pb_grpc
 
-LOOSE = dict(temperature=1.3, max_new_tokens=32, num_prompt_examples=4, allow_training_copies=True,
-             avoid_recent_duplicates=False)
+LOOSE = dict(
+    temperature=1.3, max_new_tokens=32, num_prompt_examples=4, allow_training_copies=True, avoid_recent_duplicates=False
+)
 NO_RETRY = RetryPolicy(max_attempts=0)
 
 
@@ -52,8 +54,9 @@ def wait_until_idle(target: str, seconds: float = 10.0) -> dict:
 
 
 def test_64_concurrent_clients_get_full_counts_or_resource_exhausted(bundle):
-    server = ServerThread(serve_config(bundle, scheduler=SchedulerConfig(max_batch_size=16,
-                                                                         max_active_requests=24))).start()
+    server = ServerThread(
+        serve_config(bundle, scheduler=SchedulerConfig(max_batch_size=16, max_active_requests=24))
+    ).start()
     outcomes, latencies = Counter(), []
     intents = ["card_arrival", "exchange_rate", "lost_or_stolen_card"]
 
@@ -77,8 +80,10 @@ def test_64_concurrent_clients_get_full_counts_or_resource_exhausted(bundle):
         assert set(outcomes) <= {"OK", "RESOURCE_EXHAUSTED"}, outcomes
         assert outcomes["OK"] >= 24 and sum(outcomes.values()) == 64
         assert wait_until_idle(server.target)["active_requests"] == 0
-        print(f"load: {dict(outcomes)}, p95 latency {sorted(latencies)[int(0.95 * (len(latencies) - 1))]:.2f}s, "
-              f"median {statistics.median(latencies):.2f}s")
+        print(
+            f"load: {dict(outcomes)}, p95 latency {sorted(latencies)[int(0.95 * (len(latencies) - 1))]:.2f}s, "
+            f"median {statistics.median(latencies):.2f}s"
+        )
     finally:
         server.stop()
 
@@ -87,16 +92,30 @@ def test_cancelled_and_expired_streams_leave_the_server_empty(server):
     with grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.GeneratorStub(channel)
         for i in range(50):
-            call = stub.Generate(pb.GenerateRequest(intents=["card_arrival", "exchange_rate"], num_records=300,
-                                                    sampling=pb.SamplingParams(seed=i, temperature=1.3),
-                                                    avoid_recent_duplicates=False, allow_training_copies=True),
-                                 timeout=30)
+            call = stub.Generate(
+                pb.GenerateRequest(
+                    intents=["card_arrival", "exchange_rate"],
+                    num_records=300,
+                    sampling=pb.SamplingParams(seed=i, temperature=1.3),
+                    avoid_recent_duplicates=False,
+                    allow_training_copies=True,
+                ),
+                timeout=30,
+            )
             next(call)
             call.cancel()
         with pytest.raises(grpc.RpcError) as info:
-            list(stub.Generate(pb.GenerateRequest(intents=["card_arrival"], num_records=5000,
-                                                  sampling=pb.SamplingParams(temperature=1.3),
-                                                  allow_training_copies=True), timeout=0.3))
+            list(
+                stub.Generate(
+                    pb.GenerateRequest(
+                        intents=["card_arrival"],
+                        num_records=5000,
+                        sampling=pb.SamplingParams(temperature=1.3),
+                        allow_training_copies=True,
+                    ),
+                    timeout=0.3,
+                )
+            )
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     state = wait_until_idle(server.target)
     assert (state["running_sequences"], state["active_requests"], state["batch_rows"]) == (0, 0, 0)
@@ -146,10 +165,12 @@ def test_client_fails_over_when_a_server_is_killed_mid_stream(bundle):
                 first.process.send_signal(signal.SIGKILL)
                 killed.append(True)
 
-        with Client([first.target, second.target], timeout=120,
-                    retry=RetryPolicy(max_attempts=5, base_seconds=0.05)) as client:
-            frame = client.generate_df(["card_arrival", "exchange_rate"], 12, seed=5, on_record=kill_after_three,
-                                       **LOOSE)
+        with Client(
+            [first.target, second.target], timeout=120, retry=RetryPolicy(max_attempts=5, base_seconds=0.05)
+        ) as client:
+            frame = client.generate_df(
+                ["card_arrival", "exchange_rate"], 12, seed=5, on_record=kill_after_three, **LOOSE
+            )
         assert killed and first.process.wait(10) == -signal.SIGKILL
         counts = frame["intent"].value_counts().to_dict()
         assert counts == {"card_arrival": 12, "exchange_rate": 12}
@@ -166,9 +187,13 @@ def test_sigterm_drains_the_stream_and_exits_zero(bundle):
         signalled = []
         with grpc.insecure_channel(server.target) as channel:
             stub = pb_grpc.GeneratorStub(channel)
-            request = pb.GenerateRequest(intents=["card_arrival", "exchange_rate", "lost_or_stolen_card"],
-                                         num_records=25, sampling=pb.SamplingParams(seed=1, temperature=1.3),
-                                         allow_training_copies=True, avoid_recent_duplicates=False)
+            request = pb.GenerateRequest(
+                intents=["card_arrival", "exchange_rate", "lost_or_stolen_card"],
+                num_records=25,
+                sampling=pb.SamplingParams(seed=1, temperature=1.3),
+                allow_training_copies=True,
+                avoid_recent_duplicates=False,
+            )
             for response in stub.Generate(request, timeout=60):
                 if response.HasField("record"):
                     records.append(response.record)
@@ -228,8 +253,9 @@ def test_interrupted_training_resumes_to_the_same_step_count(tmp_path, train_csv
 
 
 # ---- fuzz ---------------------------------------------------------------------------------
-FUZZ_INTENTS = st.one_of(st.sampled_from(["card_arrival", "exchange_rate", "lost_or_stolen_card"]),
-                         st.text(max_size=300))
+FUZZ_INTENTS = st.one_of(
+    st.sampled_from(["card_arrival", "exchange_rate", "lost_or_stolen_card"]), st.text(max_size=300)
+)
 FLOATS = st.floats(allow_nan=True, allow_infinity=True, width=32)
 UINT32 = st.integers(min_value=0, max_value=2**32 - 1)
 
@@ -237,15 +263,28 @@ UINT32 = st.integers(min_value=0, max_value=2**32 - 1)
 @st.composite
 def generate_requests(draw):
     sampling = pb.SamplingParams()
-    for name, strategy in (("temperature", FLOATS), ("top_p", FLOATS), ("top_k", UINT32),
-                           ("seed", st.integers(0, 2**64 - 1)), ("max_new_tokens", UINT32)):
+    for name, strategy in (
+        ("temperature", FLOATS),
+        ("top_p", FLOATS),
+        ("top_k", UINT32),
+        ("seed", st.integers(0, 2**64 - 1)),
+        ("max_new_tokens", UINT32),
+    ):
         if draw(st.booleans()):
             setattr(sampling, name, draw(strategy))
-    request = pb.GenerateRequest(intents=draw(st.lists(FUZZ_INTENTS, max_size=6)), num_records=draw(UINT32),
-                                 sampling=sampling, allow_training_copies=draw(st.booleans()))
-    for name, strategy in (("num_prompt_examples", UINT32), ("sequences_per_round", UINT32),
-                           ("max_rounds", UINT32), ("min_fidelity", FLOATS),
-                           ("avoid_recent_duplicates", st.booleans())):
+    request = pb.GenerateRequest(
+        intents=draw(st.lists(FUZZ_INTENTS, max_size=6)),
+        num_records=draw(UINT32),
+        sampling=sampling,
+        allow_training_copies=draw(st.booleans()),
+    )
+    for name, strategy in (
+        ("num_prompt_examples", UINT32),
+        ("sequences_per_round", UINT32),
+        ("max_rounds", UINT32),
+        ("min_fidelity", FLOATS),
+        ("avoid_recent_duplicates", st.booleans()),
+    ):
         if draw(st.booleans()):
             setattr(request, name, draw(strategy))
     return request
@@ -321,11 +360,16 @@ def test_tls_and_mutual_tls_round_trips(bundle, tmp_path):
     mutual = SecurityConfig(cert.read_bytes(), key.read_bytes(), client_ca=cert.read_bytes())
     server = ServerThread(serve_config(bundle, security=mutual)).start()
     try:
-        with Client(f"localhost:{server.port}", timeout=5, tls=tls, retry=NO_RETRY) as anonymous, \
-                pytest.raises(GenerateError):
+        with (
+            Client(f"localhost:{server.port}", timeout=5, tls=tls, retry=NO_RETRY) as anonymous,
+            pytest.raises(GenerateError),
+        ):
             anonymous.list_intents()
-        with Client(f"localhost:{server.port}", timeout=30,
-                    tls=TlsSettings(cert.read_bytes(), cert.read_bytes(), key.read_bytes())) as client:
+        with Client(
+            f"localhost:{server.port}",
+            timeout=30,
+            tls=TlsSettings(cert.read_bytes(), cert.read_bytes(), key.read_bytes()),
+        ) as client:
             assert len(client.list_intents()) == 3
     finally:
         server.stop()

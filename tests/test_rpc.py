@@ -1,4 +1,5 @@
 """The real gRPC server on a loopback port, driven through the client."""
+
 import asyncio
 import json
 
@@ -12,8 +13,14 @@ from condgen.v1 import generator_pb2 as pb
 from condgen.v1 import generator_pb2_grpc as pb_grpc
 
 # The overfit model knows few lines: let the tests share them (no cross-request dedup).
-SETTINGS = dict(seed=3, temperature=1.0, max_new_tokens=48, num_prompt_examples=4,
-                allow_training_copies=True, avoid_recent_duplicates=False)
+SETTINGS = dict(
+    seed=3,
+    temperature=1.0,
+    max_new_tokens=48,
+    num_prompt_examples=4,
+    allow_training_copies=True,
+    avoid_recent_duplicates=False,
+)
 
 
 def training_texts(bundle):
@@ -38,8 +45,7 @@ def test_generate_streams_real_records_for_two_intents(client, bundle):
 
 
 def test_generate_df_has_the_columns_and_counts(client):
-    frame, summary = client.generate_df(["lost_or_stolen_card", "card_arrival"], 3, return_summary=True,
-                                        **SETTINGS)
+    frame, summary = client.generate_df(["lost_or_stolen_card", "card_arrival"], 3, return_summary=True, **SETTINGS)
     assert list(frame.columns) == ["intent", "text"]
     assert frame["intent"].value_counts().to_dict() == {"lost_or_stolen_card": 3, "card_arrival": 3}
     assert summary.records_accepted == 6
@@ -105,17 +111,22 @@ def test_unknown_intent_gets_invalid_argument_with_close_matches(client):
     assert "card_arrival" in info.value.details
 
 
-@pytest.mark.parametrize("request_kwargs, field", [
-    (dict(intents=["card_arrival"], num_records=0), "num_records"),
-    (dict(intents=[], num_records=1), "intents"),
-    (dict(intents=["card_arrival", "card_arrival"], num_records=1), "twice"),
-    (dict(intents=["card_arrival"], num_records=1, sampling=pb.SamplingParams(temperature=9.0)), "temperature"),
-    (dict(intents=["card_arrival"], num_records=1, sampling=pb.SamplingParams(top_p=0.0)), "top_p"),
-    (dict(intents=["card_arrival"], num_records=1, sampling=pb.SamplingParams(max_new_tokens=100000)),
-     "max_new_tokens"),
-    (dict(intents=["card_arrival"], num_records=1, sequences_per_round=0), "sequences_per_round"),
-    (dict(intents=["card_arrival"], num_records=1, min_fidelity=1.5), "min_fidelity"),
-])
+@pytest.mark.parametrize(
+    "request_kwargs, field",
+    [
+        (dict(intents=["card_arrival"], num_records=0), "num_records"),
+        (dict(intents=[], num_records=1), "intents"),
+        (dict(intents=["card_arrival", "card_arrival"], num_records=1), "twice"),
+        (dict(intents=["card_arrival"], num_records=1, sampling=pb.SamplingParams(temperature=9.0)), "temperature"),
+        (dict(intents=["card_arrival"], num_records=1, sampling=pb.SamplingParams(top_p=0.0)), "top_p"),
+        (
+            dict(intents=["card_arrival"], num_records=1, sampling=pb.SamplingParams(max_new_tokens=100000)),
+            "max_new_tokens",
+        ),
+        (dict(intents=["card_arrival"], num_records=1, sequences_per_round=0), "sequences_per_round"),
+        (dict(intents=["card_arrival"], num_records=1, min_fidelity=1.5), "min_fidelity"),
+    ],
+)
 def test_bad_values_get_invalid_argument_naming_the_field(server, request_kwargs, field):
     with grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.GeneratorStub(channel)
@@ -130,8 +141,9 @@ def test_server_reflection_lists_the_service(server):
 
     with grpc.insecure_channel(server.target) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
-                                              timeout=10)
+        responses = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+        )
         names = {s.name for r in responses for s in r.list_services_response.service}
     assert "condgen.v1.Generator" in names
 
@@ -139,8 +151,12 @@ def test_server_reflection_lists_the_service(server):
 def test_async_client_and_concurrent_requests_share_the_server(server):
     async def run():
         async with AsyncClient(server.target, timeout=120) as client:
-            frames = await asyncio.gather(*[client.generate_df([intent], 2, **SETTINGS)
-                                            for intent in ("card_arrival", "exchange_rate", "lost_or_stolen_card")])
+            frames = await asyncio.gather(
+                *[
+                    client.generate_df([intent], 2, **SETTINGS)
+                    for intent in ("card_arrival", "exchange_rate", "lost_or_stolen_card")
+                ]
+            )
             intents = await client.list_intents()
         return frames, intents
 
@@ -152,8 +168,10 @@ def test_async_client_and_concurrent_requests_share_the_server(server):
 def test_cancelled_stream_leaves_nothing_running(server, client):
     with grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.GeneratorStub(channel)
-        call = stub.Generate(pb.GenerateRequest(intents=["card_arrival"], num_records=500,
-                                                sampling=pb.SamplingParams(seed=1)), timeout=60)
+        call = stub.Generate(
+            pb.GenerateRequest(intents=["card_arrival"], num_records=500, sampling=pb.SamplingParams(seed=1)),
+            timeout=60,
+        )
         next(call)
         call.cancel()
     for _ in range(100):
@@ -161,5 +179,6 @@ def test_cancelled_stream_leaves_nothing_running(server, client):
         if state["running_sequences"] == 0 and state["active_requests"] == 0:
             break
         import time
+
         time.sleep(0.05)
     assert state == {**state, "running_sequences": 0, "active_requests": 0}

@@ -1,4 +1,5 @@
 """numpy sampling: greedy, top-k, top-p, per-sequence determinism."""
+
 import numpy as np
 import pytest
 
@@ -78,5 +79,6 @@ def test_row_batched_softmax_equals_softmax_row_by_row():
     for row, temperature in enumerate(temperatures):
         assert np.array_equal(batched[row], softmax(logits[row], temperature))  # bit for bit
         settings = SamplingSettings(temperature=float(temperature), top_p=0.9)
-        assert (sample_token(logits[row], settings, sequence_rng(7, row), batched[row])
-                == sample_token(logits[row], settings, sequence_rng(7, row)))
+        assert sample_token(logits[row], settings, sequence_rng(7, row), batched[row]) == sample_token(
+            logits[row], settings, sequence_rng(7, row)
+        )

@@ -1,4 +1,5 @@
 """The continuous-batching scheduler in process: determinism, prefix cache, policies."""
+
 import asyncio
 import dataclasses
 
@@ -17,9 +18,18 @@ def engine(bundle):
 
 
 def spec(intent, n, seed, **kw):
-    return GenerationSpec(intents=(intent,), num_records=n, sampling=SamplingSettings(temperature=1.0), seed=seed,
-                          max_new_tokens=40, num_prompt_examples=4, sequences_per_round=3,
-                          allow_training_copies=True, avoid_recent_duplicates=False, **kw)
+    return GenerationSpec(
+        intents=(intent,),
+        num_records=n,
+        sampling=SamplingSettings(temperature=1.0),
+        seed=seed,
+        max_new_tokens=40,
+        num_prompt_examples=4,
+        sequences_per_round=3,
+        allow_training_copies=True,
+        avoid_recent_duplicates=False,
+        **kw,
+    )
 
 
 async def run_all(engine, bundle, specs, config=SchedulerConfig()):
@@ -45,8 +55,12 @@ async def run_all(engine, bundle, specs, config=SchedulerConfig()):
 def test_same_seed_same_records_whatever_shares_the_batch(engine, bundle):
     target = spec("card_arrival", 5, seed=42)
     [(alone, _)], _ = asyncio.run(run_all(engine, bundle, [target]))
-    crowd = [spec("exchange_rate", 6, seed=1), target, spec("lost_or_stolen_card", 4, seed=2),
-             spec("card_arrival", 3, seed=3)]
+    crowd = [
+        spec("exchange_rate", 6, seed=1),
+        target,
+        spec("lost_or_stolen_card", 4, seed=2),
+        spec("card_arrival", 3, seed=3),
+    ]
     results, stats = asyncio.run(run_all(engine, bundle, crowd))
     assert results[1][0] == alone
     assert stats["steps"] > 0
@@ -61,9 +75,17 @@ def test_prefix_cache_keeps_the_prompts_that_recur(engine, bundle):
     assert stats["prefix_cache"]["hits"] >= 1 and stats["prefix_cache"]["entries"] == 0
     # 8 per prompt: every example, so every round of the intent has the same prompt: kept, and
     # the rounds after the first take their prefill from the cache.
-    whole = GenerationSpec(intents=("exchange_rate",), num_records=12, sampling=SamplingSettings(temperature=1.0),
-                           seed=3, max_new_tokens=24, num_prompt_examples=8, sequences_per_round=2,
-                           allow_training_copies=True, avoid_recent_duplicates=False)
+    whole = GenerationSpec(
+        intents=("exchange_rate",),
+        num_records=12,
+        sampling=SamplingSettings(temperature=1.0),
+        seed=3,
+        max_new_tokens=24,
+        num_prompt_examples=8,
+        sequences_per_round=2,
+        allow_training_copies=True,
+        avoid_recent_duplicates=False,
+    )
     [(_, summary)], stats = asyncio.run(run_all(engine, bundle, [whole]))
     cache = stats["prefix_cache"]
     assert summary.rounds >= 2 and cache["entries"] == 1
@@ -80,14 +102,22 @@ def test_static_policy_finishes_every_request(engine, bundle):
 
 def test_round_budget_ends_an_impossible_request(engine, bundle):
     # Greedy decoding recites its prompt and repeats itself, so new records run out; the budget ends it.
-    impossible = GenerationSpec(intents=("card_arrival",), num_records=50, sampling=SamplingSettings(temperature=0.0),
-                                seed=0, max_new_tokens=30, num_prompt_examples=6, sequences_per_round=2,
-                                max_rounds=3, allow_training_copies=True, avoid_recent_duplicates=False)
+    impossible = GenerationSpec(
+        intents=("card_arrival",),
+        num_records=50,
+        sampling=SamplingSettings(temperature=0.0),
+        seed=0,
+        max_new_tokens=30,
+        num_prompt_examples=6,
+        sequences_per_round=2,
+        max_rounds=3,
+        allow_training_copies=True,
+        avoid_recent_duplicates=False,
+    )
     [(records, summary)], _ = asyncio.run(run_all(engine, bundle, [impossible]))
     assert summary.rounds == 3 and not summary.complete
     assert summary.incomplete_intents == ["card_arrival"] and len(records) < 50
     assert summary.rejected["duplicate"] + summary.rejected["prompt_echo"] > 0  # it recites
-
 
 
 def test_token_budget_holds_rounds_back_and_keeps_the_records(engine, bundle):
@@ -96,14 +126,21 @@ def test_token_budget_holds_rounds_back_and_keeps_the_records(engine, bundle):
     Greedy: the two runs batch rows differently, which moves logits by float rounding (~1e-6;
     padding and row order differ), enough to flip a rare sampled draw but not an argmax."""
     greedy = SamplingSettings(temperature=0.0)
-    specs = [dataclasses.replace(spec(intent, n, seed=seed), sampling=greedy)
-             for intent, n, seed in (("card_arrival", 4, 11), ("exchange_rate", 4, 12), ("lost_or_stolen_card", 3, 13))]
+    specs = [
+        dataclasses.replace(spec(intent, n, seed=seed), sampling=greedy)
+        for intent, n, seed in (("card_arrival", 4, 11), ("exchange_rate", 4, 12), ("lost_or_stolen_card", 3, 13))
+    ]
     unbounded, _ = asyncio.run(run_all(engine, bundle, specs))
     steps = []
 
     async def run_bounded():
-        scheduler = Scheduler(engine, read_examples(bundle), ",", SchedulerConfig(max_batch_tokens=1),
-                              on_step=lambda phase, rows, seconds: steps.append((phase, rows, scheduler.stats())))
+        scheduler = Scheduler(
+            engine,
+            read_examples(bundle),
+            ",",
+            SchedulerConfig(max_batch_tokens=1),
+            on_step=lambda phase, rows, seconds: steps.append((phase, rows, scheduler.stats())),
+        )
         task = asyncio.create_task(scheduler.run())
 
         async def collect(s):

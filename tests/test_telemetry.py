@@ -1,4 +1,5 @@
 """Metrics, request ids and request log lines, against a real server."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,11 @@ def scrape(port: int) -> dict[tuple[str, tuple], float]:
     """Every sample on /metrics as {(name, sorted labels): value}."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         text = response.read().decode()
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 def value(samples, name: str, **labels) -> float:
@@ -75,36 +79,45 @@ def test_refused_calls_are_counted_by_code(metered_server):
     after = scrape(port)
     assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert refused.value.request_id == "bad-intent-7"
-    assert value(after, "condgen_requests_total", method="Generate", code="INVALID_ARGUMENT") \
-        - value(before, "condgen_requests_total", method="Generate", code="INVALID_ARGUMENT") == 1
+    assert (
+        value(after, "condgen_requests_total", method="Generate", code="INVALID_ARGUMENT")
+        - value(before, "condgen_requests_total", method="Generate", code="INVALID_ARGUMENT")
+        == 1
+    )
 
 
 def test_expired_deadlines_are_counted_as_such(metered_server):
     port = metered_server.running.metrics_port
     before = scrape(port)
-    with Client(metered_server.target, timeout=0.05, retry=RetryPolicy(max_attempts=0)) as client, \
-            pytest.raises(GenerateError) as expired:
+    with (
+        Client(metered_server.target, timeout=0.05, retry=RetryPolicy(max_attempts=0)) as client,
+        pytest.raises(GenerateError) as expired,
+    ):
         list(client.generate(list(TEST_INTENTS), 200, seed=8))
     assert expired.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
 
     def counted():
-        return value(scrape(port), "condgen_requests_total", method="Generate", code="DEADLINE_EXCEEDED") \
-            - value(before, "condgen_requests_total", method="Generate", code="DEADLINE_EXCEEDED")
+        return value(scrape(port), "condgen_requests_total", method="Generate", code="DEADLINE_EXCEEDED") - value(
+            before, "condgen_requests_total", method="Generate", code="DEADLINE_EXCEEDED"
+        )
 
     for _ in range(50):  # the server notices the expiry on its own schedule
         if counted():
             break
         time.sleep(0.1)
     assert counted() == 1
-    assert value(scrape(port), "condgen_requests_total", method="Generate", code="CANCELLED") \
-        == value(before, "condgen_requests_total", method="Generate", code="CANCELLED")
+    assert value(scrape(port), "condgen_requests_total", method="Generate", code="CANCELLED") == value(
+        before, "condgen_requests_total", method="Generate", code="CANCELLED"
+    )
 
 
 def test_calls_refused_by_the_token_check_are_counted(bundle):
     thread = ServerThread(serve_config(bundle, metrics_port=0, security=SecurityConfig(auth_token="s3cret"))).start()
     try:
-        with Client(thread.target, timeout=30, retry=RetryPolicy(max_attempts=0)) as client, \
-                pytest.raises(GenerateError) as refused:
+        with (
+            Client(thread.target, timeout=30, retry=RetryPolicy(max_attempts=0)) as client,
+            pytest.raises(GenerateError) as refused,
+        ):
             list(client.generate([TEST_INTENTS[0]], 1, request_id="no-token-1"))
         samples = scrape(thread.running.metrics_port)
     finally:

@@ -1,5 +1,6 @@
 """Fine-tuning a tiny model, resuming it, its metrics and loss curve, exporting it with the parity
 check, bundle checks."""
+
 import json
 import math
 import shutil
@@ -20,8 +21,11 @@ def test_finetune_learns_and_reports_validation_loss(workdir, train_csv, tiny_ba
     assert stats["optimizer_steps"] == 20
     assert stats["validation_records"] >= 1 and stats["validation_loss"] is not None
     info = json.loads((result.output_dir / "condgen_training.json").read_text())
-    assert info["config"]["steps"] == 20 and set(info["intents"]) == {"card_arrival", "lost_or_stolen_card",
-                                                                      "exchange_rate"}
+    assert info["config"]["steps"] == 20 and set(info["intents"]) == {
+        "card_arrival",
+        "lost_or_stolen_card",
+        "exchange_rate",
+    }
     assert (result.output_dir / "examples.json").is_file()
 
 
@@ -72,11 +76,20 @@ def test_finetune_writes_metrics_and_a_loss_curve(checkpoint):
 def test_metrics_split_the_log_history_and_null_non_finite_losses():
     from condgen.training.finetune import training_metrics
 
-    history = [{"loss": 2.5, "grad_norm": 1.0, "learning_rate": 1e-3, "epoch": 0.5, "step": 10},
-               {"eval_loss": 2.7, "eval_runtime": 0.1, "epoch": 0.5, "step": 10},
-               {"loss": float("nan"), "grad_norm": float("inf"), "learning_rate": 5e-4, "epoch": 1.0, "step": 20},
-               {"train_runtime": 3.0, "train_samples_per_second": 40.0, "train_steps_per_second": 6.6,
-                "total_flos": 1.0, "train_loss": 2.1, "epoch": 1.0, "step": 20}]
+    history = [
+        {"loss": 2.5, "grad_norm": 1.0, "learning_rate": 1e-3, "epoch": 0.5, "step": 10},
+        {"eval_loss": 2.7, "eval_runtime": 0.1, "epoch": 0.5, "step": 10},
+        {"loss": float("nan"), "grad_norm": float("inf"), "learning_rate": 5e-4, "epoch": 1.0, "step": 20},
+        {
+            "train_runtime": 3.0,
+            "train_samples_per_second": 40.0,
+            "train_steps_per_second": 6.6,
+            "total_flos": 1.0,
+            "train_loss": 2.1,
+            "epoch": 1.0,
+            "step": 20,
+        },
+    ]
     metrics = training_metrics(history, global_step=20, world_size=2)
     assert [row["step"] for row in metrics["train"]] == [10, 20]
     assert metrics["train"][1]["loss"] is None and metrics["train"][1]["grad_norm"] is None

@@ -3,6 +3,7 @@
 Real server on a loopback port over the tiny overfit bundle; the label check's scores come
 from the real engine.
 """
+
 import math
 
 import grpc
@@ -22,9 +23,13 @@ from condgen.v1 import generator_pb2 as pb
 
 BASE = dict(temperature=1.0, max_new_tokens=48, num_prompt_examples=4, allow_training_copies=True)
 NEW_INTENT = "crypto_refund"
-NEW_TEXTS = ["Can I get a refund on my crypto purchase?", "I want my bitcoin money back",
-             "How do I reverse a crypto payment?", "Refund the ethereum I bought yesterday",
-             "my crypto purchase was a mistake, refund it"]
+NEW_TEXTS = [
+    "Can I get a refund on my crypto purchase?",
+    "I want my bitcoin money back",
+    "How do I reverse a crypto payment?",
+    "Refund the ethereum I bought yesterday",
+    "my crypto purchase was a mistake, refund it",
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +39,7 @@ def checker(bundle):
 
 
 # ---- reproducibility -----------------------------------------------------------------------
+
 
 def test_a_seeded_request_repeated_gives_the_same_records(client):
     first = list(client.generate(["exchange_rate", "card_arrival"], 3, seed=21, **BASE))
@@ -53,6 +59,7 @@ def test_an_unseeded_request_repeated_gets_no_repeats(client):
 
 # ---- the label check -----------------------------------------------------------------------
 
+
 def test_a_text_the_model_prefers_for_another_intent_gets_a_negative_margin(checker, train_records):
     stolen = next(r.text for r in train_records if r.intent == "lost_or_stolen_card")
     wrong, right = checker.margins([LineToCheck(stolen, "card_arrival"), LineToCheck(stolen, "lost_or_stolen_card")])
@@ -67,25 +74,39 @@ def test_rivals_are_the_classifier_top_other_intents_and_the_request_new_ones(ch
 
 
 def test_lines_the_model_gives_to_another_intent_are_rejected_and_counted(client):
-    strict = list(client.generate(["card_arrival"], 2, seed=4, label_check=True, label_margin=50.0, max_rounds=3,
-                                  **BASE))
+    strict = list(
+        client.generate(["card_arrival"], 2, seed=4, label_check=True, label_margin=50.0, max_rounds=3, **BASE)
+    )
     summary = client.last_summary
     assert strict == [] and not summary.complete
     assert summary.rejected.label_check > 0
-    lenient = list(client.generate(["card_arrival", "exchange_rate"], 3, seed=4, label_check=True,
-                                   label_margin=-50.0, **BASE))
+    lenient = list(
+        client.generate(["card_arrival", "exchange_rate"], 3, seed=4, label_check=True, label_margin=-50.0, **BASE)
+    )
     assert len(lenient) == 6 and all(math.isfinite(r.label_margin) for r in lenient)
     assert client.last_summary.rejected.label_check == 0
 
 
 def test_record_margins_are_the_checkers_own(client, checker):
-    records = list(client.generate(["card_arrival", "lost_or_stolen_card"], 3, seed=9, label_check=True,
-                                   label_margin=-50.0, **BASE))
+    records = list(
+        client.generate(
+            ["card_arrival", "lost_or_stolen_card"], 3, seed=9, label_check=True, label_margin=-50.0, **BASE
+        )
+    )
     served = LabelChecker(checker.engine, checker.scorer, checker.examples, ",", LabelCheckConfig())  # serve's
     expected = served.margins([LineToCheck(r.text, r.intent) for r in records])
     assert [r.label_margin for r in records] == pytest.approx(expected, abs=1e-3)
-    kept = list(client.generate(["card_arrival", "lost_or_stolen_card"], 3, seed=9, label_check=True,
-                                label_margin=0.0, max_rounds=12, **BASE))
+    kept = list(
+        client.generate(
+            ["card_arrival", "lost_or_stolen_card"],
+            3,
+            seed=9,
+            label_check=True,
+            label_margin=0.0,
+            max_rounds=12,
+            **BASE,
+        )
+    )
     assert all(r.label_margin >= 0.0 for r in kept)
 
 
@@ -96,9 +117,17 @@ def test_without_the_label_check_margins_are_nan(client):
 
 # ---- request-supplied examples -------------------------------------------------------------
 
+
 def test_a_new_intent_is_served_from_request_examples(client):
-    frame, summary = client.generate_df([NEW_INTENT, "card_arrival"], 3, return_summary=True, seed=5,
-                                        examples={NEW_INTENT: NEW_TEXTS}, label_check=False, **BASE)
+    frame, summary = client.generate_df(
+        [NEW_INTENT, "card_arrival"],
+        3,
+        return_summary=True,
+        seed=5,
+        examples={NEW_INTENT: NEW_TEXTS},
+        label_check=False,
+        **BASE,
+    )
     assert frame["intent"].value_counts().to_dict() == {NEW_INTENT: 3, "card_arrival": 3}
     assert summary.complete
 
@@ -107,33 +136,49 @@ def test_copies_of_request_examples_are_rejected(client):
     # The examples of a known intent replace the bundle's in its prompts; the tiny model,
     # shown only these, recites them: every copy is rejected, none is streamed.
     texts = ["I am still waiting on my card", "my card has not arrived yet"]
-    records = list(client.generate(["card_arrival"], 2, seed=3, examples={"card_arrival": texts}, label_check=False,
-                                   max_rounds=4, **{**BASE, "allow_training_copies": False}))
+    records = list(
+        client.generate(
+            ["card_arrival"],
+            2,
+            seed=3,
+            examples={"card_arrival": texts},
+            label_check=False,
+            max_rounds=4,
+            **{**BASE, "allow_training_copies": False},
+        )
+    )
     assert not {normalize_for_match(r.text) for r in records} & {normalize_for_match(t) for t in texts}
 
 
 def request_with(examples, intents=("card_arrival", NEW_INTENT)):
-    return pb.GenerateRequest(intents=list(intents), num_records=1,
-                              examples=[pb.IntentExamples(intent=k, texts=v) for k, v in examples])
+    return pb.GenerateRequest(
+        intents=list(intents), num_records=1, examples=[pb.IntentExamples(intent=k, texts=v) for k, v in examples]
+    )
 
 
 SMALL = Limits(max_examples_per_intent=3, max_example_chars=40, max_request_bytes=500)
 
 
-@pytest.mark.parametrize("examples, intents, message", [
-    ([], ("card_arrival", NEW_INTENT), "unknown intent 'crypto_refund'.*bring examples"),
-    ([("other_intent", ["a text"])], ("card_arrival",), "not in `intents`; add it there"),
-    ([(NEW_INTENT, ["a"]), (NEW_INTENT, ["b"])], ("card_arrival", NEW_INTENT), "twice"),
-    ([("bad,name", ["a"])], ("bad,name",), "separator"),
-    ([(" padded", ["a"])], (" padded",), "spaces at its ends"),
-    ([(NEW_INTENT, [])], ("card_arrival", NEW_INTENT), "no texts"),
-    ([(NEW_INTENT, ["a", "b", "c", "d"])], ("card_arrival", NEW_INTENT), "4 texts; the limit is 3"),
-    ([(NEW_INTENT, ["one\ntwo"])], ("card_arrival", NEW_INTENT), "line break"),
-    ([(NEW_INTENT, ["   "])], ("card_arrival", NEW_INTENT), "is empty"),
-    ([(NEW_INTENT, ["x" * 41])], ("card_arrival", NEW_INTENT), "41 characters; the limit is 40"),
-    ([(NEW_INTENT, ["x" * 40] * 3), ("b", ["y" * 40] * 3), ("c", ["z" * 40] * 3), ("d", ["w" * 40] * 3)],
-     (NEW_INTENT, "b", "c", "d"), "bytes; the limit is 500"),
-])
+@pytest.mark.parametrize(
+    "examples, intents, message",
+    [
+        ([], ("card_arrival", NEW_INTENT), "unknown intent 'crypto_refund'.*bring examples"),
+        ([("other_intent", ["a text"])], ("card_arrival",), "not in `intents`; add it there"),
+        ([(NEW_INTENT, ["a"]), (NEW_INTENT, ["b"])], ("card_arrival", NEW_INTENT), "twice"),
+        ([("bad,name", ["a"])], ("bad,name",), "separator"),
+        ([(" padded", ["a"])], (" padded",), "spaces at its ends"),
+        ([(NEW_INTENT, [])], ("card_arrival", NEW_INTENT), "no texts"),
+        ([(NEW_INTENT, ["a", "b", "c", "d"])], ("card_arrival", NEW_INTENT), "4 texts; the limit is 3"),
+        ([(NEW_INTENT, ["one\ntwo"])], ("card_arrival", NEW_INTENT), "line break"),
+        ([(NEW_INTENT, ["   "])], ("card_arrival", NEW_INTENT), "is empty"),
+        ([(NEW_INTENT, ["x" * 41])], ("card_arrival", NEW_INTENT), "41 characters; the limit is 40"),
+        (
+            [(NEW_INTENT, ["x" * 40] * 3), ("b", ["y" * 40] * 3), ("c", ["z" * 40] * 3), ("d", ["w" * 40] * 3)],
+            (NEW_INTENT, "b", "c", "d"),
+            "bytes; the limit is 500",
+        ),
+    ],
+)
 def test_bad_examples_are_refused_saying_how_to_fix_them(bundle, examples, intents, message):
     known = read_manifest(bundle).intents
     with pytest.raises(RequestError, match=message):
@@ -141,8 +186,9 @@ def test_bad_examples_are_refused_saying_how_to_fix_them(bundle, examples, inten
 
 
 def test_valid_examples_reach_the_spec(bundle):
-    spec = to_spec(request_with([(NEW_INTENT, [" a text ", "another"])]), read_manifest(bundle).intents, SMALL,
-                   Defaults(), 32)
+    spec = to_spec(
+        request_with([(NEW_INTENT, [" a text ", "another"])]), read_manifest(bundle).intents, SMALL, Defaults(), 32
+    )
     assert spec.examples == {NEW_INTENT: ("a text", "another")} and spec.intents == ("card_arrival", NEW_INTENT)
 
 
@@ -176,10 +222,12 @@ def test_the_judge_checks_copies_of_request_examples():
 
     judge = RecordJudge(",", LengthBounds(), CopyIndex(["a bundle text"]), None)
     supplied = CopyIndex(NEW_TEXTS)
-    copy = judge.judge(f"{NEW_INTENT},I want my Bitcoin money back!", NEW_INTENT, JudgeSettings(), set(),
-                       frozenset(), supplied)
-    fresh = judge.judge(f"{NEW_INTENT},where is my crypto refund", NEW_INTENT, JudgeSettings(), set(),
-                        frozenset(), supplied)
+    copy = judge.judge(
+        f"{NEW_INTENT},I want my Bitcoin money back!", NEW_INTENT, JudgeSettings(), set(), frozenset(), supplied
+    )
+    fresh = judge.judge(
+        f"{NEW_INTENT},where is my crypto refund", NEW_INTENT, JudgeSettings(), set(), frozenset(), supplied
+    )
     assert copy.reason == "training_copy" and fresh.reason is None
 
 
@@ -187,8 +235,11 @@ def test_a_retry_sends_the_examples_of_the_missing_intents_only():
     from condgen.client.client import build_request
     from condgen.client.resume import Progress
 
-    progress = Progress(build_request([NEW_INTENT, "card_arrival"], 2, seed=1,
-                                      examples={NEW_INTENT: NEW_TEXTS, "card_arrival": ["my card?"]}))
+    progress = Progress(
+        build_request(
+            [NEW_INTENT, "card_arrival"], 2, seed=1, examples={NEW_INTENT: NEW_TEXTS, "card_arrival": ["my card?"]}
+        )
+    )
     for index in range(2):
         progress.accept(pb.Record(intent=NEW_INTENT, text=f"text {index}"))
     (retry,) = progress.next_requests()
@@ -196,8 +247,10 @@ def test_a_retry_sends_the_examples_of_the_missing_intents_only():
     assert [e.intent for e in retry.examples] == ["card_arrival"]
 
 
-@pytest.mark.parametrize("flag, value, message", [("--label-rivals", "0", "rivals must be at least 1"),
-                                                  ("--label-context-examples", "-1", "must not be negative")])
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [("--label-rivals", "0", "rivals must be at least 1"), ("--label-context-examples", "-1", "must not be negative")],
+)
 def test_serve_refuses_bad_label_check_flags_in_one_line(tmp_path, capsys, flag, value, message):
     from condgen.cli import main
 
@@ -207,13 +260,16 @@ def test_serve_refuses_bad_label_check_flags_in_one_line(tmp_path, capsys, flag,
 
 
 def test_lines_with_a_request_supplied_candidate_are_scored_after_examples(checker):
-    bare = LabelChecker(checker.engine, checker.scorer, checker.examples, ",",
-                        LabelCheckConfig(rivals=2, supplied_context_examples=0))
-    shown = LabelChecker(checker.engine, checker.scorer, checker.examples, ",",
-                         LabelCheckConfig(rivals=2, supplied_context_examples=2))
+    bare = LabelChecker(
+        checker.engine, checker.scorer, checker.examples, ",", LabelCheckConfig(rivals=2, supplied_context_examples=0)
+    )
+    shown = LabelChecker(
+        checker.engine, checker.scorer, checker.examples, ",", LabelCheckConfig(rivals=2, supplied_context_examples=2)
+    )
     new_line = LineToCheck("I want my bitcoin back", NEW_INTENT, {NEW_INTENT: tuple(NEW_TEXTS)})
     known_line = LineToCheck("I lost my card", "lost_or_stolen_card")
     assert bare.margins([known_line]) == pytest.approx(shown.margins([known_line]))
     assert bare.margins([new_line])[0] != pytest.approx(shown.margins([new_line])[0], abs=1e-4)
     assert shown._context(NEW_INTENT, new_line.supplied, 2) == checker.engine.encode(
-        "".join(f"{NEW_INTENT},{t}\n" for t in NEW_TEXTS[:2]) + f"{NEW_INTENT},")
+        "".join(f"{NEW_INTENT},{t}\n" for t in NEW_TEXTS[:2]) + f"{NEW_INTENT},"
+    )

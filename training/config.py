@@ -23,6 +23,7 @@ Numbers may be written as YAML 1.2 does (`5e-6`, `1E-4`, `.5`), which YAML 1.1 l
 strings, and a numeric field given as a numeric string (`"0.001"`) is accepted. Unknown or
 mistyped fields are errors that name the field and its closest valid name.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,8 +38,15 @@ import yaml
 
 from condgen.errors import CondgenError
 
-LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-                 "constant_with_warmup", "inverse_sqrt")
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+)
 TOP_LEVEL_KEYS = ("schema_version", "name", "models")
 # Top-level keys of Gretel's service that a training run does not use (accepted, ignored).
 IGNORED_TOP_LEVEL = ("notifications", "label_predictors")
@@ -103,10 +111,14 @@ class TrainingConfig:
     def validate(self) -> None:
         if self.steps is None and self.epochs is None:
             raise ConfigError("set either `steps` or `epochs`")
-        positive: dict[str, float] = {"batch_size": self.batch_size, "max_tokens": self.max_tokens,
-                    "gradient_accumulation_steps": self.gradient_accumulation_steps,
-                    "eval_steps": self.eval_steps, "save_steps": self.save_steps,
-                    "logging_steps": self.logging_steps}
+        positive: dict[str, float] = {
+            "batch_size": self.batch_size,
+            "max_tokens": self.max_tokens,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "eval_steps": self.eval_steps,
+            "save_steps": self.save_steps,
+            "logging_steps": self.logging_steps,
+        }
         if self.steps is not None:
             positive["steps"] = self.steps
         if self.epochs is not None:
@@ -197,21 +209,27 @@ def _flatten_gpt_x(block: dict) -> dict:
             flat["text_column"] = _check_value("text_column", value, kinds)
         elif key == "privacy_params":
             if isinstance(value, dict) and value.get("dp"):
-                raise ConfigError("`privacy_params.dp: true` (differentially private training) "
-                                  "is not supported by condgen; set it to false")
+                raise ConfigError(
+                    "`privacy_params.dp: true` (differentially private training) "
+                    "is not supported by condgen; set it to false"
+                )
         elif key in IGNORED_BLOCKS:
             continue
         elif key in UNSET_ONLY:
             if value not in (None, {}, [], ""):
-                raise ConfigError(f"`{key}` is set, which condgen cannot honour: {UNSET_ONLY[key]}; "
-                                  f"remove it or set it to null")
+                raise ConfigError(
+                    f"`{key}` is set, which condgen cannot honour: {UNSET_ONLY[key]}; remove it or set it to null"
+                )
         elif key == "data_source" and value in DATA_PLACEHOLDERS:
             continue  # the data comes from --data
         elif key in kinds:
             flat[key] = _check_value(key, value, kinds)
         else:
-            raise _unknown(key, list(kinds) + ["params", "column_name", "privacy_params",
-                                               *IGNORED_BLOCKS, *UNSET_ONLY], "models[0].gpt_x")
+            raise _unknown(
+                key,
+                list(kinds) + ["params", "column_name", "privacy_params", *IGNORED_BLOCKS, *UNSET_ONLY],
+                "models[0].gpt_x",
+            )
     return flat
 
 

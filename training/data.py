@@ -3,6 +3,7 @@
 Rows become `condgen.codec.LabelledText` records; `pack_blocks` turns their encoded lines
 into fixed-size token blocks for causal-LM training (no padding wasted on short lines).
 """
+
 from __future__ import annotations
 
 import csv
@@ -30,8 +31,9 @@ def _pick_column(available: Sequence[str], wanted: str | None, guesses: Sequence
     for guess in guesses:
         if guess in available:
             return guess
-    raise DataError(f"cannot tell which column holds the {role}; the data has columns "
-                    f"{list(available)}: pass --{role}-column")
+    raise DataError(
+        f"cannot tell which column holds the {role}; the data has columns {list(available)}: pass --{role}-column"
+    )
 
 
 def _to_records(rows: Iterable[dict], text_column: str, label_column: str, separator: str) -> list[LabelledText]:
@@ -52,8 +54,9 @@ def _to_records(rows: Iterable[dict], text_column: str, label_column: str, separ
     return records
 
 
-def read_csv_records(path: str | Path, text_column: str | None = None, label_column: str | None = None,
-                     separator: str = ",") -> list[LabelledText]:
+def read_csv_records(
+    path: str | Path, text_column: str | None = None, label_column: str | None = None, separator: str = ","
+) -> list[LabelledText]:
     """Read a CSV with a header row; columns are guessed when not given."""
     path = Path(path)
     if not path.is_file():
@@ -66,8 +69,13 @@ def read_csv_records(path: str | Path, text_column: str | None = None, label_col
         return _to_records(reader, text_col, label_col, separator)
 
 
-def read_hf_records(name: str, text_column: str | None = None, label_column: str | None = None,
-                    separator: str = ",", split: str = "train") -> list[LabelledText]:
+def read_hf_records(
+    name: str,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    separator: str = ",",
+    split: str = "train",
+) -> list[LabelledText]:
     """Read a Hugging Face dataset (`hf:PolyAI/banking77`); needs `datasets` and a reachable hub."""
     try:
         import datasets
@@ -86,8 +94,13 @@ def read_hf_records(name: str, text_column: str | None = None, label_column: str
     return _to_records(rows, text_col, label_col, separator)
 
 
-def load_records(source: str, text_column: str | None = None, label_column: str | None = None,
-                 separator: str = ",", split: str = "train") -> list[LabelledText]:
+def load_records(
+    source: str,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    separator: str = ",",
+    split: str = "train",
+) -> list[LabelledText]:
     """Records from a CSV path or an `hf:NAME` dataset id."""
     if source.startswith("hf:"):
         return read_hf_records(source[3:], text_column, label_column, separator, split)
@@ -123,8 +136,13 @@ def encode_lines(records: Iterable[LabelledText], separator: str = ",") -> list[
     return [encode_line(r.intent, r.text, separator) + "\n" for r in records]
 
 
-def pack_blocks(token_lists: Sequence[Sequence[int]], block_size: int, min_blocks: int = 0,
-                seed: int = 0, groups: Sequence[str] | None = None) -> list[list[int]]:
+def pack_blocks(
+    token_lists: Sequence[Sequence[int]],
+    block_size: int,
+    min_blocks: int = 0,
+    seed: int = 0,
+    groups: Sequence[str] | None = None,
+) -> list[list[int]]:
     """Concatenate tokenised lines and cut them into full blocks of `block_size` tokens.
 
     One pass packs the lines in their given order. When `min_blocks` asks for more blocks
@@ -149,7 +167,7 @@ def pack_blocks(token_lists: Sequence[Sequence[int]], block_size: int, min_block
             rng.shuffle(order)
         stream.extend(t for i in order for t in token_lists[i])
         cut = len(stream) - len(stream) % block_size
-        blocks.extend(stream[i:i + block_size] for i in range(0, cut, block_size))
+        blocks.extend(stream[i : i + block_size] for i in range(0, cut, block_size))
         stream = stream[cut:]
         passes += 1
         if not blocks and passes > 1:

@@ -10,6 +10,7 @@ set plus the synthetic rows (augmented), and score both on the test split. A cla
 trained on the full training split judges the synthetic rows' label fidelity; it is never
 used as a filter. Writes report.json and report.md with PNG plots.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -104,12 +105,21 @@ def train_generator(config: EvaluateConfig, few_shot_csv: Path, folder: Path) ->
         from condgen.training.tiny import build_tiny_base_model
 
         base = str(build_tiny_base_model(encode_lines(load_records(str(few_shot_csv))), folder / "tiny-base"))
-    training = TrainingConfig(data_source=str(few_shot_csv), pretrained_model=base, steps=config.steps,
-                              batch_size=config.batch_size, max_tokens=config.max_tokens,
-                              learning_rate=config.learning_rate, warmup_steps=max(1, config.steps // 10),
-                              validation_fraction=0.0, eval_steps=10_000, save_steps=10_000,
-                              logging_steps=max(1, config.steps // 5), seed=0,
-                              group_by_intent=config.group_by_intent)
+    training = TrainingConfig(
+        data_source=str(few_shot_csv),
+        pretrained_model=base,
+        steps=config.steps,
+        batch_size=config.batch_size,
+        max_tokens=config.max_tokens,
+        learning_rate=config.learning_rate,
+        warmup_steps=max(1, config.steps // 10),
+        validation_fraction=0.0,
+        eval_steps=10_000,
+        save_steps=10_000,
+        logging_steps=max(1, config.steps // 5),
+        seed=0,
+        group_by_intent=config.group_by_intent,
+    )
     finetune(training, folder / "checkpoint")
     from condgen.training.export import export_bundle
 
@@ -123,11 +133,17 @@ async def _generate(bundle: Path, intents: list[str], config: EvaluateConfig, se
     from condgen.server.sampling import SamplingSettings
     from condgen.server.scheduler import Scheduler, SchedulerConfig
 
-    spec = GenerationSpec(intents=tuple(intents), num_records=config.per_intent, seed=seed,
-                          sampling=SamplingSettings(temperature=config.temperature, top_p=config.top_p),
-                          max_new_tokens=48 if config.quick else 128, num_prompt_examples=config.prompt_examples,
-                          min_fidelity=config.min_fidelity, avoid_recent_duplicates=False,
-                          require_predicted_intent=config.agreement_filter)
+    spec = GenerationSpec(
+        intents=tuple(intents),
+        num_records=config.per_intent,
+        seed=seed,
+        sampling=SamplingSettings(temperature=config.temperature, top_p=config.top_p),
+        max_new_tokens=48 if config.quick else 128,
+        num_prompt_examples=config.prompt_examples,
+        min_fidelity=config.min_fidelity,
+        avoid_recent_duplicates=False,
+        require_predicted_intent=config.agreement_filter,
+    )
     # Every intent's prompt recurs when it shows all of a few-shot set: keep all of them.
     async with Scheduler.for_bundle(bundle, SchedulerConfig(prefix_cache_tokens=16384)) as scheduler:
         with tqdm(total=len(intents) * config.per_intent, unit="rec", desc=f"generating (seed {seed})") as bar:
@@ -146,12 +162,16 @@ def score(train: list[LabelledText], test: list[LabelledText]) -> tuple[float, f
     predicted = model.predict([r.text for r in test])
     labels = sorted(set(truth))
     recalls = recall_score(truth, predicted, labels=labels, average=None, zero_division=0)
-    return (float(accuracy_score(truth, predicted)), float(f1_score(truth, predicted, average="macro")),
-            dict(zip(labels, map(float, recalls))))
+    return (
+        float(accuracy_score(truth, predicted)),
+        float(f1_score(truth, predicted, average="macro")),
+        dict(zip(labels, map(float, recalls))),
+    )
 
 
-def synthetic_rows(config: EvaluateConfig, folder: Path, bundle: Path, intents: list[str],
-                   seed: int) -> tuple[list[LabelledText], float | None]:
+def synthetic_rows(
+    config: EvaluateConfig, folder: Path, bundle: Path, intents: list[str], seed: int
+) -> tuple[list[LabelledText], float | None]:
     """Generate the seed's synthetic rows (or, with `reuse_synthetic`, read an earlier run's);
     returns them and the acceptance rate (None when an earlier run did not record it)."""
     rows_csv, stats_json = folder / "synthetic.csv", folder / "generation.json"
@@ -164,9 +184,18 @@ def synthetic_rows(config: EvaluateConfig, folder: Path, bundle: Path, intents: 
     synthetic, summary = asyncio.run(_generate(bundle, intents, config, seed))
     write_csv(rows_csv, synthetic)
     acceptance = summary.records_accepted / summary.lines_parsed if summary.lines_parsed else 0.0
-    stats_json.write_text(json.dumps({"acceptance_rate": acceptance, "lines_parsed": summary.lines_parsed,
-                                      "rejected": dict(summary.rejected), "tokens": summary.tokens_generated,
-                                      "seconds": summary.elapsed_seconds}, indent=2))
+    stats_json.write_text(
+        json.dumps(
+            {
+                "acceptance_rate": acceptance,
+                "lines_parsed": summary.lines_parsed,
+                "rejected": dict(summary.rejected),
+                "tokens": summary.tokens_generated,
+                "seconds": summary.elapsed_seconds,
+            },
+            indent=2,
+        )
+    )
     return synthetic, acceptance
 
 
@@ -201,8 +230,9 @@ def paired_ci95(differences: list[float]) -> list[float]:
 
 def distinct_2(texts: list[str]) -> float:
     """Distinct word bigrams over all word bigrams of the texts."""
-    bigrams = [tuple(words[i:i + 2]) for text in texts for words in [text.lower().split()]
-               for i in range(len(words) - 1)]
+    bigrams = [
+        tuple(words[i : i + 2]) for text in texts for words in [text.lower().split()] for i in range(len(words) - 1)
+    ]
     return len(set(bigrams)) / len(bigrams) if bigrams else 0.0
 
 
@@ -240,14 +270,20 @@ def build_report(config: EvaluateConfig, train, results: list[SeedResult], secon
     aug = [r.augmented_acc for r in results]
     diffs = [(a - b) * 100 for a, b in zip(aug, base)]
     synthetic = [s for r in results for s in r.synthetic]
-    per_intent = {intent: statistics.mean(r.per_intent_gain[intent] for r in results) * 100
-                  for intent in results[0].per_intent_gain}
+    per_intent = {
+        intent: statistics.mean(r.per_intent_gain[intent] for r in results) * 100
+        for intent in results[0].per_intent_gain
+    }
     return {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
-        "baseline_acc": base, "augmented_acc": aug,
-        "baseline_acc_mean": statistics.mean(base), "augmented_acc_mean": statistics.mean(aug),
-        "gain_points": statistics.mean(diffs), "gain_ci95": paired_ci95(diffs),
-        "baseline_macro_f1": [r.baseline_f1 for r in results], "augmented_macro_f1": [r.augmented_f1 for r in results],
+        "baseline_acc": base,
+        "augmented_acc": aug,
+        "baseline_acc_mean": statistics.mean(base),
+        "augmented_acc_mean": statistics.mean(aug),
+        "gain_points": statistics.mean(diffs),
+        "gain_ci95": paired_ci95(diffs),
+        "baseline_macro_f1": [r.baseline_f1 for r in results],
+        "augmented_macro_f1": [r.augmented_f1 for r in results],
         "macro_f1_gain_points": statistics.mean((r.augmented_f1 - r.baseline_f1) * 100 for r in results),
         "fidelity_mean": judge_fidelity(train, synthetic),
         "train_copy_rate": copy_rate(config, train, results),
@@ -255,7 +291,8 @@ def build_report(config: EvaluateConfig, train, results: list[SeedResult], secon
         "acceptance_rate": mean_of_known([r.acceptance_rate for r in results]),
         "synthetic_rows": [len(r.synthetic) for r in results],
         "per_intent_gain_points": per_intent,
-        "seconds_per_seed": [r.seconds for r in results], "seconds": seconds,
+        "seconds_per_seed": [r.seconds for r in results],
+        "seconds": seconds,
     }
 
 

@@ -10,6 +10,7 @@ Their logits cannot match fp32 to 1e-3, so their parity check is the share of po
 where ONNX and PyTorch agree on the most likely next token (`--min-top1-agreement`); the
 largest logit difference is reported alongside.
 """
+
 from __future__ import annotations
 
 import json
@@ -67,9 +68,18 @@ def onnx_info(session, opset: int) -> OnnxInfo:
         raise ExportError(f"the ONNX graph has no usable KV cache inputs/outputs: {inputs} -> {outputs}")
     past_shape = next(i.shape for i in session.get_inputs() if i.name == past[0])
     elem = next(i.type for i in session.get_inputs() if i.name == past[0])
-    return OnnxInfo(file=MODEL_FILE, inputs=inputs, outputs=outputs, past_key_names=past,
-                    present_key_names=present, num_layers=len(past) // 2, num_kv_heads=int(past_shape[1]),
-                    head_dim=int(past_shape[3]), dtype="float16" if "float16" in elem else "float32", opset=opset)
+    return OnnxInfo(
+        file=MODEL_FILE,
+        inputs=inputs,
+        outputs=outputs,
+        past_key_names=past,
+        present_key_names=present,
+        num_layers=len(past) // 2,
+        num_kv_heads=int(past_shape[1]),
+        head_dim=int(past_shape[3]),
+        dtype="float16" if "float16" in elem else "float32",
+        opset=opset,
+    )
 
 
 def _ort_feed(info: OnnxInfo, ids: np.ndarray, mask: np.ndarray, past: dict[str, np.ndarray]) -> dict:
@@ -106,7 +116,7 @@ def compare_logits(checkpoint: Path, session, info: OnnxInfo, tokenizer, prompts
         onnx_logits = np.concatenate([first[0], step[0]], axis=1).astype(np.float32)
         with torch.no_grad():
             torch_logits = model(torch.from_numpy(ids)).logits.float().numpy()
-        torch_logits = torch_logits[:, -onnx_logits.shape[1]:]  # a last-position graph: the trailing ones
+        torch_logits = torch_logits[:, -onnx_logits.shape[1] :]  # a last-position graph: the trailing ones
         worst = max(worst, float(np.abs(torch_logits - onnx_logits).max()))
         agree += int((torch_logits.argmax(-1) == onnx_logits.argmax(-1)).sum())
         positions += onnx_logits.shape[1]
@@ -123,8 +133,7 @@ def rewrite_graph(checkpoint: Path, model_path: Path, append_only: bool) -> list
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return optimise_graph(model_path, heads, kv_heads, head_dim, config.num_hidden_layers,
-                          append_only=append_only)
+    return optimise_graph(model_path, heads, kv_heads, head_dim, config.num_hidden_layers, append_only=append_only)
 
 
 def convert_variant(model_path: Path, variant: str) -> None:
@@ -145,14 +154,21 @@ def convert_variant(model_path: Path, variant: str) -> None:
 
 
 def check_parity(parity: Parity, variant: str, tolerance: float, min_top1: float) -> None:
-    print(f"parity ({variant}): max |logit(PyTorch fp32) - logit(ONNX)| = {parity.max_abs_diff:.3e}, "
-          f"top-1 agreement {parity.top1_agreement:.1%}", flush=True)
+    print(
+        f"parity ({variant}): max |logit(PyTorch fp32) - logit(ONNX)| = {parity.max_abs_diff:.3e}, "
+        f"top-1 agreement {parity.top1_agreement:.1%}",
+        flush=True,
+    )
     if variant == "fp32" and parity.max_abs_diff > tolerance:
-        raise ExportError(f"ONNX logits differ from PyTorch by {parity.max_abs_diff:.3e} "
-                          f"> tolerance {tolerance:.0e}; the export is wrong, not saved as servable")
+        raise ExportError(
+            f"ONNX logits differ from PyTorch by {parity.max_abs_diff:.3e} "
+            f"> tolerance {tolerance:.0e}; the export is wrong, not saved as servable"
+        )
     if variant != "fp32" and parity.top1_agreement < min_top1:
-        raise ExportError(f"the {variant} graph agrees with PyTorch on the next token at only "
-                          f"{parity.top1_agreement:.1%} of positions (< {min_top1:.0%}); not saved as servable")
+        raise ExportError(
+            f"the {variant} graph agrees with PyTorch on the next token at only "
+            f"{parity.top1_agreement:.1%} of positions (< {min_top1:.0%}); not saved as servable"
+        )
 
 
 def write_fidelity_classifier(bundle_dir: Path, examples: dict[str, list[str]]) -> None:
@@ -168,9 +184,15 @@ def write_fidelity_classifier(bundle_dir: Path, examples: dict[str, list[str]]) 
     save_classifier(fit_classifier(texts, labels), bundle_dir)
 
 
-def export_bundle(checkpoint: str | Path, output: str | Path, tolerance: float = DEFAULT_TOLERANCE,
-                  opset: int | None = None, variant: str = "fp32", min_top1: float = DEFAULT_MIN_TOP1,
-                  cache: str = "auto") -> ExportResult:
+def export_bundle(
+    checkpoint: str | Path,
+    output: str | Path,
+    tolerance: float = DEFAULT_TOLERANCE,
+    opset: int | None = None,
+    variant: str = "fp32",
+    min_top1: float = DEFAULT_MIN_TOP1,
+    cache: str = "auto",
+) -> ExportResult:
     """Export `checkpoint` (the output of `condgen train`) to the bundle folder `output`."""
     if variant not in VARIANTS:
         raise ExportError(f"variant {variant!r} is not one of {', '.join(VARIANTS)}")
@@ -185,8 +207,14 @@ def export_bundle(checkpoint: str | Path, output: str | Path, tolerance: float =
     output.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="condgen-export-") as tmp:
         log.info("exporting %s to ONNX (text-generation-with-past)", checkpoint)
-        main_export(str(checkpoint), output=tmp, task="text-generation-with-past", opset=opset,
-                    device="cpu", do_validation=False)
+        main_export(
+            str(checkpoint),
+            output=tmp,
+            task="text-generation-with-past",
+            opset=opset,
+            device="cpu",
+            do_validation=False,
+        )
         for item in Path(tmp).iterdir():
             if item.name.startswith(MODEL_FILE) or item.name == TOKENIZER_NAME:
                 shutil.move(str(item), output / item.name)
@@ -201,8 +229,14 @@ def export_bundle(checkpoint: str | Path, output: str | Path, tolerance: float =
     session = ort.InferenceSession(str(output / MODEL_FILE), providers=["CPUExecutionProvider"])
     import onnx
 
-    graph_opset = max((o.version for o in onnx.load(str(output / MODEL_FILE), load_external_data=False).opset_import
-                       if o.domain in ("", "ai.onnx")), default=0)
+    graph_opset = max(
+        (
+            o.version
+            for o in onnx.load(str(output / MODEL_FILE), load_external_data=False).opset_import
+            if o.domain in ("", "ai.onnx")
+        ),
+        default=0,
+    )
     info = onnx_info(session, graph_opset)
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
     examples = json.loads((output / EXAMPLES_NAME).read_text())
@@ -215,9 +249,15 @@ def export_bundle(checkpoint: str | Path, output: str | Path, tolerance: float =
     info.rewrites = rewrites
     check_parity(parity, variant, tolerance, min_top1)
     write_fidelity_classifier(output, examples)
-    manifest = Manifest(base_model=info_json["base_model"], separator=info_json["separator"],
-                        intents=info_json["intents"], onnx=info, eos_token_id=tokenizer.eos_token_id,
-                        training_config=info_json["config"], training_stats=info_json["stats"],
-                        text_length=info_json["stats"].get("text_length", {}))
+    manifest = Manifest(
+        base_model=info_json["base_model"],
+        separator=info_json["separator"],
+        intents=info_json["intents"],
+        onnx=info,
+        eos_token_id=tokenizer.eos_token_id,
+        training_config=info_json["config"],
+        training_stats=info_json["stats"],
+        text_length=info_json["stats"].get("text_length", {}),
+    )
     write_manifest(output, manifest)
     return ExportResult(output, manifest)

@@ -4,6 +4,7 @@ TF-IDF over word 1-2 grams and character 2-5 grams (within words), sublinear tf,
 multinomial logistic regression. Scored on the serving path by `condgen.server.fidelity`
 without scikit-learn; `fit_classifier` is also the downstream classifier of `condgen evaluate`.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,8 @@ def make_pipeline(max_features: int = 60_000, c: float = 10.0):
 
     features = make_union(
         TfidfVectorizer(analyzer="word", ngram_range=WORD_NGRAMS, sublinear_tf=True, max_features=max_features),
-        TfidfVectorizer(analyzer="char_wb", ngram_range=CHAR_NGRAMS, sublinear_tf=True, max_features=max_features))
+        TfidfVectorizer(analyzer="char_wb", ngram_range=CHAR_NGRAMS, sublinear_tf=True, max_features=max_features),
+    )
     return sk_pipeline(features, LogisticRegression(C=c, max_iter=300))
 
 
@@ -41,8 +43,14 @@ def save_classifier(pipeline, bundle_dir: str | Path) -> list[Path]:
     parts, arrays, offset = [], {}, 0
     for i, (_, vectorizer) in enumerate(union.transformer_list):
         vocabulary = {term: int(index) for term, index in vectorizer.vocabulary_.items()}
-        parts.append({"analyzer": vectorizer.analyzer, "ngram_range": list(vectorizer.ngram_range),
-                      "vocabulary": vocabulary, "offset": offset})
+        parts.append(
+            {
+                "analyzer": vectorizer.analyzer,
+                "ngram_range": list(vectorizer.ngram_range),
+                "vocabulary": vocabulary,
+                "offset": offset,
+            }
+        )
         arrays[f"idf_{i}"] = vectorizer.idf_.astype(np.float32)
         offset += len(vocabulary)
     coef, intercept = model.coef_, model.intercept_

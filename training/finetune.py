@@ -17,6 +17,7 @@ Under `torchrun` / `accelerate launch` (WORLD_SIZE > 1) the Trainer runs Distrib
 process trains and evaluates; only the main process writes files, and all wait for it before returning.
 See docs/distributed-training.md.
 """
+
 from __future__ import annotations
 
 import json
@@ -112,8 +113,13 @@ def text_length_stats(texts: list[str]) -> dict:
     import numpy as np
 
     lengths = np.array([len(t) for t in texts])
-    return {"min": int(lengths.min()), "max": int(lengths.max()), "mean": float(lengths.mean()),
-            "p01": float(np.percentile(lengths, 1)), "p99": float(np.percentile(lengths, 99))}
+    return {
+        "min": int(lengths.min()),
+        "max": int(lengths.max()),
+        "mean": float(lengths.mean()),
+        "p01": float(np.percentile(lengths, 1)),
+        "p99": float(np.percentile(lengths, 99)),
+    }
 
 
 def last_complete_checkpoint(trainer_dir: Path) -> str | None:
@@ -121,8 +127,9 @@ def last_complete_checkpoint(trainer_dir: Path) -> str | None:
     a checkpoint folder without its trainer_state.json, which is written last)."""
     if not trainer_dir.is_dir():
         return None
-    steps = sorted((int(p.name.split("-")[1]), p) for p in trainer_dir.glob("checkpoint-*")
-                   if p.name.split("-")[1].isdigit())
+    steps = sorted(
+        (int(p.name.split("-")[1]), p) for p in trainer_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit()
+    )
     for _, path in reversed(steps):
         if (path / "trainer_state.json").is_file():
             return str(path)
@@ -210,8 +217,16 @@ def metrics_callback(output_dir: Path, extra: dict):
     class MetricsCallback(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero:
-                write_metrics(output_dir, training_metrics(state.log_history, global_step=state.global_step,
-                                                           max_steps=state.max_steps, complete=False, **extra))
+                write_metrics(
+                    output_dir,
+                    training_metrics(
+                        state.log_history,
+                        global_step=state.global_step,
+                        max_steps=state.max_steps,
+                        complete=False,
+                        **extra,
+                    ),
+                )
 
     return MetricsCallback()
 
@@ -237,48 +252,81 @@ def finetune(config: TrainingConfig, output_dir: str | Path, resume: bool = Fals
     set_seed(config.seed)
     records = load_records(config.data_source, config.text_column, config.label_column, config.separator)
     train_records, val_records = split_validation(records, config.validation_fraction, config.seed)
-    log.info("loaded %d records (%d intents); %d for training, %d held out",
-             len(records), len(intent_counts(records)), len(train_records), len(val_records))
+    log.info(
+        "loaded %d records (%d intents); %d for training, %d held out",
+        len(records),
+        len(intent_counts(records)),
+        len(train_records),
+        len(val_records),
+    )
     model, tokenizer = load_base_model(config.pretrained_model)
     processes = world_size()
     train_blocks, steps = training_blocks(tokenizer, train_records, config, processes)
     val_blocks = pack_blocks(tokenize_lines(tokenizer, val_records, config), config.max_tokens) if val_records else []
-    log.info("packed %d training blocks and %d validation blocks of %d tokens for %d steps on %d process(es)",
-             len(train_blocks), len(val_blocks), config.max_tokens, steps, processes)
+    log.info(
+        "packed %d training blocks and %d validation blocks of %d tokens for %d steps on %d process(es)",
+        len(train_blocks),
+        len(val_blocks),
+        config.max_tokens,
+        steps,
+        processes,
+    )
 
     last = last_complete_checkpoint(trainer_dir) if resume else None
     if resume and last is None:
         log.warning("--resume: no checkpoint in %s, starting from the base model", trainer_dir)
     args = training_arguments(config, trainer_dir, bool(val_blocks), steps)
     if args.world_size != processes:
-        raise RuntimeError(f"the environment says {processes} process(es) (WORLD_SIZE) but the Trainer runs "
-                           f"{args.world_size}: launch with torchrun, or unset WORLD_SIZE for a single process")
-    extra = {"world_size": processes, "logging_steps": config.logging_steps,
-             "resumed_from": Path(last).name if last else None}
-    trainer = Trainer(model=model, args=args, train_dataset=BlockDataset(train_blocks),
-                      eval_dataset=BlockDataset(val_blocks) if val_blocks else None,
-                      data_collator=default_data_collator, callbacks=[metrics_callback(output_dir, extra)])
+        raise RuntimeError(
+            f"the environment says {processes} process(es) (WORLD_SIZE) but the Trainer runs "
+            f"{args.world_size}: launch with torchrun, or unset WORLD_SIZE for a single process"
+        )
+    extra = {
+        "world_size": processes,
+        "logging_steps": config.logging_steps,
+        "resumed_from": Path(last).name if last else None,
+    }
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=BlockDataset(train_blocks),
+        eval_dataset=BlockDataset(val_blocks) if val_blocks else None,
+        data_collator=default_data_collator,
+        callbacks=[metrics_callback(output_dir, extra)],
+    )
     train_output = trainer.train(resume_from_checkpoint=last)
     eval_loss = final_validation_loss(trainer) if val_blocks else None
     if eval_loss is not None:
         log.info("validation loss %.4f", eval_loss)
 
     stats = {
-        "records": len(records), "train_records": len(train_records), "validation_records": len(val_records),
-        "train_blocks": len(train_blocks), "validation_blocks": len(val_blocks),
-        "optimizer_steps": int(trainer.state.global_step), "train_loss": float(train_output.training_loss),
-        "validation_loss": eval_loss, "seconds": round(time.time() - started, 1),
-        "resumed_from": Path(last).name if last else None, "world_size": processes,
+        "records": len(records),
+        "train_records": len(train_records),
+        "validation_records": len(val_records),
+        "train_blocks": len(train_blocks),
+        "validation_blocks": len(val_blocks),
+        "optimizer_steps": int(trainer.state.global_step),
+        "train_loss": float(train_output.training_loss),
+        "validation_loss": eval_loss,
+        "seconds": round(time.time() - started, 1),
+        "resumed_from": Path(last).name if last else None,
+        "world_size": processes,
         "text_length": text_length_stats([r.text for r in records]),
     }
-    metrics = training_metrics(trainer.state.log_history, global_step=int(trainer.state.global_step),
-                               max_steps=int(trainer.state.max_steps), complete=True, **extra)
+    metrics = training_metrics(
+        trainer.state.log_history,
+        global_step=int(trainer.state.global_step),
+        max_steps=int(trainer.state.max_steps),
+        complete=True,
+        **extra,
+    )
     save_checkpoint(output_dir, trainer, tokenizer, config, stats, records, metrics)
     return TrainResult(output_dir, stats, trainer.is_world_process_zero())
 
 
-def save_checkpoint(output_dir: Path, trainer, tokenizer, config: TrainingConfig, stats: dict, records,
-                    metrics: dict | None = None) -> None:
+def save_checkpoint(
+    output_dir: Path, trainer, tokenizer, config: TrainingConfig, stats: dict, records, metrics: dict | None = None
+) -> None:
     """Write the final files from the main process; every process returns once they exist.
 
     `condgen_training.json` goes last: its presence marks a complete checkpoint.
@@ -290,8 +338,13 @@ def save_checkpoint(output_dir: Path, trainer, tokenizer, config: TrainingConfig
         if metrics is not None:
             write_metrics(output_dir, metrics)
             write_loss_curve(output_dir, metrics)
-        info = {"base_model": config.pretrained_model, "separator": config.separator,
-                "config": config.to_dict(), "stats": stats, "intents": intent_counts(records)}
+        info = {
+            "base_model": config.pretrained_model,
+            "separator": config.separator,
+            "config": config.to_dict(),
+            "stats": stats,
+            "intents": intent_counts(records),
+        }
         (output_dir / TRAINING_INFO_NAME).write_text(json.dumps(info, indent=2))
     trainer.accelerator.wait_for_everyone()
 

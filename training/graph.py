@@ -31,6 +31,7 @@ shape it expects:
   now serves all layers, with the dtype's lowest finite value instead of -inf, so a fully masked
   row gets a finite (never used) average and the 2 x layers IsNaN/Where guards go.
 """
+
 from __future__ import annotations
 
 import logging
@@ -124,10 +125,17 @@ def keep_last_position_logits(graph: _Graph) -> bool:
     graph.constant(LOGITS_TO_KEEP, [1])
     graph.graph.input.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1]))
     starts = "/condgen/last/starts"
-    names = [graph.constant(f"/condgen/last/{key}", [value]) for key, value in
-             (("ends", np.iinfo(np.int64).max), ("axes", 1))]
-    graph.insert_before(head, [helper.make_node("Neg", [LOGITS_TO_KEEP], [starts], name="/condgen/last/Neg"),
-                               helper.make_node("Slice", [hidden, starts, *names], [last], name="/condgen/last/Slice")])
+    names = [
+        graph.constant(f"/condgen/last/{key}", [value])
+        for key, value in (("ends", np.iinfo(np.int64).max), ("axes", 1))
+    ]
+    graph.insert_before(
+        head,
+        [
+            helper.make_node("Neg", [LOGITS_TO_KEEP], [starts], name="/condgen/last/Neg"),
+            helper.make_node("Slice", [hidden, starts, *names], [last], name="/condgen/last/Slice"),
+        ],
+    )
     head.input[0] = last
     output = next(o for o in graph.graph.output if o.name == "logits")
     dim = output.type.tensor_type.shape.dim[1]
@@ -166,8 +174,10 @@ def _rewrite_layer(graph: _Graph, layer: int, heads: int, kv_heads: int, head_di
     key_chain, value_chain = _repeated_cache(graph, key), _repeated_cache(graph, value)
     if key_chain is None or value_chain is None:
         return False
-    if not (_move_shape_reads(graph, key_chain[-1].output[0], key)
-            and _move_shape_reads(graph, value_chain[-1].output[0], value)):
+    if not (
+        _move_shape_reads(graph, key_chain[-1].output[0], key)
+        and _move_shape_reads(graph, value_chain[-1].output[0], value)
+    ):
         return False
     transpose = graph.only_consumer(key_chain[-1].output[0], "Transpose")
     key_scale = transpose and graph.only_consumer(transpose.output[0], "Mul")
@@ -186,23 +196,29 @@ def _rewrite_layer(graph: _Graph, layer: int, heads: int, kv_heads: int, head_di
     grouped_probs = graph.constant(f"{p}/grouped_probs_shape", [0, kv_heads, -1, 0])
     out_by_head = graph.constant(f"{p}/out_by_head_shape", [0, heads, -1, head_dim])
     query = scores.input[0]
-    graph.insert_before(scores, [
-        helper.make_node("Mul", [query, scale_input], [f"{p}/q_scaled"], name=f"{p}/q_scale"),
-        # (batch, heads, seq, dim) -> (batch, kv_heads, group * seq, dim)
-        helper.make_node("Reshape", [f"{p}/q_scaled", grouped], [f"{p}/q_grouped"], name=f"{p}/q_group"),
-        helper.make_node("Transpose", [key], [f"{p}/k_t"], perm=[0, 1, 3, 2], name=f"{p}/k_transpose"),
-        # (batch, kv_heads, group * seq, past_len) -> (batch, heads, seq, past_len)
-        helper.make_node("MatMul", [f"{p}/q_grouped", f"{p}/k_t"], [f"{p}/scores_grouped"], name=f"{p}/qk"),
-        helper.make_node("Reshape", [f"{p}/scores_grouped", by_head], [scores.output[0]], name=f"{p}/scores"),
-    ])
+    graph.insert_before(
+        scores,
+        [
+            helper.make_node("Mul", [query, scale_input], [f"{p}/q_scaled"], name=f"{p}/q_scale"),
+            # (batch, heads, seq, dim) -> (batch, kv_heads, group * seq, dim)
+            helper.make_node("Reshape", [f"{p}/q_scaled", grouped], [f"{p}/q_grouped"], name=f"{p}/q_group"),
+            helper.make_node("Transpose", [key], [f"{p}/k_t"], perm=[0, 1, 3, 2], name=f"{p}/k_transpose"),
+            # (batch, kv_heads, group * seq, past_len) -> (batch, heads, seq, past_len)
+            helper.make_node("MatMul", [f"{p}/q_grouped", f"{p}/k_t"], [f"{p}/scores_grouped"], name=f"{p}/qk"),
+            helper.make_node("Reshape", [f"{p}/scores_grouped", by_head], [scores.output[0]], name=f"{p}/scores"),
+        ],
+    )
     graph.graph.node.remove(scores)
     probs = weighted.input[0]
-    graph.insert_before(weighted, [
-        helper.make_node("Reshape", [probs, grouped_probs], [f"{p}/probs_grouped"], name=f"{p}/probs_group"),
-        helper.make_node("MatMul", [f"{p}/probs_grouped", value], [f"{p}/out_grouped"], name=f"{p}/pv"),
-        # (batch, kv_heads, group * seq, dim) -> (batch, heads, seq, dim)
-        helper.make_node("Reshape", [f"{p}/out_grouped", out_by_head], [weighted.output[0]], name=f"{p}/out"),
-    ])
+    graph.insert_before(
+        weighted,
+        [
+            helper.make_node("Reshape", [probs, grouped_probs], [f"{p}/probs_grouped"], name=f"{p}/probs_group"),
+            helper.make_node("MatMul", [f"{p}/probs_grouped", value], [f"{p}/out_grouped"], name=f"{p}/pv"),
+            # (batch, kv_heads, group * seq, dim) -> (batch, heads, seq, dim)
+            helper.make_node("Reshape", [f"{p}/out_grouped", out_by_head], [weighted.output[0]], name=f"{p}/out"),
+        ],
+    )
     graph.graph.node.remove(weighted)
     return True
 
@@ -236,11 +252,17 @@ def _total_shape(graph: _Graph, past: str, new: str, prefix: str) -> tuple[list,
     from onnx import helper
 
     axis2 = graph.constant(f"{prefix}/axis2_only", [0, 0, 1, 0])
-    nodes = [helper.make_node("Shape", [past], [f"{prefix}/past_shape"], name=f"{prefix}/past_shape"),
-             helper.make_node("Shape", [new], [f"{prefix}/new_shape"], name=f"{prefix}/new_shape"),
-             helper.make_node("Mul", [f"{prefix}/new_shape", axis2], [f"{prefix}/new_len"], name=f"{prefix}/new_len"),
-             helper.make_node("Add", [f"{prefix}/past_shape", f"{prefix}/new_len"], [f"{prefix}/total_shape"],
-                              name=f"{prefix}/total_shape")]
+    nodes = [
+        helper.make_node("Shape", [past], [f"{prefix}/past_shape"], name=f"{prefix}/past_shape"),
+        helper.make_node("Shape", [new], [f"{prefix}/new_shape"], name=f"{prefix}/new_shape"),
+        helper.make_node("Mul", [f"{prefix}/new_shape", axis2], [f"{prefix}/new_len"], name=f"{prefix}/new_len"),
+        helper.make_node(
+            "Add",
+            [f"{prefix}/past_shape", f"{prefix}/new_len"],
+            [f"{prefix}/total_shape"],
+            name=f"{prefix}/total_shape",
+        ),
+    ]
     return nodes, f"{prefix}/total_shape"
 
 
@@ -267,29 +289,40 @@ def _append_only_layer(graph: _Graph, layer: int) -> bool:
         graph.graph.node.remove(concat)
     qk, pv = nodes[f"{p}/qk"], nodes[f"{p}/pv"]
     query, probs = qk.input[0], pv.input[0]
-    graph.insert_before(qk, [
-        helper.make_node("Transpose", [past_k], [f"{p}/past_k_t"], perm=[0, 1, 3, 2], name=f"{p}/past_k_t"),
-        helper.make_node("Transpose", [new_k], [f"{p}/new_k_t"], perm=[0, 1, 3, 2], name=f"{p}/new_k_t"),
-        helper.make_node("MatMul", [query, f"{p}/past_k_t"], [f"{p}/scores_past"], name=f"{p}/qk_past"),
-        helper.make_node("MatMul", [query, f"{p}/new_k_t"], [f"{p}/scores_new"], name=f"{p}/qk_new"),
-        # (batch, kv_heads, group * seq, past_capacity + new_len)
-        helper.make_node("Concat", [f"{p}/scores_past", f"{p}/scores_new"], [qk.output[0]], axis=-1,
-                         name=f"{p}/scores_concat"),
-    ])
+    graph.insert_before(
+        qk,
+        [
+            helper.make_node("Transpose", [past_k], [f"{p}/past_k_t"], perm=[0, 1, 3, 2], name=f"{p}/past_k_t"),
+            helper.make_node("Transpose", [new_k], [f"{p}/new_k_t"], perm=[0, 1, 3, 2], name=f"{p}/new_k_t"),
+            helper.make_node("MatMul", [query, f"{p}/past_k_t"], [f"{p}/scores_past"], name=f"{p}/qk_past"),
+            helper.make_node("MatMul", [query, f"{p}/new_k_t"], [f"{p}/scores_new"], name=f"{p}/qk_new"),
+            # (batch, kv_heads, group * seq, past_capacity + new_len)
+            helper.make_node(
+                "Concat", [f"{p}/scores_past", f"{p}/scores_new"], [qk.output[0]], axis=-1, name=f"{p}/scores_concat"
+            ),
+        ],
+    )
     graph.graph.node.remove(qk)
-    axis, start, end, length_axis = (graph.constant(f"{p}/{k}", [v]) for k, v in
-                                     (("last_axis", 3), ("zero", 0), ("to_end", np.iinfo(np.int64).max),
-                                      ("length_axis", 2)))
-    graph.insert_before(pv, [
-        helper.make_node("Shape", [past_v], [f"{p}/past_v_shape"], name=f"{p}/past_v_shape"),
-        helper.make_node("Gather", [f"{p}/past_v_shape", length_axis], [f"{p}/past_len"], axis=0,
-                         name=f"{p}/past_len"),
-        helper.make_node("Slice", [probs, start, f"{p}/past_len", axis], [f"{p}/probs_past"], name=f"{p}/probs_past"),
-        helper.make_node("Slice", [probs, f"{p}/past_len", end, axis], [f"{p}/probs_new"], name=f"{p}/probs_new"),
-        helper.make_node("MatMul", [f"{p}/probs_past", past_v], [f"{p}/out_past"], name=f"{p}/pv_past"),
-        helper.make_node("MatMul", [f"{p}/probs_new", new_v], [f"{p}/out_new"], name=f"{p}/pv_new"),
-        helper.make_node("Add", [f"{p}/out_past", f"{p}/out_new"], [pv.output[0]], name=f"{p}/pv_sum"),
-    ])
+    axis, start, end, length_axis = (
+        graph.constant(f"{p}/{k}", [v])
+        for k, v in (("last_axis", 3), ("zero", 0), ("to_end", np.iinfo(np.int64).max), ("length_axis", 2))
+    )
+    graph.insert_before(
+        pv,
+        [
+            helper.make_node("Shape", [past_v], [f"{p}/past_v_shape"], name=f"{p}/past_v_shape"),
+            helper.make_node(
+                "Gather", [f"{p}/past_v_shape", length_axis], [f"{p}/past_len"], axis=0, name=f"{p}/past_len"
+            ),
+            helper.make_node(
+                "Slice", [probs, start, f"{p}/past_len", axis], [f"{p}/probs_past"], name=f"{p}/probs_past"
+            ),
+            helper.make_node("Slice", [probs, f"{p}/past_len", end, axis], [f"{p}/probs_new"], name=f"{p}/probs_new"),
+            helper.make_node("MatMul", [f"{p}/probs_past", past_v], [f"{p}/out_past"], name=f"{p}/pv_past"),
+            helper.make_node("MatMul", [f"{p}/probs_new", new_v], [f"{p}/out_new"], name=f"{p}/pv_new"),
+            helper.make_node("Add", [f"{p}/out_past", f"{p}/out_new"], [pv.output[0]], name=f"{p}/pv_sum"),
+        ],
+    )
     graph.graph.node.remove(pv)
     return True
 
@@ -310,8 +343,12 @@ def _attention_bias(graph: _Graph, softmax) -> tuple | None:
         return None
     for bias_input in add.input:
         where = graph.producer(bias_input)
-        if where is not None and where.op_type == "Where" and graph.scalar(where.input[1]) == 0.0 \
-                and graph.scalar(where.input[2]) == float("-inf"):
+        if (
+            where is not None
+            and where.op_type == "Where"
+            and graph.scalar(where.input[1]) == 0.0
+            and graph.scalar(where.input[2]) == float("-inf")
+        ):
             sliced = graph.producer(where.input[0])
             if sliced is not None and sliced.op_type == "Slice":
                 return add, where, sliced
@@ -353,8 +390,12 @@ def share_attention_bias(graph: _Graph) -> bool:
         return False
     first_add, first_where, _ = found[0]
     lowest = graph.constant("/condgen/bias/lowest", np.finfo(np.float32).min, dtype=np.float32)
-    shared = helper.make_node("Where", [first_where.input[0], first_where.input[1], lowest], ["/condgen/bias/shared"],
-                              name="/condgen/bias/Where")
+    shared = helper.make_node(
+        "Where",
+        [first_where.input[0], first_where.input[1], lowest],
+        ["/condgen/bias/shared"],
+        name="/condgen/bias/Where",
+    )
     graph.insert_before(first_where, [shared])
     for add, where, _ in found:
         add.input[list(add.input).index(where.output[0])] = shared.output[0]
@@ -365,8 +406,9 @@ def share_attention_bias(graph: _Graph) -> bool:
     return True
 
 
-def optimise_graph(model_path: Path, heads: int, kv_heads: int, head_dim: int, layers: int,
-                   append_only: bool = True) -> list[str]:
+def optimise_graph(
+    model_path: Path, heads: int, kv_heads: int, head_dim: int, layers: int, append_only: bool = True
+) -> list[str]:
     """Apply the rewrites to the graph at `model_path` in place; returns the names of those applied."""
     import onnx
 

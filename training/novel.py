@@ -22,6 +22,7 @@ synthetic rows per intent; the evaluation folds report with those choices. A jud
 the full training split measures the share of kept rows labelled as requested (a diagnostic,
 never a filter).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -123,11 +124,13 @@ def split_folds(intents: list[str], novel_per_fold: int, folds: int, seed: int) 
     """`folds` + 1 disjoint, seeded sets of novel intents (the first is the tuning fold)."""
     wanted = (folds + 1) * novel_per_fold
     if wanted > len(intents) - 1:
-        raise NovelError(f"{folds + 1} folds of {novel_per_fold} novel intents need {wanted} intents and at "
-                         f"least one base intent; the data has {len(intents)}: lower --folds or --novel-per-fold")
+        raise NovelError(
+            f"{folds + 1} folds of {novel_per_fold} novel intents need {wanted} intents and at "
+            f"least one base intent; the data has {len(intents)}: lower --folds or --novel-per-fold"
+        )
     order = sorted(intents)
     random.Random(seed).shuffle(order)
-    return [sorted(order[i * novel_per_fold:(i + 1) * novel_per_fold]) for i in range(folds + 1)]
+    return [sorted(order[i * novel_per_fold : (i + 1) * novel_per_fold]) for i in range(folds + 1)]
 
 
 def fold_data(number: int, records: list[LabelledText], novel: list[str], shots: int, seed: int) -> FoldData:
@@ -176,11 +179,15 @@ def metrics(model, test: list[LabelledText], novel: list[str]) -> dict:
     on_novel = [(t, p) for t, p in zip(truth, predicted) if t in novel_set]
     on_base = [(t, p) for t, p in zip(truth, predicted) if t not in novel_set]
     recall = {i: statistics.mean(p == t for t, p in on_novel if t == i) for i in novel}
-    return {"novel_acc": _accuracy(on_novel), "base_acc": _accuracy(on_base),
-            "overall_acc": _accuracy(list(zip(truth, predicted))),
-            "novel_macro_f1": float(f1_score([t for t, _ in on_novel], [p for _, p in on_novel], labels=novel,
-                                             average="macro", zero_division=0)),
-            "novel_recall": recall}
+    return {
+        "novel_acc": _accuracy(on_novel),
+        "base_acc": _accuracy(on_base),
+        "overall_acc": _accuracy(list(zip(truth, predicted))),
+        "novel_macro_f1": float(
+            f1_score([t for t, _ in on_novel], [p for _, p in on_novel], labels=novel, average="macro", zero_division=0)
+        ),
+        "novel_recall": recall,
+    }
 
 
 def _accuracy(pairs) -> float:
@@ -190,15 +197,17 @@ def _accuracy(pairs) -> float:
 def recipes(fold: FoldData, synthetic: list[LabelledText], seed: int) -> dict[str, tuple[list, bool]]:
     """Training rows and class weighting of every recipe compared."""
     per_intent = Counter(r.intent for r in synthetic)
-    topline = [r for i in fold.novel for r in fold.held_back[i][:per_intent.get(i, 0)]]
+    topline = [r for i in fold.novel for r in fold.held_back[i][: per_intent.get(i, 0)]]
     novel = set(fold.novel)
     base_counts = Counter(r.intent for r in fold.train if r.intent not in novel)
     typical = int(statistics.median(base_counts.values()))  # oversample the novel rows up to a base intent's
-    return {"real": (fold.train, False),
-            "oversampled": (oversample(fold.train, fold.novel, typical, seed), False),
-            "balanced": (fold.train, True),
-            "augmented": (fold.train + synthetic, False),
-            "topline": (fold.train + topline, False)}
+    return {
+        "real": (fold.train, False),
+        "oversampled": (oversample(fold.train, fold.novel, typical, seed), False),
+        "balanced": (fold.train, True),
+        "augmented": (fold.train + synthetic, False),
+        "topline": (fold.train + topline, False),
+    }
 
 
 def score_recipes(fold: FoldData, synthetic: list[LabelledText], test, seed: int, only=None) -> dict[str, dict]:
@@ -246,8 +255,9 @@ async def _generate(bundle: Path, spec, context_examples: int) -> tuple[list, An
     from condgen.server.scheduler import Scheduler, SchedulerConfig
 
     checking = LabelCheckConfig(context_examples=context_examples, supplied_context_examples=context_examples)
-    async with Scheduler.for_bundle(bundle, SchedulerConfig(prefix_cache_tokens=16384),
-                                    label_check=checking) as scheduler:
+    async with Scheduler.for_bundle(
+        bundle, SchedulerConfig(prefix_cache_tokens=16384), label_check=checking
+    ) as scheduler:
         started = time.perf_counter()
         records, summary = await scheduler.collect(spec)
         return records, summary, time.perf_counter() - started
@@ -258,14 +268,27 @@ def generate(config: NovelConfig, fold: FoldData, bundle: Path, margin: float, p
     from condgen.server.requests import GenerationSpec
     from condgen.server.sampling import SamplingSettings
 
-    spec = GenerationSpec(intents=tuple(fold.novel), num_records=per_intent, seed=config.seed * 100 + fold.number,
-                          sampling=SamplingSettings(temperature=config.temperature, top_p=config.top_p),
-                          max_new_tokens=48 if config.quick else 128, num_prompt_examples=config.prompt_examples,
-                          avoid_recent_duplicates=False, label_check=True, label_margin=margin,
-                          examples=request_examples(config, fold))
+    spec = GenerationSpec(
+        intents=tuple(fold.novel),
+        num_records=per_intent,
+        seed=config.seed * 100 + fold.number,
+        sampling=SamplingSettings(temperature=config.temperature, top_p=config.top_p),
+        max_new_tokens=48 if config.quick else 128,
+        num_prompt_examples=config.prompt_examples,
+        avoid_recent_duplicates=False,
+        label_check=True,
+        label_margin=margin,
+        examples=request_examples(config, fold),
+    )
     records, summary, seconds = asyncio.run(_generate(bundle, spec, config.label_context_examples))
-    log.info("fold %d: %d rows in %.0f s (%d lines, rejected %s)", fold.number, len(records), seconds,
-             summary.lines_parsed, dict(summary.rejected))
+    log.info(
+        "fold %d: %d rows in %.0f s (%d lines, rejected %s)",
+        fold.number,
+        len(records),
+        seconds,
+        summary.lines_parsed,
+        dict(summary.rejected),
+    )
     return records, summary, seconds
 
 
@@ -305,8 +328,11 @@ def tune(config: NovelConfig, fold: FoldData, test, judge) -> tuple[Choices, dic
     counts = sorted({max(1, config.per_intent // 2), config.per_intent})
     for margin in TUNE_MARGINS:
         share = [ok for r, ok in zip(records, right) if r.label_margin >= margin]
-        entry = {"margin": margin, "kept_share": len(share) / len(records) if records else 0.0,
-                 "label_precision": sum(share) / len(share) if share else 0.0}
+        entry = {
+            "margin": margin,
+            "kept_share": len(share) / len(records) if records else 0.0,
+            "label_precision": sum(share) / len(share) if share else 0.0,
+        }
         for count in counts:
             rows = kept(records, margin, count)
             acc = metrics(fit(fold.train + rows), test, fold.novel)["novel_acc"]
@@ -318,8 +344,13 @@ def tune(config: NovelConfig, fold: FoldData, test, judge) -> tuple[Choices, dic
     assert best is not None  # TUNE_MARGINS and counts are not empty
     choices = Choices(baseline, best[1], best[2])
     baselines = {k: v["novel_acc"] for k, v in scores.items()}
-    return choices, {"fold": fold.number, "novel": fold.novel, "baselines": baselines, "sweep": sweep,
-                     "choices": asdict(choices)}
+    return choices, {
+        "fold": fold.number,
+        "novel": fold.novel,
+        "baselines": baselines,
+        "sweep": sweep,
+        "choices": asdict(choices),
+    }
 
 
 def run_fold(config: NovelConfig, fold: FoldData, test, judge, choices: Choices) -> FoldResult:
@@ -334,9 +365,17 @@ def run_fold(config: NovelConfig, fold: FoldData, test, judge, choices: Choices)
     scores = score_recipes(fold, rows, test, config.seed)
     base, aug = scores[choices.baseline]["novel_recall"], scores["augmented"]["novel_recall"]
     right = judged_right(judge, rows)
-    return FoldResult(fold.number, fold.novel, scores, sum(right) / len(right) if right else 0.0,
-                      copy_share(fold, rows), len(rows) / seconds if seconds else 0.0, len(rows),
-                      time.time() - started, {i: (aug[i] - base[i]) * 100 for i in fold.novel})
+    return FoldResult(
+        fold.number,
+        fold.novel,
+        scores,
+        sum(right) / len(right) if right else 0.0,
+        copy_share(fold, rows),
+        len(rows) / seconds if seconds else 0.0,
+        len(rows),
+        time.time() - started,
+        {i: (aug[i] - base[i]) * 100 for i in fold.novel},
+    )
 
 
 def summarise(config: NovelConfig, choices: Choices, results: list[FoldResult], tuning: dict, seconds: float) -> dict:
@@ -349,12 +388,18 @@ def summarise(config: NovelConfig, choices: Choices, results: list[FoldResult], 
     gains = [(r.scores["augmented"]["novel_acc"] - r.scores[choices.baseline]["novel_acc"]) * 100 for r in results]
     per_intent = {i: g for r in results for i, g in r.per_intent_gain_points.items()}
     return {
-        "setting": "novel", "generator": config.generator, "shots": config.shots,
-        "novel_per_fold": config.novel_per_fold, "folds": len(results), "per_intent": choices.rows_per_intent,
-        "label_margin": choices.margin, "baseline_name": choices.baseline,
+        "setting": "novel",
+        "generator": config.generator,
+        "shots": config.shots,
+        "novel_per_fold": config.novel_per_fold,
+        "folds": len(results),
+        "per_intent": choices.rows_per_intent,
+        "label_margin": choices.margin,
+        "baseline_name": choices.baseline,
         "novel_acc_baseline": mean(choices.baseline, "novel_acc"),
         "novel_acc_augmented": mean("augmented", "novel_acc"),
-        "novel_gain_points": statistics.mean(gains), "novel_gain_ci95": paired_ci95(gains),
+        "novel_gain_points": statistics.mean(gains),
+        "novel_gain_ci95": paired_ci95(gains),
         "novel_acc_topline": mean("topline", "novel_acc"),
         "novel_acc_by_recipe": {name: mean(name, "novel_acc") for name in results[0].scores},
         "novel_macro_f1_baseline": mean(choices.baseline, "novel_macro_f1"),
@@ -364,34 +409,50 @@ def summarise(config: NovelConfig, choices: Choices, results: list[FoldResult], 
         "label_precision": statistics.mean(r.label_precision for r in results),
         "train_copy_rate": statistics.mean(r.train_copy_rate for r in results),
         "records_per_second": statistics.mean(r.records_per_second for r in results),
-        "per_intent_gain_points": per_intent, "seconds": seconds, "tuning": tuning,
+        "per_intent_gain_points": per_intent,
+        "seconds": seconds,
+        "tuning": tuning,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
-        "per_fold": [{**{k: v for k, v in asdict(r).items() if k != "scores"},
-                      "novel_gain_points": g,
-                      "scores": {name: {k: v for k, v in s.items() if k != "novel_recall"}
-                                 for name, s in r.scores.items()}} for r, g in zip(results, gains)],
+        "per_fold": [
+            {
+                **{k: v for k, v in asdict(r).items() if k != "scores"},
+                "novel_gain_points": g,
+                "scores": {name: {k: v for k, v in s.items() if k != "novel_recall"} for name, s in r.scores.items()},
+            }
+            for r, g in zip(results, gains)
+        ],
     }
 
 
 def write_novel_report(output: Path, report: dict) -> None:
     from condgen.training.plots import plot_margin_precision, plot_per_intent
 
-    plots = [plot_per_intent(output / "per_intent_gain.png", report),
-             plot_margin_precision(output / "label_precision.png", report["tuning"]["sweep"])]
-    lines = [f"# condgen evaluate --setting novel ({report['generator']} generator)", "",
-             f"{report['folds']} evaluation folds of {report['novel_per_fold']} novel intents with "
-             f"{report['shots']} real rows each; every other intent keeps all its rows. Tuning fold choices: "
-             f"baseline `{report['baseline_name']}`, label margin {report['label_margin']}, "
-             f"{report['per_intent']} synthetic rows per novel intent.", "",
-             "| recipe | novel-intent accuracy (mean over folds) |", "|---|---|"]
+    plots = [
+        plot_per_intent(output / "per_intent_gain.png", report),
+        plot_margin_precision(output / "label_precision.png", report["tuning"]["sweep"]),
+    ]
+    lines = [
+        f"# condgen evaluate --setting novel ({report['generator']} generator)",
+        "",
+        f"{report['folds']} evaluation folds of {report['novel_per_fold']} novel intents with "
+        f"{report['shots']} real rows each; every other intent keeps all its rows. Tuning fold choices: "
+        f"baseline `{report['baseline_name']}`, label margin {report['label_margin']}, "
+        f"{report['per_intent']} synthetic rows per novel intent.",
+        "",
+        "| recipe | novel-intent accuracy (mean over folds) |",
+        "|---|---|",
+    ]
     lines += [f"| {name} | {acc:.1%} |" for name, acc in report["novel_acc_by_recipe"].items()]
-    lines += ["", f"- novel-intent gain over `{report['baseline_name']}`: {report['novel_gain_points']:+.1f} points "
-              f"(95% CI {report['novel_gain_ci95'][0]:+.1f} to {report['novel_gain_ci95'][1]:+.1f})",
-              f"- base-intent accuracy change: {report['base_acc_delta_points']:+.2f} points; overall: "
-              f"{report['overall_gain_points']:+.2f} points",
-              f"- kept rows labelled as requested by the full-data judge: {report['label_precision']:.1%}; "
-              f"training copies: {report['train_copy_rate']:.1%}; {report['records_per_second']:.2f} records/s",
-              ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    lines += [
+        "",
+        f"- novel-intent gain over `{report['baseline_name']}`: {report['novel_gain_points']:+.1f} points "
+        f"(95% CI {report['novel_gain_ci95'][0]:+.1f} to {report['novel_gain_ci95'][1]:+.1f})",
+        f"- base-intent accuracy change: {report['base_acc_delta_points']:+.2f} points; overall: "
+        f"{report['overall_gain_points']:+.2f} points",
+        f"- kept rows labelled as requested by the full-data judge: {report['label_precision']:.1%}; "
+        f"training copies: {report['train_copy_rate']:.1%}; {report['records_per_second']:.2f} records/s",
+        "",
+    ] + [f"![{p.stem}]({p.name})" for p in plots]
     (output / "report.md").write_text("\n".join(lines) + "\n")
 
 
@@ -405,8 +466,10 @@ def evaluate_novel(config: NovelConfig) -> dict:
     test = load_records(config.test, config.text_column, config.label_column)
     judge = fit(train)  # the full-data judge: diagnostics only
     intents = sorted({r.intent for r in train})
-    folds = [fold_data(n, train, novel, config.shots, config.seed)
-             for n, novel in enumerate(split_folds(intents, config.novel_per_fold, config.folds, config.seed))]
+    folds = [
+        fold_data(n, train, novel, config.shots, config.seed)
+        for n, novel in enumerate(split_folds(intents, config.novel_per_fold, config.folds, config.seed))
+    ]
     choices, tuning = tune(config, folds[0], test, judge)
     log.info("tuning fold chose %s", choices)
     results = [run_fold(config, fold, test, judge, choices) for fold in folds[1:]]
@@ -418,5 +481,11 @@ def evaluate_novel(config: NovelConfig) -> dict:
 
 def quick_config(config: NovelConfig) -> NovelConfig:
     """The tests' settings: the tiny model, few steps, small folds."""
-    return replace(config, quick=True, steps=min(config.steps, 60), per_intent=min(config.per_intent, 4),
-                   novel_per_fold=min(config.novel_per_fold, 2), folds=1)
+    return replace(
+        config,
+        quick=True,
+        steps=min(config.steps, 60),
+        per_intent=min(config.per_intent, 4),
+        novel_per_fold=min(config.novel_per_fold, 2),
+        folds=1,
+    )

@@ -1,4 +1,5 @@
 """PNG plots (matplotlib, headless): the augmentation report (with report.md) and the training loss curve."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,8 +27,12 @@ def plot_accuracy(path: Path, report: dict) -> Path:
     base, aug = report["baseline_acc"], report["augmented_acc"]
     for b, a in zip(base, aug):
         ax.plot([0, 1], [b * 100, a * 100], color="grey", alpha=0.6, marker="o")
-    ax.bar([0, 1], [report["baseline_acc_mean"] * 100, report["augmented_acc_mean"] * 100], alpha=0.4,
-           color=["tab:blue", "tab:orange"])
+    ax.bar(
+        [0, 1],
+        [report["baseline_acc_mean"] * 100, report["augmented_acc_mean"] * 100],
+        alpha=0.4,
+        color=["tab:blue", "tab:orange"],
+    )
     ax.set_xticks([0, 1], ["real only", "real + synthetic"])
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"gain {report['gain_points']:+.2f} points (lines: seeds)")
@@ -76,14 +81,31 @@ def plot_loss_curve(path: Path, metrics: dict) -> Path:
     train = [(row["step"], row["loss"]) for row in metrics.get("train", []) if row.get("loss") is not None]
     evals = [(row["step"], row["eval_loss"]) for row in metrics.get("eval", []) if row.get("eval_loss") is not None]
     if train:
-        ax.plot([s for s, _ in train], [v for _, v in train], color="tab:blue", marker="." if len(train) < 50 else None,
-                label="training loss")
+        ax.plot(
+            [s for s, _ in train],
+            [v for _, v in train],
+            color="tab:blue",
+            marker="." if len(train) < 50 else None,
+            label="training loss",
+        )
     if evals:
-        ax.plot([s for s, _ in evals], [v for _, v in evals], color="tab:orange", marker="o", linestyle="--",
-                label="validation loss")
+        ax.plot(
+            [s for s, _ in evals],
+            [v for _, v in evals],
+            color="tab:orange",
+            marker="o",
+            linestyle="--",
+            label="validation loss",
+        )
     if not train and not evals:
-        ax.text(0.5, 0.5, "no loss logged yet (fewer steps than logging_steps)", ha="center", va="center",
-                transform=ax.transAxes)
+        ax.text(
+            0.5,
+            0.5,
+            "no loss logged yet (fewer steps than logging_steps)",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("loss (cross-entropy per token)")
     steps = metrics.get("global_step")
@@ -96,9 +118,11 @@ def plot_loss_curve(path: Path, metrics: dict) -> Path:
 
 
 def write_plots(folder: Path, report: dict, real, synthetic) -> dict[str, Path]:
-    return {"accuracy": plot_accuracy(folder / "accuracy.png", report),
-            "per_intent": plot_per_intent(folder / "per_intent_gain.png", report),
-            "lengths": plot_lengths(folder / "lengths.png", real, synthetic)}
+    return {
+        "accuracy": plot_accuracy(folder / "accuracy.png", report),
+        "per_intent": plot_per_intent(folder / "per_intent_gain.png", report),
+        "lengths": plot_lengths(folder / "lengths.png", real, synthetic),
+    }
 
 
 def _percent(value) -> str:
@@ -107,29 +131,31 @@ def _percent(value) -> str:
 
 def write_markdown(path: Path, report: dict, plots: dict[str, Path]) -> Path:
     config = report["config"]
-    rows = "\n".join(f"| {seed} | {b:.4f} | {a:.4f} | {(a - b) * 100:+.2f} |"
-                     for seed, b, a in zip(config["seeds"], report["baseline_acc"], report["augmented_acc"]))
+    rows = "\n".join(
+        f"| {seed} | {b:.4f} | {a:.4f} | {(a - b) * 100:+.2f} |"
+        for seed, b, a in zip(config["seeds"], report["baseline_acc"], report["augmented_acc"])
+    )
     low, high = report["gain_ci95"]
     text = f"""# condgen augmentation report
 
-{config['shots']} real examples per intent, {config['per_intent']} synthetic records per intent,
-base model `{config['base_model']}`{' (quick run, tiny model)' if config['quick'] else ''}, seeds {config['seeds']}.
+{config["shots"]} real examples per intent, {config["per_intent"]} synthetic records per intent,
+base model `{config["base_model"]}`{" (quick run, tiny model)" if config["quick"] else ""}, seeds {config["seeds"]}.
 Classifier: TF-IDF (word 1-2, char 2-5) + logistic regression, fixed hyper-parameters.
 
 | seed | real only | real + synthetic | gain (points) |
 |---|---|---|---|
 {rows}
 
-- accuracy gain: **{report['gain_points']:+.2f} points**, 95% CI [{low:+.2f}, {high:+.2f}] (paired over seeds)
-- macro-F1 gain: {report['macro_f1_gain_points']:+.2f} points
-- fidelity (full-train judge, mean P(requested intent)): {report['fidelity_mean']:.3f}
-- copies of the few-shot set: {report['train_copy_rate']:.2%}; distinct-2: {report['distinct_2']:.3f};
-  acceptance: {_percent(report['acceptance_rate'])}
-- time: {report['seconds'] / 60:.1f} minutes
+- accuracy gain: **{report["gain_points"]:+.2f} points**, 95% CI [{low:+.2f}, {high:+.2f}] (paired over seeds)
+- macro-F1 gain: {report["macro_f1_gain_points"]:+.2f} points
+- fidelity (full-train judge, mean P(requested intent)): {report["fidelity_mean"]:.3f}
+- copies of the few-shot set: {report["train_copy_rate"]:.2%}; distinct-2: {report["distinct_2"]:.3f};
+  acceptance: {_percent(report["acceptance_rate"])}
+- time: {report["seconds"] / 60:.1f} minutes
 
-![accuracy]({plots['accuracy'].name})
-![per-intent gain]({plots['per_intent'].name})
-![lengths]({plots['lengths'].name})
+![accuracy]({plots["accuracy"].name})
+![per-intent gain]({plots["per_intent"].name})
+![lengths]({plots["lengths"].name})
 """
     path.write_text(text)
     return path
