@@ -45,6 +45,8 @@ def _add_train(sub) -> None:
 
 
 def _add_export(sub) -> None:
+    from condgen.training.export import CACHE_LAYOUTS, DEFAULT_MIN_TOP1, DEFAULT_TOLERANCE, VARIANTS
+
     p = sub.add_parser(
         "export",
         help="export a checkpoint to a servable ONNX bundle",
@@ -56,25 +58,26 @@ def _add_export(sub) -> None:
     p.add_argument(
         "--parity-tolerance",
         type=float,
-        default=1e-3,
-        help="largest allowed |PyTorch - ONNX| logit difference for fp32 (default 1e-3)",
+        default=DEFAULT_TOLERANCE,
+        help=f"largest allowed |PyTorch - ONNX| logit difference for fp32 (default {DEFAULT_TOLERANCE:g})",
     )
     p.add_argument(
         "--variant",
-        choices=("fp32", "fp16", "int8"),
-        default="fp32",
+        choices=VARIANTS,
+        default=VARIANTS[0],
         help="fp32 (default); fp16 for GPUs; int8 (dynamic quantisation) for CPUs",
     )
     p.add_argument(
         "--min-top1-agreement",
         type=float,
-        default=0.9,
-        help="fp16/int8: least share of positions where ONNX and PyTorch pick the same token",
+        default=DEFAULT_MIN_TOP1,
+        help=f"fp16/int8 (default {DEFAULT_MIN_TOP1:g}): least share of positions where ONNX and PyTorch "
+        "pick the same token",
     )
     p.add_argument(
         "--cache",
-        choices=("auto", "append", "whole"),
-        default="auto",
+        choices=CACHE_LAYOUTS,
+        default=CACHE_LAYOUTS[0],
         help="KV cache of the graph: `append` returns only each step's new entries, which the "
         "server writes into its buffers in place (fastest on CPUs); `whole` returns past + new, "
         "so that under CUDA the cache can stay on the GPU (IO binding); auto: whole for fp16, "
@@ -83,6 +86,11 @@ def _add_export(sub) -> None:
 
 
 def _add_serve(sub) -> None:
+    from condgen.server.app import ServeConfig
+    from condgen.server.engine import DEVICES, EngineConfig
+    from condgen.server.heap import HeapConfig
+    from condgen.server.scheduler import SchedulerConfig
+
     p = sub.add_parser(
         "serve",
         help="serve a bundle over gRPC",
@@ -90,20 +98,31 @@ def _add_serve(sub) -> None:
         "SIGTERM/SIGINT drain in-flight streams, then exit 0.",
     )
     p.add_argument("--bundle", type=Path, required=True, help="folder written by `condgen export`")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
-    p.add_argument("--port", type=int, default=50051, help="port (0 picks a free one)")
+    p.add_argument(
+        "--host", default=ServeConfig.host, help=f"address to bind (default {ServeConfig.host}; 0.0.0.0 for all)"
+    )
+    p.add_argument(
+        "--port", type=int, default=ServeConfig.port, help=f"port (default {ServeConfig.port}; 0 picks a free one)"
+    )
     p.add_argument(
         "--device",
-        choices=("auto", "cpu", "cuda"),
-        default="auto",
+        choices=DEVICES,
+        default=EngineConfig.device,
         help="auto uses CUDA when onnxruntime-gpu sees a GPU",
     )
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: one per core)")
-    p.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together (memory grows with it)")
+    p.add_argument(
+        "--threads", type=int, default=EngineConfig.threads, help="ONNX Runtime intra-op threads (0: one per core)"
+    )
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=SchedulerConfig.max_batch_size,
+        help=f"sequences decoded together (default {SchedulerConfig.max_batch_size}; memory grows with it)",
+    )
     p.add_argument(
         "--max-batch-tokens",
         type=int,
-        default=0,
+        default=SchedulerConfig.max_batch_tokens,
         help="KV-cache budget of the running batch in tokens (rows x longest reserved row length: "
         "prompt + max_new_tokens + re-fed prefixes, estimated); rounds beyond it wait. "
         "0: bounded by --max-batch-size only",
@@ -111,23 +130,29 @@ def _add_serve(sub) -> None:
     p.add_argument(
         "--max-active-requests",
         type=int,
-        default=256,
-        help="requests in flight; beyond it calls get RESOURCE_EXHAUSTED",
+        default=SchedulerConfig.max_active_requests,
+        help=f"requests in flight (default {SchedulerConfig.max_active_requests}); beyond it calls get "
+        "RESOURCE_EXHAUSTED",
     )
     p.add_argument(
         "--prefix-cache-tokens",
         type=int,
-        default=4096,
+        default=SchedulerConfig.prefix_cache_tokens,
         help="prompt tokens of recurring prompts' prefills kept for reuse (prompts showing every "
         "example of their intent; 0 disables the prefix cache)",
     )
     p.add_argument(
         "--io-binding",
         choices=("auto", "on", "off"),
-        default="auto",
+        default=EngineConfig.io_binding,
         help="keep the KV cache on the device between steps (auto: on under CUDA)",
     )
-    p.add_argument("--grace-seconds", type=float, default=30.0, help="drain time on shutdown")
+    p.add_argument(
+        "--grace-seconds",
+        type=float,
+        default=ServeConfig.grace_seconds,
+        help=f"drain time on shutdown (default {ServeConfig.grace_seconds:g})",
+    )
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS (with --tls-key)")
     p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     p.add_argument("--tls-client-ca", type=Path, help="PEM CA bundle: require client certificates (mutual TLS)")
@@ -153,15 +178,17 @@ def _add_serve(sub) -> None:
     heap.add_argument(
         "--mmap-threshold-mib",
         type=float,
-        default=4.0,
-        help="freed buffers this big or bigger go back to the system at once (default 4; "
+        default=HeapConfig.mmap_threshold_bytes / (1 << 20),
+        help=f"freed buffers this big or bigger go back to the system at once "
+        f"(default {HeapConfig.mmap_threshold_bytes / (1 << 20):g}; "
         "0 keeps glibc's sliding threshold)",
     )
     heap.add_argument(
         "--heap-trim-seconds",
         type=float,
-        default=1.0,
-        help="hand free heap pages back to the system this often (default 1; 0 never)",
+        default=HeapConfig.trim_interval_seconds,
+        help=f"hand free heap pages back to the system this often "
+        f"(default {HeapConfig.trim_interval_seconds:g}; 0 never)",
     )
     label = p.add_argument_group(
         "label check (the served model scores each line under the requested intent and "

@@ -1,7 +1,8 @@
 """The record codec: one labelled record <-> one `intent<sep>text` line.
 
-Training writes lines with `encode_line`, the server parses generated lines with
-`decode_line`, and the client gets records already split. Texts keep their commas (only
+Training writes lines with `encode_line` / `training_line`, the server prompts the model with
+`prompt_text` (examples, then `intent,`) and parses generated lines with `decode_line`, and the
+client gets records already split: the format lives here alone. Texts keep their commas (only
 the first separator splits a line); embedded newlines and runs of whitespace are folded
 to single spaces; a label that contains the separator or a line break is rejected.
 """
@@ -69,9 +70,25 @@ def decode_line(line: str, separator: str = DEFAULT_SEPARATOR) -> LabelledText:
     return LabelledText(intent=intent, text=fold_text(text))
 
 
+def training_line(intent: str, text: str, separator: str = DEFAULT_SEPARATOR) -> str:
+    """One record as the model reads and writes it: its line and the line break that ends it."""
+    return encode_line(intent, text, separator) + "\n"
+
+
 def encode_records(records, separator: str = DEFAULT_SEPARATOR) -> str:
     """Encode (intent, text) pairs as newline-terminated lines, ready for a language model."""
-    return "".join(encode_line(intent, text, separator) + "\n" for intent, text in records)
+    return "".join(training_line(intent, text, separator) for intent, text in records)
+
+
+def line_prefix(intent: str, separator: str = DEFAULT_SEPARATOR) -> str:
+    """The start of every line the model writes for `intent`."""
+    return f"{intent}{separator}"
+
+
+def prompt_text(intent: str, texts, separator: str = DEFAULT_SEPARATOR) -> str:
+    """The prompt format shared by serving, the label check and export's parity check: the
+    examples of one intent as training lines, then the open line `intent,` to continue."""
+    return "".join(training_line(intent, text, separator) for text in texts) + line_prefix(intent, separator)
 
 
 _NON_WORD = re.compile(r"[^\w\s]+")

@@ -24,10 +24,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from condgen.codec import encode_line
+from condgen.codec import prompt_text
 from condgen.server.fidelity import FidelityScorer
 from condgen.server.limits import LabelCheckConfig
-from condgen.server.prompts import line_prefix
 
 NOT_CHECKED = math.nan  # the margin of a line that had no rival to be compared with
 
@@ -112,6 +111,5 @@ class LabelChecker:
         if key not in self._contexts:
             if len(self._contexts) > 10_000:
                 self._contexts.clear()  # request-supplied intents come and go: keep the memo bounded
-            lines = "".join(encode_line(intent, t, self.separator) + "\n" for t in texts)
-            self._contexts[key] = self.engine.encode(lines + line_prefix(intent, self.separator))
+            self._contexts[key] = self.engine.encode(prompt_text(intent, texts, self.separator))
         return self._contexts[key]

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from condgen.codec import encode_line
+from condgen.codec import prompt_text
 
 
 def build_prompt(
@@ -24,10 +24,4 @@ def build_prompt(
     chosen: Any = rng.choice(len(texts), size=min(k, len(texts)), replace=False) if texts and k else []
     chosen = chosen if shuffle else np.sort(chosen)
     shown = [texts[int(i)] for i in chosen]
-    lines = "".join(encode_line(intent, text, separator) + "\n" for text in shown)
-    return lines + line_prefix(intent, separator), shown
-
-
-def line_prefix(intent: str, separator: str) -> str:
-    """The start of every line the model writes for `intent`."""
-    return f"{intent}{separator}"
+    return prompt_text(intent, shown, separator), shown

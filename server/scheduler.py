@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from condgen.bundle import read_examples, read_manifest
-from condgen.codec import normalize_for_match
+from condgen.codec import line_prefix, normalize_for_match
 from condgen.server.batch import Batch
 from condgen.server.engine import Engine, EngineConfig
 from condgen.server.errors import Overloaded, ShuttingDown
@@ -60,7 +60,7 @@ from condgen.server.limits import LabelCheckConfig
 from condgen.server.lines import LineKeeper, Sequence
 from condgen.server.policy import POLICIES, make_policy
 from condgen.server.prefix_cache import PrefixCache
-from condgen.server.prompts import build_prompt, line_prefix
+from condgen.server.prompts import build_prompt
 from condgen.server.records import CopyIndex, LengthBounds, RecordJudge
 from condgen.server.requests import GeneratedRecord, GenerationSpec, GenerationSummary, Job, RequestHandle, RequestState
 from condgen.server.sampling import sequence_rng, softmax_rows

@@ -163,3 +163,16 @@ def test_one_finite_attention_bias_serves_every_layer(bundle):
     assert len(adds) == read_manifest(bundle).onnx.num_layers
     assert {a.input[1] for a in adds} == {"/condgen/bias/shared"}
     assert "IsNaN" not in {n.op_type for n in graph.node}
+
+
+def test_an_append_cache_the_graph_cannot_take_is_said_not_silent():
+    import logging
+
+    from condgen.bundle import APPEND_ONLY_CACHE, GROUPED_QUERY_ATTENTION
+    from condgen.training.export import cache_note
+
+    level, message = cache_note("append", True, [GROUPED_QUERY_ATTENTION])
+    assert level == logging.WARNING and "whole cache" in message
+    assert cache_note("auto", True, [])[0] == logging.INFO
+    assert cache_note("append", True, [GROUPED_QUERY_ATTENTION, APPEND_ONLY_CACHE]) is None
+    assert cache_note("whole", False, []) is None

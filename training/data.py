@@ -12,7 +12,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from condgen.codec import CodecError, LabelledText, check_label, encode_line, fold_text
+from condgen.codec import CodecError, LabelledText, check_label, fold_text, training_line
 from condgen.errors import CondgenError
 
 LABEL_COLUMN_GUESSES = ("intent", "category", "label", "class")
@@ -133,7 +133,7 @@ def intent_counts(records: Iterable[LabelledText]) -> dict[str, int]:
 
 def encode_lines(records: Iterable[LabelledText], separator: str = ",") -> list[str]:
     """Each record as one newline-terminated training line."""
-    return [encode_line(r.intent, r.text, separator) + "\n" for r in records]
+    return [training_line(r.intent, r.text, separator) for r in records]
 
 
 def pack_blocks(

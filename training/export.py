@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from condgen.bundle import EXAMPLES_NAME, TOKENIZER_NAME, Manifest, OnnxInfo, write_manifest
-from condgen.codec import encode_line
+from condgen.bundle import APPEND_ONLY_CACHE, EXAMPLES_NAME, TOKENIZER_NAME, Manifest, OnnxInfo, write_manifest
+from condgen.codec import prompt_text
 from condgen.errors import CondgenError
 from condgen.training.finetune import read_training_info
 
@@ -33,6 +33,7 @@ MODEL_FILE = "model.onnx"
 DEFAULT_TOLERANCE = 1e-3
 DEFAULT_MIN_TOP1 = 0.9
 VARIANTS = ("fp32", "fp16", "int8")
+CACHE_LAYOUTS = ("auto", "append", "whole")  # the first is the default
 
 
 class ExportError(CondgenError, RuntimeError):
@@ -54,8 +55,7 @@ def parity_prompts(examples: dict[str, list[str]], separator: str, count: int = 
     for number, intent in enumerate(intents):
         wanted = 2 + number % max(1, shots - 1)
         texts = rng.sample(examples[intent], min(wanted, len(examples[intent])))
-        body = "".join(encode_line(intent, t, separator) + "\n" for t in texts)
-        prompts.append(body + encode_line(intent, "", separator))
+        prompts.append(prompt_text(intent, texts, separator))
     return prompts
 
 
@@ -136,6 +136,18 @@ def rewrite_graph(checkpoint: Path, model_path: Path, append_only: bool) -> list
     return optimise_graph(model_path, heads, kv_heads, head_dim, config.num_hidden_layers, append_only=append_only)
 
 
+def cache_note(cache: str, append_only: bool, rewrites: list[str]) -> tuple[int, str] | None:
+    """(log level, message) when the append-only cache was wanted but the graph could not take it:
+    a warning when `--cache append` asked for it, a note under `auto`."""
+    if not append_only or APPEND_ONLY_CACHE in rewrites:
+        return None
+    level = logging.WARNING if cache == "append" else logging.INFO
+    return level, (
+        "the append-only cache does not apply to this model's graph (it builds on the grouped-query attention "
+        "rewrite, which needs fewer KV heads than query heads): the bundle returns the whole cache"
+    )
+
+
 def convert_variant(model_path: Path, variant: str) -> None:
     """Rewrite the fp32 graph at `model_path` as the fp16 or int8 variant, in place."""
     import onnx
@@ -196,8 +208,8 @@ def export_bundle(
     """Export `checkpoint` (the output of `condgen train`) to the bundle folder `output`."""
     if variant not in VARIANTS:
         raise ExportError(f"variant {variant!r} is not one of {', '.join(VARIANTS)}")
-    if cache not in ("auto", "append", "whole"):
-        raise ExportError(f"cache {cache!r} is not one of auto, append, whole")
+    if cache not in CACHE_LAYOUTS:
+        raise ExportError(f"cache {cache!r} is not one of {', '.join(CACHE_LAYOUTS)}")
     import onnxruntime as ort
     from optimum.exporters.onnx import main_export
     from transformers import AutoTokenizer
@@ -222,6 +234,9 @@ def export_bundle(
     # auto: the fp16 (GPU) graph returns the whole cache, which IO binding keeps on the device
     append_only = cache == "append" or (cache == "auto" and variant != "fp16")
     rewrites = rewrite_graph(checkpoint, output / MODEL_FILE, append_only)
+    note = cache_note(cache, append_only, rewrites)
+    if note is not None:
+        log.log(*note)
     if variant != "fp32":
         log.info("converting the graph to %s", variant)
         convert_variant(output / MODEL_FILE, variant)
