@@ -193,6 +193,34 @@ class _Base:
     def _rotate(self) -> None:
         self._current = (self._current + 1) % len(self.targets)
 
+    # ---- the resume loop both clients run (only their waiting and iterating differ) ----------
+    def _begin(self, intents, num_records: int, request_id: str | None, settings: dict):
+        """A request's progress, deadline and id, before its first call."""
+        progress = Progress(build_request(intents, num_records, **settings))
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        self.last_summary = None
+        return progress, deadline, request_id or uuid.uuid4().hex[:16]
+
+    def _take(self, progress: Progress, response: pb.GenerateResponse) -> Record | None:
+        """A streamed message: a new record to hand out, or None (a summary, a resent record)."""
+        if response.HasField("summary"):
+            progress.summaries.append(response.summary)
+            return None
+        index = progress.accept(response.record)
+        return None if index is None else _record(response.record, index)
+
+    def _retry_delay(self, exc: grpc.RpcError, progress: Progress, deadline: float | None, request_id: str) -> float:
+        """Seconds to wait before resuming on the next target; raises GenerateError when the
+        failure is final (not retryable, attempts or deadline spent)."""
+        self.last_request_id = _echoed_request_id(exc.trailing_metadata()) or request_id
+        if not self._should_retry(exc, progress, deadline):
+            self.last_summary = progress.summary()
+            raise GenerateError.from_rpc(exc, request_id) from exc
+        delay = min(self.retry.delay(progress.attempt, self._rng), self._left(deadline) or 1e9)
+        progress.attempt += 1
+        self._rotate()
+        return delay
+
 
 class Client(_Base):
     """Blocking client for one or more server targets (`host:port`, or `dns:///name:port`)."""
@@ -241,34 +269,21 @@ class Client(_Base):
         **settings,
     ) -> Iterator[Record]:
         """Stream records (settings: see `build_request`); the summary lands in `last_summary`."""
-        progress = Progress(build_request(intents, num_records, **settings))
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        self.last_summary = None
-        request_id = request_id or uuid.uuid4().hex[:16]
+        progress, deadline, request_id = self._begin(intents, num_records, request_id, settings)
         while progress.remaining():
             try:
                 for request in progress.next_requests():
                     yield from self._one_call(request, progress, deadline, on_record, request_id)
                 break
             except grpc.RpcError as exc:
-                self.last_request_id = _echoed_request_id(exc.trailing_metadata()) or request_id
-                if not self._should_retry(exc, progress, deadline):
-                    self.last_summary = progress.summary()
-                    raise GenerateError.from_rpc(exc, request_id) from exc
-                time.sleep(min(self.retry.delay(progress.attempt, self._rng), self._left(deadline) or 1e9))
-                progress.attempt += 1
-                self._rotate()
+                time.sleep(self._retry_delay(exc, progress, deadline, request_id))
         self.last_summary = progress.summary()
 
     def _one_call(self, request, progress: Progress, deadline, on_record, request_id) -> Iterator[Record]:
         call = self._stub().Generate(request, timeout=self._left(deadline), metadata=self._call_metadata(request_id))
         for response in call:
-            if response.HasField("summary"):
-                progress.summaries.append(response.summary)
-                continue
-            index = progress.accept(response.record)
-            if index is not None:
-                record = _record(response.record, index)
+            record = self._take(progress, response)
+            if record is not None:
                 if on_record is not None:
                     on_record(record)
                 yield record
@@ -349,10 +364,8 @@ class AsyncClient(_Base):
     async def generate(
         self, intents: Sequence[str], num_records: int, *, request_id: str | None = None, **settings
     ) -> AsyncIterator[Record]:
-        progress = Progress(build_request(intents, num_records, **settings))
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        self.last_summary = None
-        request_id = request_id or uuid.uuid4().hex[:16]
+        """Stream records, as `Client.generate` does."""
+        progress, deadline, request_id = self._begin(intents, num_records, request_id, settings)
         while progress.remaining():
             try:
                 for request in progress.next_requests():
@@ -360,22 +373,13 @@ class AsyncClient(_Base):
                         request, timeout=self._left(deadline), metadata=self._call_metadata(request_id)
                     )
                     async for response in call:
-                        if response.HasField("summary"):
-                            progress.summaries.append(response.summary)
-                            continue
-                        index = progress.accept(response.record)
-                        if index is not None:
-                            yield _record(response.record, index)
+                        record = self._take(progress, response)
+                        if record is not None:
+                            yield record
                     self.last_request_id = _echoed_request_id(await call.trailing_metadata())
                 break
             except grpc.RpcError as exc:
-                self.last_request_id = _echoed_request_id(exc.trailing_metadata()) or request_id
-                if not self._should_retry(exc, progress, deadline):
-                    self.last_summary = progress.summary()
-                    raise GenerateError.from_rpc(exc, request_id) from exc
-                await asyncio.sleep(min(self.retry.delay(progress.attempt, self._rng), self._left(deadline) or 1e9))
-                progress.attempt += 1
-                self._rotate()
+                await asyncio.sleep(self._retry_delay(exc, progress, deadline, request_id))
         self.last_summary = progress.summary()
 
     async def generate_df(

@@ -57,3 +57,17 @@ def test_health_says_serving(fake_server):
     with grpc.insecure_channel(fake_server.target) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_the_async_client_gets_the_same_records_as_the_blocking_one(fake_server):
+    import asyncio
+
+    from condgen.client import AsyncClient
+
+    async def fetch():
+        async with AsyncClient(fake_server.target, timeout=30) as client:
+            return [r async for r in client.generate(["card_arrival"], 3, **SETTINGS)], client.last_summary
+
+    records, summary = asyncio.run(fetch())
+    assert [r.text for r in records] == [r.text for r in fake_server.generate(["card_arrival"], 3, **SETTINGS)]
+    assert summary.records_accepted == 3
