@@ -158,15 +158,18 @@ def _channel_options(target: str) -> list:
 
 
 class _Base:
-    """Targets, credentials and retry settings shared by both clients."""
+    """Targets, credentials, channels and retry settings shared by both clients."""
+
+    _grpc: Any = grpc  # the channel factories: grpc, or grpc.aio for AsyncClient
 
     def __init__(
         self,
         target: str | Sequence[str],
-        timeout: float | None,
-        token: str | None,
-        tls: TlsSettings | None,
-        retry: RetryPolicy,
+        timeout: float | None = None,
+        *,
+        token: str | None = None,
+        tls: TlsSettings | None = None,
+        retry: RetryPolicy = RetryPolicy(),
     ):
         self.targets = [target] if isinstance(target, str) else list(target)
         if not self.targets:
@@ -179,6 +182,18 @@ class _Base:
         self._rng = random.Random()
         self.last_summary: pb.Summary | None = None
         self.last_request_id: str | None = None
+        self._channels: dict[str, Any] = {}
+
+    def _stub(self) -> pb_grpc.GeneratorStub:
+        target = self.targets[self._current]
+        if target not in self._channels:
+            options = _channel_options(target)
+            self._channels[target] = (
+                self._grpc.secure_channel(target, self._tls.credentials(), options)
+                if self._tls
+                else self._grpc.insecure_channel(target, options)
+            )
+        return pb_grpc.GeneratorStub(self._channels[target])
 
     def _call_metadata(self, request_id: str | None) -> tuple:
         return self._metadata + (((REQUEST_ID_KEY, request_id),) if request_id else ())
@@ -225,18 +240,6 @@ class _Base:
 class Client(_Base):
     """Blocking client for one or more server targets (`host:port`, or `dns:///name:port`)."""
 
-    def __init__(
-        self,
-        target: str | Sequence[str],
-        timeout: float | None = None,
-        *,
-        token: str | None = None,
-        tls: TlsSettings | None = None,
-        retry: RetryPolicy = RetryPolicy(),
-    ):
-        super().__init__(target, timeout, token, tls, retry)
-        self._channels: dict[str, grpc.Channel] = {}
-
     def __enter__(self) -> Client:
         return self
 
@@ -247,17 +250,6 @@ class Client(_Base):
         for channel in self._channels.values():
             channel.close()
         self._channels.clear()
-
-    def _stub(self) -> pb_grpc.GeneratorStub:
-        target = self.targets[self._current]
-        if target not in self._channels:
-            options = _channel_options(target)
-            self._channels[target] = (
-                grpc.secure_channel(target, self._tls.credentials(), options)
-                if self._tls
-                else grpc.insecure_channel(target, options)
-            )
-        return pb_grpc.GeneratorStub(self._channels[target])
 
     def generate(
         self,
@@ -327,17 +319,7 @@ class Client(_Base):
 class AsyncClient(_Base):
     """asyncio client with the same calls (and the same retries) as `Client`."""
 
-    def __init__(
-        self,
-        target: str | Sequence[str],
-        timeout: float | None = None,
-        *,
-        token: str | None = None,
-        tls: TlsSettings | None = None,
-        retry: RetryPolicy = RetryPolicy(),
-    ):
-        super().__init__(target, timeout, token, tls, retry)
-        self._channels: dict[str, grpc.aio.Channel] = {}
+    _grpc = grpc.aio
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -349,17 +331,6 @@ class AsyncClient(_Base):
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
-
-    def _stub(self) -> pb_grpc.GeneratorStub:
-        target = self.targets[self._current]
-        if target not in self._channels:
-            options = _channel_options(target)
-            self._channels[target] = (
-                grpc.aio.secure_channel(target, self._tls.credentials(), options)
-                if self._tls
-                else grpc.aio.insecure_channel(target, options)
-            )
-        return pb_grpc.GeneratorStub(self._channels[target])
 
     async def generate(
         self, intents: Sequence[str], num_records: int, *, request_id: str | None = None, **settings

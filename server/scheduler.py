@@ -47,6 +47,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -164,16 +165,11 @@ class Scheduler:
 
     @classmethod
     def for_bundle(
-        cls,
-        bundle: str | Path,
-        config: SchedulerConfig = SchedulerConfig(),
-        engine_config: EngineConfig = EngineConfig(),
-        label_check: LabelCheckConfig = LabelCheckConfig(),
-        engine: Engine | None = None,
+        cls, bundle: str | Path, config: SchedulerConfig = SchedulerConfig(), **options: Any
     ) -> contextlib.AbstractAsyncContextManager[Scheduler]:
-        """`async with Scheduler.for_bundle(bundle) as scheduler:` builds a scheduler and runs it
-        for the block (see `running`)."""
-        return cls.build(bundle, config, engine_config, label_check, engine=engine).running()
+        """`async with Scheduler.for_bundle(bundle) as scheduler:` builds a scheduler (`options`:
+        those of `build`) and runs it for the block (see `running`)."""
+        return cls.build(bundle, config, **options).running()
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Scheduler]:

@@ -32,16 +32,10 @@ from condgen.codec import LabelledText
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class EvaluateConfig:
-    """Settings of one augmentation experiment."""
+@dataclass(kw_only=True)
+class GeneratorRecipe:
+    """How an experiment fine-tunes and samples its generator (both settings share it)."""
 
-    data: str
-    test: str
-    output: Path
-    shots: int = 10
-    per_intent: int = 20
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     base_model: str = "smollm2-135m"
     steps: int = 160
     batch_size: int = 8
@@ -50,14 +44,26 @@ class EvaluateConfig:
     temperature: float = 1.2
     top_p: float = 0.95
     prompt_examples: int = 25
-    min_fidelity: float = 0.0
-    agreement_filter: bool = True
     group_by_intent: bool = False
-    reuse_bundles: bool = False
-    reuse_synthetic: bool = False
     text_column: str | None = None
     label_column: str | None = None
-    quick: bool = False
+    quick: bool = False  # the tiny model, for tests
+
+
+@dataclass(kw_only=True)
+class EvaluateConfig(GeneratorRecipe):
+    """Settings of one few-shot augmentation experiment (`--setting few-shot`)."""
+
+    data: str
+    test: str
+    output: Path
+    shots: int = 10
+    per_intent: int = 20
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    min_fidelity: float = 0.0
+    agreement_filter: bool = True
+    reuse_bundles: bool = False
+    reuse_synthetic: bool = False
 
 
 @dataclass
@@ -95,7 +101,8 @@ def write_csv(path: Path, records: list[LabelledText]) -> Path:
     return path
 
 
-def train_generator(config: EvaluateConfig, few_shot_csv: Path, folder: Path) -> Path:
+def train_generator(config: GeneratorRecipe, few_shot_csv: Path, folder: Path) -> Path:
+    """Fine-tune the recipe's generator on the rows in `few_shot_csv` and export its bundle."""
     from condgen.training.config import TrainingConfig
     from condgen.training.finetune import finetune
 

@@ -38,6 +38,7 @@ from typing import Any
 
 from condgen.codec import LabelledText
 from condgen.errors import CondgenError
+from condgen.training.evaluate import GeneratorRecipe
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,8 @@ class NovelError(CondgenError, ValueError):
     """The data cannot be split as asked; the message says what to change."""
 
 
-@dataclass
-class NovelConfig:
+@dataclass(kw_only=True)
+class NovelConfig(GeneratorRecipe):
     """Settings of the novel-intent experiment (`condgen evaluate --setting novel`)."""
 
     data: str
@@ -64,22 +65,14 @@ class NovelConfig:
     folds: int = 2  # evaluation folds, after the tuning fold
     seed: int = 0
     generator: str = "fold"
-    base_model: str = "smollm2-135m"
-    steps: int = 200  # the demo's recipe: 200 steps packed by intent, sampled at temperature 0.5
-    batch_size: int = 8
-    max_tokens: int = 64
-    learning_rate: float = 3e-4
+    # The demo's recipe: 200 steps packed by intent, sampled at temperature 0.5.
+    steps: int = 200
     temperature: float = 0.5
-    top_p: float = 0.95
-    prompt_examples: int = 25
+    group_by_intent: bool = True
     # The label check scores every candidate after 3 of its examples: a fold generator has seen a
     # novel intent's name only in its few rows, so a bare `intent,` prefix would favour its rivals.
     label_context_examples: int = 3
-    group_by_intent: bool = True
-    text_column: str | None = None
-    label_column: str | None = None
     reuse: bool = False
-    quick: bool = False
 
     def __post_init__(self) -> None:
         if self.generator not in GENERATORS:
@@ -481,11 +474,12 @@ def evaluate_novel(config: NovelConfig) -> dict:
 
 def quick_config(config: NovelConfig) -> NovelConfig:
     """The tests' settings: the tiny model, few steps, small folds."""
-    return replace(
-        config,
+    # (a dict: mypy does not see fields a kw_only dataclass inherits as `replace` arguments)
+    changes: dict[str, Any] = dict(
         quick=True,
         steps=min(config.steps, 60),
         per_intent=min(config.per_intent, 4),
         novel_per_fold=min(config.novel_per_fold, 2),
         folds=1,
     )
+    return replace(config, **changes)
