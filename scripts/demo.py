@@ -30,11 +30,33 @@ NEW_INTENT_TEXTS = [
 ]
 
 
-def run_step(title: str, command: list[str]) -> float:
-    print(f"\n=== {title}: {' '.join(command)}", flush=True)
+PROGRESS = re.compile(r"(\d+)/(\d+) \[")  # a tqdm bar in the command's output: steps done / total
+
+
+def run_step(title: str, command: list[str], log_path: Path) -> float:
+    """Run one stage with its output in `log_path`; the console gets one line, and a progress bar
+    where the command draws one (fine-tuning). A failure shows the log's last lines."""
+    from tqdm import tqdm
+
+    print(f"{title}: {' '.join(command[2:])}  (log: {log_path})", flush=True)
     started = time.time()
-    subprocess.run(command, check=True)
-    return time.time() - started
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log, tqdm(unit="step", leave=False, disable=None) as bar:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        assert process.stdout is not None
+        for chunk in iter(lambda: process.stdout.read(256), ""):
+            log.write(chunk)
+            for done, total in PROGRESS.findall(chunk)[-1:]:
+                bar.total = int(total)
+                bar.n = int(done)
+                bar.refresh()
+        code = process.wait()
+    if code != 0:
+        tail = log_path.read_text().splitlines()[-15:]
+        raise SystemExit(f"{title} failed (exit {code}); the end of {log_path}:\n" + "\n".join(tail))
+    seconds = time.time() - started
+    print(f"  done in {seconds:.0f} s", flush=True)
+    return seconds
 
 
 def start_server(bundle: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
@@ -46,8 +68,8 @@ def start_server(bundle: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
         stderr=log,
         text=True,
     )
+    assert process.stdout is not None
     for line in process.stdout:
-        print(line, end="", flush=True)
         match = re.search(r"listening on (\S+):(\d+)", line)
         if match:
             return process, f"{match.group(1)}:{match.group(2)}"
@@ -90,21 +112,24 @@ def main() -> None:
         times["train_s"] = run_step(
             "1/4 fine-tune",
             [*condgen, "train", "--config", args.config, "--data", args.data, "--output", str(args.out / "checkpoint")],
+            args.out / "train.log",
         )
         times["export_s"] = run_step(
-            "2/4 export", [*condgen, "export", "--checkpoint", str(args.out / "checkpoint"), "--output", str(bundle)]
+            "2/4 export",
+            [*condgen, "export", "--checkpoint", str(args.out / "checkpoint"), "--output", str(bundle)],
+            args.out / "export.log",
         )
-    print("\n=== 3/4 serve", flush=True)
     process, target = start_server(bundle, args.out / "server.log")
+    print(f"3/4 serve: condgen serve --bundle {bundle}  (listening on {target}; log: {args.out / 'server.log'})")
     try:
         from tqdm import tqdm
 
         from condgen.client import Client
 
-        print(f"\n=== 4/4 generate {args.num_records} records for each of {', '.join(INTENTS)}", flush=True)
+        print(f"4/4 generate: {args.num_records} records for each of {', '.join(INTENTS)}", flush=True)
         gen_started = time.time()
         with Client(target, timeout=1800) as client:
-            with tqdm(total=len(INTENTS) * args.num_records, unit="rec") as bar:
+            with tqdm(total=len(INTENTS) * args.num_records, unit="rec", leave=False, disable=None) as bar:
                 frame, summary = client.generate_df(
                     INTENTS,
                     args.num_records,
@@ -117,8 +142,8 @@ def main() -> None:
                 )
             times["generate_s"] = time.time() - gen_started
             print(
-                f"\n=== 4/4 (cont.) {args.new_intent_records} records of a new intent, {NEW_INTENT!r}, "
-                f"from {len(NEW_INTENT_TEXTS)} examples sent with the request",
+                f"  and {args.new_intent_records} of a new intent, {NEW_INTENT!r}, from {len(NEW_INTENT_TEXTS)} "
+                "examples sent with the request",
                 flush=True,
             )
             new_started = time.time()
@@ -141,11 +166,10 @@ def main() -> None:
     frame[["intent", "text"]].to_csv(out_csv, index=False)
     import pandas as pd
 
+    sample = pd.concat([frame.groupby("intent", sort=False).head(1), new_frame.head(5)])
     with pd.option_context("display.max_colwidth", 90, "display.width", 140):
-        print("\na sample (3 rows per intent):")
-        print(frame.groupby("intent", sort=False).head(3)[["intent", "text", "label_margin"]].to_string(index=False))
-        print(f"\nthe new intent {NEW_INTENT!r} ({len(new_frame)} rows):")
-        print(new_frame[["intent", "text", "label_margin"]].to_string(index=False))
+        print(f"\na sample: one row per intent, and 5 of the new intent {NEW_INTENT!r}")
+        print(sample[["intent", "text", "label_margin"]].to_string(index=False))
     print(f"\nwrote {len(frame)} rows to {out_csv}")
     print(describe(summary, "the five intents"))
     print(describe(new_summary, f"the new intent {NEW_INTENT!r}"))
