@@ -50,6 +50,7 @@ class OnnxInfo:
     opset: int = 0
     parity_max_abs_diff: float = 0.0
     parity_top1_agreement: float = 1.0
+    parity_greedy_match: float = 1.0  # share of a greedy continuation matched before the first difference
     parity_tolerance: float = 0.0
     variant: str = "fp32"
     rewrites: list[str] = field(default_factory=list)  # graph rewrites applied at export (training/graph.py)

@@ -65,13 +65,14 @@ def _add_export(sub) -> None:
         "--variant",
         choices=VARIANTS,
         default=VARIANTS[0],
-        help="fp32 (default); fp16 for GPUs; int8 (dynamic quantisation) for CPUs",
+        help="fp32 (default); fp16 for GPUs; for CPUs int8 (dynamic quantisation) or w8 / w4 "
+        "(weight-only: 8- or 4-bit weights, float activations)",
     )
     p.add_argument(
         "--min-top1-agreement",
         type=float,
         default=DEFAULT_MIN_TOP1,
-        help=f"fp16/int8 (default {DEFAULT_MIN_TOP1:g}): least share of positions where ONNX and PyTorch "
+        help=f"variants but fp32 (default {DEFAULT_MIN_TOP1:g}): least share of positions where ONNX and PyTorch "
         "pick the same token",
     )
     p.add_argument(

@@ -123,6 +123,7 @@ def test_checkpoint_overfits_the_training_lines(checkpoint):
 def test_export_writes_a_checked_bundle(bundle):
     manifest = read_manifest(bundle)
     assert manifest.onnx.parity_max_abs_diff < 1e-3
+    assert manifest.onnx.parity_greedy_match == 1.0  # fp32: the same greedy continuation as PyTorch
     assert manifest.onnx.past_key_names[0] == "past_key_values.0.key"
     assert {"model.onnx", "tokenizer.json", "examples.json"} <= set(manifest.files)
     assert manifest.intents == {"card_arrival": 6, "lost_or_stolen_card": 6, "exchange_rate": 6}
@@ -164,7 +165,7 @@ def test_version_1_bundles_without_rewrites_are_still_read(tmp_path, bundle):
     assert read_manifest(tmp_path, verify=False).onnx.rewrites == []
 
 
-@pytest.mark.parametrize("variant", ["int8", "fp16"])
+@pytest.mark.parametrize("variant", ["int8", "fp16", "w8", "w4"])
 def test_lighter_variants_export_with_their_parity_figures(workdir, checkpoint, variant):
     import numpy as np
 
@@ -174,6 +175,7 @@ def test_lighter_variants_export_with_their_parity_figures(workdir, checkpoint, 
     result = export_bundle(checkpoint, workdir / f"bundle-{variant}", variant=variant, min_top1=0.8)
     info = read_manifest(result.bundle_dir).onnx
     assert info.variant == variant and info.parity_top1_agreement >= 0.8
+    assert 0.0 <= info.parity_greedy_match <= 1.0
     assert info.dtype == ("float16" if variant == "fp16" else "float32")
     engine = Engine(result.bundle_dir, read_manifest(result.bundle_dir))
     batch = engine.new_batch(0, engine.encode("card_arrival,"))

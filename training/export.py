@@ -4,11 +4,15 @@ optimum exports the model for `text-generation-with-past`; a parity check then r
 prompts through both PyTorch and ONNX Runtime (a prefill and one cached decode step) and
 fails the export when the largest logit difference exceeds the tolerance.
 
-Two lighter variants of the fp32 graph: `fp16` (weights, activations and KV cache in half
-precision, for GPUs) and `int8` (dynamic quantisation of the MatMul weights, for CPUs).
-Their logits cannot match fp32 to 1e-3, so their parity check is the share of positions
-where ONNX and PyTorch agree on the most likely next token (`--min-top1-agreement`); the
-largest logit difference is reported alongside.
+Lighter variants of the fp32 graph: `fp16` (weights, activations and KV cache in half
+precision, for GPUs), `int8` (dynamic quantisation of the MatMul weights and activations), and
+the weight-only `w8` / `w4` (every MatMul with a constant weight, the LM head included, becomes
+ONNX Runtime's MatMulNBits: 8- or 4-bit weights with a scale per block of 32, activations in
+float; decoding on CPUs is bound by reading the weights). Their logits cannot match fp32 to
+1e-3, so their parity check is the share of positions where ONNX and PyTorch agree on the most
+likely next token (`--min-top1-agreement`); the largest logit difference and the greedy
+agreement (tokens of a 32-token greedy continuation matched before the first difference, mean
+share over 3 prompts) are reported alongside and kept in the manifest.
 """
 
 from __future__ import annotations
@@ -32,7 +36,10 @@ log = logging.getLogger(__name__)
 MODEL_FILE = "model.onnx"
 DEFAULT_TOLERANCE = 1e-3
 DEFAULT_MIN_TOP1 = 0.9
-VARIANTS = ("fp32", "fp16", "int8")
+VARIANTS = ("fp32", "fp16", "int8", "w8", "w4")
+WEIGHT_ONLY_BITS = {"w8": 8, "w4": 4}
+WEIGHT_ONLY_BLOCK = 32  # weights per scale: divides the hidden sizes of every model served here
+GREEDY_TOKENS = 32
 CACHE_LAYOUTS = ("auto", "append", "whole")  # the first is the default
 
 
@@ -95,6 +102,7 @@ def _ort_feed(info: OnnxInfo, ids: np.ndarray, mask: np.ndarray, past: dict[str,
 class Parity:
     max_abs_diff: float
     top1_agreement: float
+    greedy_match: float = 1.0
 
 
 def compare_logits(checkpoint: Path, session, info: OnnxInfo, tokenizer, prompts: list[str]) -> Parity:
@@ -121,6 +129,41 @@ def compare_logits(checkpoint: Path, session, info: OnnxInfo, tokenizer, prompts
         agree += int((torch_logits.argmax(-1) == onnx_logits.argmax(-1)).sum())
         positions += onnx_logits.shape[1]
     return Parity(worst, agree / positions)
+
+
+def greedy_agreement(
+    checkpoint: Path, session, info: OnnxInfo, tokenizer, prompts: list[str], new_tokens: int = GREEDY_TOKENS
+) -> float:
+    """Mean share of a `new_tokens` greedy continuation that ONNX matches PyTorch (fp32) on
+    before their first difference, over `prompts`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint)).eval()
+    append_only = APPEND_ONLY_CACHE in info.rewrites
+    dtype = np.float16 if info.dtype == "float16" else np.float32
+    shares = []
+    for prompt in prompts:
+        ids = np.array([tokenizer(prompt, add_special_tokens=False)["input_ids"]], dtype=np.int64)
+        with torch.no_grad():
+            reference = model.generate(torch.from_numpy(ids), max_new_tokens=new_tokens, do_sample=False)[
+                0, ids.shape[1] :
+            ].tolist()
+        past = {n: np.zeros((1, info.num_kv_heads, 0, info.head_dim), dtype=dtype) for n in info.past_key_names}
+        step, length, ours = ids, 0, []
+        for _ in range(len(reference)):
+            length += step.shape[1]
+            outputs = session.run(None, _ort_feed(info, step, np.ones((1, length), dtype=np.int64), past))
+            present = dict(zip(info.present_key_names, outputs[1:]))
+            past = {
+                p: np.concatenate([past[p], present[q]], axis=2) if append_only else present[q]
+                for p, q in zip(info.past_key_names, info.present_key_names)
+            }
+            ours.append(int(outputs[0][0, -1].argmax()))
+            step = np.array([[ours[-1]]], dtype=np.int64)
+        matched = next((i for i, (a, b) in enumerate(zip(reference, ours)) if a != b), len(ours))
+        shares.append(matched / max(1, len(reference)))
+    return float(np.mean(shares))
 
 
 def rewrite_graph(checkpoint: Path, model_path: Path, append_only: bool) -> list[str]:
@@ -163,12 +206,29 @@ def convert_variant(model_path: Path, variant: str) -> None:
         model_path.rename(fp32)
         quantize_dynamic(str(fp32), str(model_path), weight_type=QuantType.QInt8)
         fp32.unlink()
+    elif variant in WEIGHT_ONLY_BITS:
+        quantize_weights(model_path, WEIGHT_ONLY_BITS[variant])
+
+
+def quantize_weights(model_path: Path, bits: int) -> None:
+    """Weight-only quantisation in place: MatMul with a constant weight -> MatMulNBits (symmetric,
+    one scale per WEIGHT_ONLY_BLOCK weights, float activations: accuracy level 1)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(str(model_path)), bits=bits, block_size=WEIGHT_ONLY_BLOCK, is_symmetric=True, accuracy_level=1
+    )
+    quantizer.process()
+    for stale in (model_path, model_path.with_name(model_path.name + "_data")):
+        stale.unlink(missing_ok=True)
+    quantizer.model.save_model_to_file(str(model_path), use_external_data_format=False)
 
 
 def check_parity(parity: Parity, variant: str, tolerance: float, min_top1: float) -> None:
     print(
         f"parity ({variant}): max |logit(PyTorch fp32) - logit(ONNX)| = {parity.max_abs_diff:.3e}, "
-        f"top-1 agreement {parity.top1_agreement:.1%}",
+        f"top-1 agreement {parity.top1_agreement:.1%}, greedy match {parity.greedy_match:.1%}",
         flush=True,
     )
     if variant == "fp32" and parity.max_abs_diff > tolerance:
@@ -259,9 +319,11 @@ def export_bundle(
     parity = compare_logits(checkpoint, session, info, tokenizer, prompts)
     info.parity_max_abs_diff = parity.max_abs_diff
     info.parity_top1_agreement = parity.top1_agreement
+    info.rewrites = rewrites
+    info.parity_greedy_match = greedy_agreement(checkpoint, session, info, tokenizer, prompts[:3])
     info.parity_tolerance = tolerance
     info.variant = variant
-    info.rewrites = rewrites
+    parity.greedy_match = info.parity_greedy_match
     check_parity(parity, variant, tolerance, min_top1)
     write_fidelity_classifier(output, examples)
     manifest = Manifest(
