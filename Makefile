@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # CPU build of torch that lies on this disk; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install node-deps test test-fast lint demo bench soak lint-docker clean
+.PHONY: install node-deps test test-fast lint demo bench bench-peers soak lint-docker clean
 
 install: $(VENV)/.installed
 
@@ -49,6 +49,23 @@ demo: install
 # is the one the README's figures were measured with.
 bench: install
 	$(PY) -m condgen.bench --max-batch-tokens 4096
+
+# The CPU peers of `make bench` (OpenVINO GenAI, ONNX Runtime GenAI), each in its own virtual
+# environment: they need a newer transformers than optimum-onnx allows. `make bench` skips a
+# peer that is not installed and says so.
+bench-peers: .venv-openvino/.installed .venv-ortgenai/.installed
+
+.venv-openvino/.installed: bench/peers/requirements-openvino.txt
+	$(PYTHON) -m venv .venv-openvino
+	.venv-openvino/bin/pip install -q "$(TORCH_SPEC)"
+	.venv-openvino/bin/pip install -q -r $<
+	touch $@
+
+.venv-ortgenai/.installed: bench/peers/requirements-ortgenai.txt
+	$(PYTHON) -m venv .venv-ortgenai
+	.venv-ortgenai/bin/pip install -q "$(TORCH_SPEC)"
+	.venv-ortgenai/bin/pip install -q -r $<
+	touch $@
 
 # 10 minutes of steady load on the demo bundle; fails if the server's RSS grows by 10% or more.
 soak: install

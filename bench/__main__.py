@@ -8,11 +8,20 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-from condgen.bench.engines import bench_prompts, optimum_generate, our_engine, transformers_generate
+from condgen.bench.engines import (
+    bench_prompts,
+    engine_details,
+    greedy_match,
+    optimum_generate,
+    our_engine,
+    transformers_generate,
+    transformers_greedy,
+)
 from condgen.bench.load import (
     ServerProcess,
     StreamLoad,
@@ -32,7 +41,18 @@ TARGETS = [  # (name, numerator, denominator, at least)
     ("server c16 / in-process c16", "server_tok_s_c16", "inproc_tok_s_c16", 0.85),
     ("server c64 / server c16", "server_tok_s_c64", "server_tok_s_c16", 0.9),
     ("continuous / static, mixed", "continuous_tok_s_mixed", "static_tok_s_mixed", 1.5),
+    ("engine fp32 / OpenVINO fp32, batch 1", "engine_tok_s_b1", "openvino_f32_tok_s_b1", 1.0),
+    ("engine fp32 / OpenVINO fp32, batch 16", "engine_tok_s_b16", "openvino_f32_tok_s_b16", 1.0),
+    ("engine CPU variant / OpenVINO defaults, b1", "engine_q_tok_s_b1", "openvino_tok_s_b1", 1.0),
+    ("engine CPU variant / OpenVINO defaults, b16", "engine_q_tok_s_b16", "openvino_tok_s_b16", 1.0),
+    ("engine CPU variant / engine fp32, batch 1", "engine_q_tok_s_b1", "engine_tok_s_b1", 2.0),
 ]
+# The CPU peers (`make bench-peers`): virtual environment, and configuration -> report prefix.
+PEERS = {
+    "openvino": (".venv-openvino", {"f32": "openvino_f32", "default": "openvino"}),
+    "ortgenai": (".venv-ortgenai", {"int4": "ortgenai_int4", "fp32": "ortgenai_fp32"}),
+}
+PEER_SCRIPT = Path(__file__).resolve().parent / "peers" / "run_peer.py"
 
 
 def parse_args(argv=None):
@@ -59,9 +79,23 @@ def parse_args(argv=None):
         default=0,
         help="KV-cache budget for the server and the in-process scheduler (0: none)",
     )
+    parser.add_argument(
+        "--variant",
+        default="w8",
+        help="the CPU export variant measured beside fp32 (built from the checkpoint beside the bundle "
+        "when missing; default w8)",
+    )
+    parser.add_argument("--no-peers", action="store_true", help="skip OpenVINO GenAI and ONNX Runtime GenAI")
     parser.add_argument("--quick", action="store_true", help="small loads (a smoke test, not figures)")
     parser.add_argument("--output", type=Path, default=Path("bench/results/latest.json"))
     return parser.parse_args(argv)
+
+
+def read_tokenizer_ids(bundle: Path, prompt: str) -> list[int]:
+    """The bundle tokenizer's ids for `prompt`: every contender gets exactly these."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(bundle / "tokenizer.json")).encode(prompt, add_special_tokens=False).ids
 
 
 def git_sha() -> str:
@@ -132,6 +166,72 @@ def engine_figures(args, prompts: list[str], checkpoint: Path) -> dict:
     return figures
 
 
+def variant_bundle(args, checkpoint: Path) -> Path:
+    """The `--variant` bundle beside the fp32 one, exported from the checkpoint when missing."""
+    path = args.bundle.with_name(f"{args.bundle.name}-{args.variant}")
+    if not (path / "condgen.json").is_file():
+        from condgen.training.export import export_bundle
+
+        progress(f"exporting the {args.variant} bundle to {path}")
+        export_bundle(checkpoint, path, variant=args.variant)
+    return path
+
+
+def greedy_figures(args, prompts: list[str], ids: list[list[int]], checkpoint: Path) -> dict:
+    """The fp32 engine and the `--variant` bundle: speed, prefill / decode split, greedy agreement
+    with transformers fp32, server peak RSS at 64 streams; then the peers on the same ids."""
+    progress("transformers fp32 greedy tokens (the reference)")
+    reference = transformers_greedy(checkpoint, ids[:3], args.new_tokens)
+    figures: dict = {}
+    variant = variant_bundle(args, checkpoint)
+    figures["engine_q_variant"] = args.variant
+    for batch in (1, 16):
+        progress(f"engine, {args.variant} bundle, batch {batch}")
+        figures[f"engine_q_tok_s_b{batch}"], _ = our_engine(variant, prompts[:batch], args.new_tokens, args.device)
+    for prefix, bundle in (("engine", args.bundle), ("engine_q", variant)):
+        progress(f"{prefix}: prefill and decode apart, greedy agreement")
+        details = engine_details(bundle, ids[:16], args.new_tokens, args.device)
+        figures[f"{prefix}_greedy_match"] = greedy_match(reference, details.pop("greedy"))
+        figures.update({f"{prefix}_{k}": v for k, v in details.items()})
+    progress(f"server, {args.variant} bundle: 64 concurrent streams")
+    intents = sorted(read_examples(variant))
+    server = ServerProcess(variant, "--device", args.device, "--max-batch-size", str(args.max_batch_size))
+    try:
+        load = StreamLoad(num_records=2 if args.quick else 8, prompt_examples=args.prompt_examples)
+        figures["server_q_tok_s_c64"], _ = run_streams(server.target, intents, 64, load)
+        figures["peak_rss_mb_q"] = server.peak_rss_mb()
+    finally:
+        server.stop()
+    if not args.no_peers:
+        figures.update(peer_figures(args, ids[:16], checkpoint, reference))
+    return figures
+
+
+def peer_figures(args, ids: list[list[int]], checkpoint: Path, reference: list[list[int]]) -> dict:
+    """Each installed peer, in its own environment, on exactly these token ids."""
+    figures: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        request = Path(tmp) / "request.json"
+        request.write_text(json.dumps({"prompts": ids, "new_tokens": args.new_tokens}))
+        for peer, (venv, configurations) in PEERS.items():
+            python = Path(venv) / "bin" / "python"
+            if not python.is_file():
+                progress(f"{peer}: not installed (make bench-peers); skipped")
+                continue
+            progress(f"{peer}: {', '.join(configurations)}")
+            work = PEER_SCRIPT.parent / "models"
+            command = [str(python), str(PEER_SCRIPT), peer, "--checkpoint", str(checkpoint), "--work", str(work)]
+            done = subprocess.run([*command, "--request", str(request)], capture_output=True, text=True)
+            if done.returncode != 0:
+                progress(f"{peer} failed; skipped. Its last output:\n{done.stderr[-2000:]}")
+                continue
+            for configuration, result in json.loads(done.stdout.splitlines()[-1]).items():
+                prefix = configurations[configuration]
+                figures[f"{prefix}_greedy_match"] = greedy_match(reference, result.pop("greedy"))
+                figures.update({f"{prefix}_{k}": v for k, v in result.items()})
+    return figures
+
+
 def print_table(report: dict) -> None:
     print(
         f"\ncondgen bench  model={report['model']}  device={report['device']}  threads={report['threads']}  "
@@ -142,10 +242,17 @@ def print_table(report: dict) -> None:
             print(f"  {key:<28} {value:>10.1f}")
     print("\n  ratio                                   measured   target  met")
     for name, top, bottom, target in TARGETS:
-        ratio = report[top] / report[bottom] if report.get(bottom) else float("nan")
+        if top not in report or bottom not in report:
+            print(f"  {name:<38} {'skipped':>8}  (not measured in this run)")
+            continue
+        ratio = report[top] / report[bottom]
         print(f"  {name:<38} {ratio:>8.2f}  >= {target:<4}  {'yes' if ratio >= target else 'NO'}")
-    rss = report["peak_rss_mb"]
-    print(f"  {'server peak RSS under 64 streams (MB)':<38} {rss:>8.0f}  <= 1500  {'yes' if rss <= 1500 else 'NO'}")
+    for key, limit in (("peak_rss_mb", 1500), ("peak_rss_mb_q", 800)):
+        if key in report:
+            rss, met = report[key], "yes" if report[key] <= limit else "NO"
+            print(f"  {'server peak RSS, 64 streams, ' + key + ' (MB)':<38} {rss:>8.0f}  <= {limit:<4}  {met}")
+    for key in sorted(k for k in report if k.endswith("_greedy_match")):
+        print(f"  {key:<38} {report[key]:>8.2f}  (share of {report['new_tokens']} greedy tokens = transformers fp32)")
 
 
 def main(argv=None) -> int:
@@ -176,6 +283,8 @@ def main(argv=None) -> int:
     report.update(batching_figures(args, intents, load, args.quick))
     prompts = bench_prompts(args.bundle, 16, args.prompt_examples, manifest.separator)
     report.update(engine_figures(args, prompts if not args.quick else prompts[:16], checkpoint))
+    ids = [read_tokenizer_ids(args.bundle, p) for p in prompts]
+    report.update(greedy_figures(args, prompts, ids, checkpoint))
     report["seconds"] = time.time() - started
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2))

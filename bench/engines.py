@@ -34,15 +34,21 @@ def bench_prompts(bundle: Path, count: int, examples_per_prompt: int, separator:
     ]
 
 
-def engine_greedy(engine: Engine, prompts: list[list[int]], new_tokens: int) -> None:
-    """Prefill the prompts (several per pass), join them in one batch, decode greedily."""
+def engine_greedy(engine: Engine, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """Prefill the prompts (several per pass), join them in one batch, decode greedily; the
+    tokens generated per prompt."""
     batches = []
     for batch, logits in engine.prefill(list(range(len(prompts))), prompts):
         batch.set_next([int(np.argmax(logits))])
         batches.append(batch)
     batch = Batch.concatenate(batches)
+    produced = [[int(t)] for t in batch.next_ids[:, 0]]
     for _ in range(new_tokens - 1):
-        batch.set_next(np.argmax(engine.forward(batch), axis=-1))
+        chosen = np.argmax(engine.forward(batch), axis=-1)
+        batch.set_next(chosen)
+        for row, token in enumerate(chosen):
+            produced[row].append(int(token))
+    return produced
 
 
 def timed(fn, tokens: int) -> float:
@@ -57,6 +63,45 @@ def our_engine(bundle: Path, prompts: list[str], new_tokens: int, device: str) -
     engine = Engine(bundle, read_manifest(bundle, verify=False), EngineConfig(device=device))
     ids = [engine.encode(p) for p in prompts]
     return timed(lambda: engine_greedy(engine, ids, new_tokens), len(ids) * new_tokens), engine.provider
+
+
+def engine_details(bundle: Path, prompts: list[list[int]], new_tokens: int, device: str) -> dict:
+    """Prefill tokens/s and decode ms per step at batch 1 and len(prompts), and the greedy
+    tokens of the first 3 prompts (as `bench/peers/run_peer.py` reports them for the peers)."""
+    engine = Engine(bundle, read_manifest(bundle, verify=False), EngineConfig(device=device))
+    out: dict = {}
+    for batch in (1, len(prompts)):
+        chosen, label = prompts[:batch], "b1" if batch == 1 else "b16"
+        whole = 1 / timed(lambda c=chosen: engine_greedy(engine, c, new_tokens), 1)  # seconds
+        prefill = 1 / timed(lambda c=chosen: engine_greedy(engine, c, 1), 1)
+        out[f"prefill_tok_s_{label}"] = sum(len(p) for p in chosen) / prefill
+        out[f"decode_ms_{label}"] = max(0.0, whole - prefill) / max(1, new_tokens - 1) * 1000
+    out["greedy"] = engine_greedy(engine, prompts[:3], new_tokens)
+    return out
+
+
+def transformers_greedy(checkpoint: Path, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """transformers fp32 greedy tokens, one prompt at a time (no padding): the reference."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model: Any = AutoModelForCausalLM.from_pretrained(str(checkpoint)).eval()
+    produced = []
+    with torch.inference_mode():
+        for ids in prompts:
+            tensor = torch.tensor([ids])
+            out = model.generate(tensor, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            produced.append(out[0, len(ids) :].tolist())
+    return produced
+
+
+def greedy_match(reference: list[list[int]], tokens: list[list[int]]) -> float:
+    """Mean share of each reference continuation matched before the first difference."""
+    shares = []
+    for ref, ours in zip(reference, tokens):
+        matched = next((i for i, (a, b) in enumerate(zip(ref, ours)) if a != b), min(len(ref), len(ours)))
+        shares.append(matched / max(1, len(ref)))
+    return float(np.mean(shares)) if shares else 0.0
 
 
 def hf_generate(model, tokenizer, prompts: list[str], new_tokens: int, device) -> None:

@@ -21,6 +21,15 @@ KEYS = [
     "ttft_p95_ms_c16",
     "tpot_ms_c16",
     "peak_rss_mb",
+    "engine_q_variant",
+    "engine_q_tok_s_b1",
+    "engine_q_tok_s_b16",
+    "engine_q_greedy_match",
+    "engine_greedy_match",
+    "engine_prefill_tok_s_b16",
+    "engine_decode_ms_b1",
+    "engine_q_decode_ms_b16",
+    "peak_rss_mb_q",
     "device",
     "model",
     "threads",
@@ -38,6 +47,7 @@ def test_quick_bench_writes_every_key(bundle, checkpoint, tmp_path, capsys):
                 "--checkpoint",
                 str(checkpoint),
                 "--quick",
+                "--no-peers",
                 "--new-tokens",
                 "8",
                 "--prompt-examples",
@@ -56,4 +66,8 @@ def test_quick_bench_writes_every_key(bundle, checkpoint, tmp_path, capsys):
     assert report["max_batch_size"] == 32 and report["max_batch_tokens"] == 4000
     assert all(report[k] > 0 for k in KEYS if k.endswith("tok_s_b1") or k.startswith("server_tok_s"))
     assert report["device"] == "CPUExecutionProvider" and report["peak_rss_mb"] > 10
-    assert "continuous / static, mixed" in capsys.readouterr().out
+    assert report["engine_q_variant"] == "w8" and 0 <= report["engine_q_greedy_match"] <= 1
+    assert report["engine_greedy_match"] == 1.0  # fp32 engine: transformers' greedy tokens
+    printed = capsys.readouterr().out
+    assert "continuous / static, mixed" in printed
+    assert "engine fp32 / OpenVINO fp32, batch 1" in printed and "skipped" in printed  # no peers asked for
