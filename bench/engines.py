@@ -90,7 +90,12 @@ def transformers_greedy(checkpoint: Path, prompts: list[list[int]], new_tokens: 
     with torch.inference_mode():
         for ids in prompts:
             tensor = torch.tensor([ids])
-            out = model.generate(tensor, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            out = model.generate(
+                tensor,
+                attention_mask=torch.ones_like(tensor),
+                max_new_tokens=new_tokens,
+                do_sample=False,
+            )  # it may stop at EOS: agreement is counted over the tokens it gave
             produced.append(out[0, len(ids) :].tolist())
     return produced
 

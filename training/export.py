@@ -146,9 +146,11 @@ def greedy_agreement(
     for prompt in prompts:
         ids = np.array([tokenizer(prompt, add_special_tokens=False)["input_ids"]], dtype=np.int64)
         with torch.no_grad():
-            reference = model.generate(torch.from_numpy(ids), max_new_tokens=new_tokens, do_sample=False)[
-                0, ids.shape[1] :
-            ].tolist()
+            tensor = torch.from_numpy(ids)
+            generated = model.generate(
+                tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=new_tokens, do_sample=False
+            )
+            reference = generated[0, ids.shape[1] :].tolist()
         past = {n: np.zeros((1, info.num_kv_heads, 0, info.head_dim), dtype=dtype) for n in info.past_key_names}
         step, length, ours = ids, 0, []
         for _ in range(len(reference)):
