@@ -33,22 +33,9 @@ def spec(intent, n, seed, **kw):
 
 
 async def run_all(engine, bundle, specs, config=SchedulerConfig()):
-    scheduler = Scheduler(engine, read_examples(bundle), ",", config)
-    task = asyncio.create_task(scheduler.run())
-
-    async def collect(s):
-        records, summary = [], None
-        async for item in scheduler.submit(s):
-            if isinstance(item, GeneratedRecord):
-                records.append(item)
-            else:
-                summary = item
-        return records, summary
-
-    results = await asyncio.gather(*[collect(s) for s in specs])
-    stats = scheduler.stats()
-    scheduler.stop()
-    await task
+    async with Scheduler(engine, read_examples(bundle), ",", config).running() as scheduler:
+        results = await asyncio.gather(*[scheduler.collect(s) for s in specs])
+        stats = scheduler.stats()
     return results, stats
 
 
