@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -219,7 +220,7 @@ def peer_figures(args, ids: list[list[int]], checkpoint: Path, reference: list[l
                 progress(f"{peer}: not installed (make bench-peers); skipped")
                 continue
             progress(f"{peer}: {', '.join(configurations)}")
-            work = PEER_SCRIPT.parent / "models"
+            work = PEER_SCRIPT.parent / "models" / checkpoint_key(checkpoint)
             command = [str(python), str(PEER_SCRIPT), peer, "--checkpoint", str(checkpoint), "--work", str(work)]
             done = subprocess.run([*command, "--request", str(request)], capture_output=True, text=True)
             if done.returncode != 0:
@@ -230,6 +231,13 @@ def peer_figures(args, ids: list[list[int]], checkpoint: Path, reference: list[l
                 figures[f"{prefix}_greedy_match"] = greedy_match(reference, result.pop("greedy"))
                 figures.update({f"{prefix}_{k}": v for k, v in result.items()})
     return figures
+
+
+def checkpoint_key(checkpoint: Path) -> str:
+    """Names the peers' exports of this checkpoint (a retrained one gets new exports)."""
+    weights = next(p for p in (checkpoint / "model.safetensors", checkpoint / "config.json") if p.is_file())
+    stat = weights.stat()
+    return hashlib.sha256(f"{checkpoint.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
 
 
 def print_table(report: dict) -> None:
