@@ -66,7 +66,7 @@ def _add_export(sub) -> None:
         choices=VARIANTS,
         default=VARIANTS[0],
         help="fp32 (default); fp16 for GPUs; for CPUs int8 (dynamic quantisation) or w8 / w4 "
-        "(weight-only: 8- or 4-bit weights, float activations)",
+        "(8- or 4-bit weights, int8 multiplies: ONNX Runtime MatMulNBits)",
     )
     p.add_argument(
         "--min-top1-agreement",
