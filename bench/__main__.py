@@ -17,7 +17,6 @@ from pathlib import Path
 from condgen.bench.engines import (
     bench_prompts,
     engine_details,
-    greedy_match,
     optimum_generate,
     our_engine,
     transformers_generate,
@@ -34,6 +33,7 @@ from condgen.bench.load import (
 )
 from condgen.bundle import read_examples, read_manifest
 from condgen.server.scheduler import SchedulerConfig
+from condgen.training.export import greedy_match
 
 TARGETS = [  # (name, numerator, denominator, at least)
     ("engine / transformers, batch 16", "engine_tok_s_b16", "transformers_tok_s_b16", 2.0),

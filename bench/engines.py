@@ -100,15 +100,6 @@ def transformers_greedy(checkpoint: Path, prompts: list[list[int]], new_tokens: 
     return produced
 
 
-def greedy_match(reference: list[list[int]], tokens: list[list[int]]) -> float:
-    """Mean share of each reference continuation matched before the first difference."""
-    shares = []
-    for ref, ours in zip(reference, tokens):
-        matched = next((i for i, (a, b) in enumerate(zip(ref, ours)) if a != b), min(len(ref), len(ours)))
-        shares.append(matched / max(1, len(ref)))
-    return float(np.mean(shares)) if shares else 0.0
-
-
 def hf_generate(model, tokenizer, prompts: list[str], new_tokens: int, device) -> None:
     import torch
 

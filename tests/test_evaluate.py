@@ -43,36 +43,12 @@ def test_quick_evaluate_writes_a_complete_report(tmp_path, capsys):
     train = subset(BANKING77_TRAIN, tmp_path / "train.csv", 30, ("text", "intent"))
     test = subset(BANKING77_TRAIN.with_name("test.csv"), tmp_path / "test.csv", 20, ("text", "intent"))
     out = tmp_path / "eval_out"
-    assert (
-        main(
-            [
-                "evaluate",
-                "--setting",
-                "few-shot",
-                "--data",
-                str(train),
-                "--test",
-                str(test),
-                "--shots",
-                "5",
-                "--per-intent",
-                "3",
-                "--seeds",
-                "0",
-                "1",
-                "--steps",
-                "120",
-                "--quick",
-                "--output",
-                str(out),
-                "--prompt-examples",
-                "4",
-                "--temperature",
-                "1.0",
-            ]
-        )
-        == 0
-    )
+    # the run, and later the same run re-scored from its saved bundles and rows
+    run = [
+        "evaluate", "--setting", "few-shot", "--data", str(train), "--test", str(test), "--shots", "5",
+        "--per-intent", "3", "--seeds", "0", "1", "--steps", "120", "--quick", "--output", str(out),
+    ]  # fmt: skip
+    assert main([*run, "--prompt-examples", "4", "--temperature", "1.0"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["prompt_examples"] == 4 and report["config"]["temperature"] == 1.0
     assert [k for k in REPORT_KEYS if k not in report] == []
@@ -87,34 +63,7 @@ def test_quick_evaluate_writes_a_complete_report(tmp_path, capsys):
     # re-scoring an earlier run's bundles and rows gives the same figures, without generating
     again = tmp_path / "again.json"
     (out / "report.json").rename(again)
-    assert (
-        main(
-            [
-                "evaluate",
-                "--setting",
-                "few-shot",
-                "--data",
-                str(train),
-                "--test",
-                str(test),
-                "--shots",
-                "5",
-                "--per-intent",
-                "3",
-                "--seeds",
-                "0",
-                "1",
-                "--steps",
-                "120",
-                "--quick",
-                "--output",
-                str(out),
-                "--reuse-bundles",
-                "--reuse-synthetic",
-            ]
-        )
-        == 0
-    )
+    assert main([*run, "--reuse-bundles", "--reuse-synthetic"]) == 0
     rescored, first = json.loads((out / "report.json").read_text()), json.loads(again.read_text())
     assert rescored["augmented_acc"] == first["augmented_acc"]
     assert rescored["acceptance_rate"] == first["acceptance_rate"]

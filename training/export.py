@@ -105,12 +105,17 @@ class Parity:
     greedy_match: float = 1.0
 
 
-def compare_logits(checkpoint: Path, session, info: OnnxInfo, tokenizer, prompts: list[str]) -> Parity:
-    """|PyTorch - ONNX| logits and argmax agreement over each prompt's prefill and one cached step."""
-    import torch
+def torch_reference(checkpoint: Path):
+    """The checkpoint in PyTorch fp32, loaded once for both parity checks."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(checkpoint)).eval()
+    return AutoModelForCausalLM.from_pretrained(str(checkpoint)).eval()
+
+
+def compare_logits(model, session, info: OnnxInfo, tokenizer, prompts: list[str]) -> Parity:
+    """|PyTorch - ONNX| logits and argmax agreement over each prompt's prefill and one cached step."""
+    import torch
+
     dtype = np.float16 if info.dtype == "float16" else np.float32
     worst, agree, positions = 0.0, 0, 0
     for prompt in prompts:
@@ -131,18 +136,25 @@ def compare_logits(checkpoint: Path, session, info: OnnxInfo, tokenizer, prompts
     return Parity(worst, agree / positions)
 
 
+def greedy_match(references: list[list[int]], tokens: list[list[int]]) -> float:
+    """Mean share of each reference continuation matched before the first difference."""
+    shares = []
+    for reference, ours in zip(references, tokens):
+        matched = next((i for i, (a, b) in enumerate(zip(reference, ours)) if a != b), min(len(reference), len(ours)))
+        shares.append(matched / max(1, len(reference)))
+    return float(np.mean(shares)) if shares else 0.0
+
+
 def greedy_agreement(
-    checkpoint: Path, session, info: OnnxInfo, tokenizer, prompts: list[str], new_tokens: int = GREEDY_TOKENS
+    model, session, info: OnnxInfo, tokenizer, prompts: list[str], new_tokens: int = GREEDY_TOKENS
 ) -> float:
     """Mean share of a `new_tokens` greedy continuation that ONNX matches PyTorch (fp32) on
     before their first difference, over `prompts`."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(checkpoint)).eval()
     append_only = APPEND_ONLY_CACHE in info.rewrites
     dtype = np.float16 if info.dtype == "float16" else np.float32
-    shares = []
+    references, produced = [], []
     for prompt in prompts:
         ids = np.array([tokenizer(prompt, add_special_tokens=False)["input_ids"]], dtype=np.int64)
         with torch.no_grad():
@@ -163,9 +175,9 @@ def greedy_agreement(
             }
             ours.append(int(outputs[0][0, -1].argmax()))
             step = np.array([[ours[-1]]], dtype=np.int64)
-        matched = next((i for i, (a, b) in enumerate(zip(reference, ours)) if a != b), len(ours))
-        shares.append(matched / max(1, len(reference)))
-    return float(np.mean(shares))
+        references.append(reference)
+        produced.append(ours)
+    return greedy_match(references, produced)
 
 
 def rewrite_graph(checkpoint: Path, model_path: Path, append_only: bool) -> list[str]:
@@ -320,11 +332,12 @@ def export_bundle(
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
     examples = json.loads((output / EXAMPLES_NAME).read_text())
     prompts = parity_prompts(examples, info_json["separator"])
-    parity = compare_logits(checkpoint, session, info, tokenizer, prompts)
+    reference = torch_reference(checkpoint)
+    parity = compare_logits(reference, session, info, tokenizer, prompts)
     info.parity_max_abs_diff = parity.max_abs_diff
     info.parity_top1_agreement = parity.top1_agreement
     info.rewrites = rewrites
-    info.parity_greedy_match = greedy_agreement(checkpoint, session, info, tokenizer, prompts[:3])
+    info.parity_greedy_match = greedy_agreement(reference, session, info, tokenizer, prompts[:3])
     info.parity_tolerance = tolerance
     info.variant = variant
     parity.greedy_match = info.parity_greedy_match
