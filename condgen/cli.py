@@ -149,6 +149,13 @@ def _add_serve(sub) -> None:
         help="keep the KV cache on the device between steps (auto: on under CUDA)",
     )
     p.add_argument(
+        "--sampling-head",
+        choices=("on", "off"),
+        default=EngineConfig.sampling_head,
+        help="on: each step's top tokens are picked on the model's device and only they cross to the "
+        "host (the full logits only for a rare draw beyond them); off: the host ranks the full logits",
+    )
+    p.add_argument(
         "--grace-seconds",
         type=float,
         default=ServeConfig.grace_seconds,
@@ -532,7 +539,9 @@ def cmd_serve(args) -> None:
         bundle=args.bundle,
         host=args.host,
         port=args.port,
-        engine=EngineConfig(device=args.device, threads=args.threads, io_binding=args.io_binding),
+        engine=EngineConfig(
+            device=args.device, threads=args.threads, io_binding=args.io_binding, sampling_head=args.sampling_head
+        ),
         scheduler=SchedulerConfig(
             max_batch_size=args.max_batch_size,
             max_active_requests=args.max_active_requests,

@@ -30,7 +30,9 @@ from condgen.bundle import (
     Manifest,
 )
 from condgen.errors import CondgenError
+from condgen.server import graphs
 from condgen.server.batch import Batch
+from condgen.server.sampling import WINDOW, TokenWindows
 
 log = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "cuda")
@@ -47,12 +49,15 @@ class EngineConfig:
     device: str = "auto"
     threads: int = 0  # 0: one per core
     io_binding: str = "auto"  # auto: on under CUDA; on; off
+    sampling_head: str = "on"  # on: top tokens picked on the model's device (graphs.sampling_head); off: host
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise EngineError(f"device {self.device!r} is not one of {', '.join(DEVICES)}")
         if self.io_binding not in ("auto", "on", "off"):
             raise EngineError(f"io_binding {self.io_binding!r} is not one of auto, on, off")
+        if self.sampling_head not in ("on", "off"):
+            raise EngineError(f"sampling_head {self.sampling_head!r} is not one of on, off")
 
 
 def choose_providers(device: str) -> list[str]:
@@ -123,6 +128,12 @@ class Engine:
         # Scoring a line needs the logits of its every token: a graph that keeps all positions,
         # or one whose last-position slice takes a window (`num_logits_to_keep`).
         self.can_score = LOGITS_WINDOW in self.info.rewrites or LAST_POSITION_LOGITS not in self.info.rewrites
+        self.head = None
+        if config.sampling_head == "on":
+            head_model = graphs.sampling_head(min(WINDOW, self.vocab_size), self.dtype)
+            # One thread on the CPU: a second thread pool would spin against the model's own.
+            head_threads = 1 if self.device_type == "cpu" else config.threads
+            self.head = ort.InferenceSession(head_model, session_options(head_threads), providers=providers)
         log.info(
             "engine on %s: %d layers, %d KV heads of %d, vocab %d",
             self.provider,
@@ -213,16 +224,50 @@ class Engine:
 
     def forward(self, batch: Batch) -> np.ndarray:
         """Run `batch.next_ids` through the model; return last-position logits (batch, vocab)."""
+        logits = self._run(batch, logits_on_device=False)
+        return np.ascontiguousarray(logits[:, -1, :])  # (batch, vocab); frees the prefill's full logits
+
+    def step(self, batch: Batch, temperatures: np.ndarray) -> TokenWindows:
+        """Run `batch.next_ids` through the model; return what sampling needs of each row
+        (`temperatures`: each row's, > 0). With the sampling head only the top tokens and a
+        normaliser per row come to the host; the full logits stay where they are, fetched only
+        for the rare draw beyond the window."""
+        if self.head is None:
+            return TokenWindows.from_logits(self.forward(batch), temperatures)
+        logits = self._run(batch, logits_on_device=self.io_binding)
+        temperatures = np.ascontiguousarray(temperatures, dtype=np.float32)
+        if isinstance(logits, np.ndarray):
+            top_logits, top_ids, log_norm = self.head.run(None, {"logits": logits, "temperature": temperatures})
+        else:  # an OrtValue on the device: the head reads it there
+            binding = self.head.io_binding()
+            binding.bind_ortvalue_input("logits", logits)
+            binding.bind_cpu_input("temperature", temperatures)
+            for name in ("top_logits", "top_ids", "log_norm"):
+                binding.bind_output(name, "cpu")
+            self.head.run_with_iobinding(binding)
+            top_logits, top_ids, log_norm = (value.numpy() for value in binding.get_outputs())
+        return TokenWindows(
+            top_ids,
+            top_logits,
+            log_norm.astype(np.float64),
+            temperatures.astype(np.float64),
+            self.vocab_size,
+            lambda: _last_position(logits),
+        )
+
+    def _run(self, batch: Batch, logits_on_device: bool):
+        """One pass; the cache moves into `batch`. Returns the logits (batch, positions, vocab):
+        numpy, or an OrtValue left on the device (`logits_on_device`, IO binding only)."""
         feed = {k: v for k, v in batch.feed().items() if k in self.input_names}
         if self.io_binding:
-            logits, present = self._run_bound(feed)
+            logits, present = self._run_bound(feed, logits_on_device)
         else:
             outputs = self.session.run(self.output_names, feed)
             logits, present = outputs[0], outputs[1:]
         batch.advance(dict(zip(self.info.past_key_names, present)))
-        return np.ascontiguousarray(logits[:, -1, :])  # (batch, vocab); frees the prefill's full logits
+        return logits
 
-    def _run_bound(self, feed: dict) -> tuple[np.ndarray, list]:
+    def _run_bound(self, feed: dict, logits_on_device: bool = False) -> tuple:
         """One run with IO binding: cache inputs/outputs stay on the device as OrtValues."""
         binding = self.session.io_binding()
         for name, value in feed.items():
@@ -230,12 +275,19 @@ class Engine:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
             else:
                 binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", "cpu")
+        binding.bind_output("logits", self.device_type if logits_on_device else "cpu")
         for name in self.info.present_key_names:
             binding.bind_output(name, self.device_type)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        return outputs[0].numpy(), list(outputs[1:])
+        logits = outputs[0] if logits_on_device else outputs[0].numpy()
+        return logits, list(outputs[1:])
+
+
+def _last_position(logits) -> np.ndarray:
+    """(rows, vocab) host logits of the last position of numpy or OrtValue (rows, positions, vocab)."""
+    values = logits if isinstance(logits, np.ndarray) else logits.numpy()
+    return np.ascontiguousarray(values[:, -1, :])
 
 
 def _length_groups(prompts: list[list[int]], max_tokens: int) -> list[list[int]]:

@@ -20,7 +20,7 @@ import numpy as np
 from condgen.server.label_check import NOT_CHECKED, LineToCheck
 from condgen.server.records import REJECTION_REASONS, RecordJudge, Verdict
 from condgen.server.requests import GeneratedRecord, Job, RequestState
-from condgen.server.sampling import sample_token
+from condgen.server.sampling import TokenWindows
 
 
 @dataclass
@@ -73,8 +73,8 @@ class LineKeeper:
         self.totals = Totals()
         self.pending: list[PendingLine] = []
 
-    def next_token(self, seq: Sequence, row: np.ndarray, probs: np.ndarray | None = None) -> int | None:
-        """Feed one token to `seq` (`probs`: the row's probabilities, where computed already);
+    def next_token(self, seq: Sequence, windows: TokenWindows, row: int) -> int | None:
+        """Feed one token to `seq`, sampled from its row `row` of this step's `windows`;
         None when the sequence is finished."""
         state, job, spec = seq.request, seq.job, seq.request.spec
         if state.cancelled or job.satisfied:
@@ -82,7 +82,7 @@ class LineKeeper:
         if seq.forced:
             token = seq.forced.popleft()
         else:
-            token = sample_token(row, spec.sampling, seq.rng, probs)
+            token = windows.sample(row, spec.sampling, seq.rng)
             seq.generated += 1
             state.summary.tokens_generated += 1
             self.totals.tokens_generated += 1

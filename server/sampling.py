@@ -1,4 +1,11 @@
-"""Token sampling in numpy: temperature, top-k, top-p (nucleus); greedy at temperature 0.
+"""Token sampling: temperature, top-k, top-p (nucleus); greedy at temperature 0.
+
+Sampling reads a window of each row's most likely tokens (`TokenWindows`: ids and logits, most
+likely first, and the row's log-normaliser at its temperature), computed on the model's device
+by the engine's sampling head (server/graphs.py) or here from host logits. A draw walks the
+window in that order; the rare draw that needs more of the vocabulary (a tail token, or a
+nucleus wider than the window) takes the row's full logits instead, so the result is the same
+exact sample either way.
 
 Every sequence samples with its own `numpy.random.Generator`, so a seeded request gives
 the same tokens whatever else shares the batch.
@@ -6,9 +13,12 @@ the same tokens whatever else shares the batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+WINDOW = 256  # tokens per row that cross from the device: top-k up to this, and most nuclei
 
 
 @dataclass(frozen=True)
@@ -29,71 +39,95 @@ def sequence_rng(seed: int, *path: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, *path])))
 
 
-def softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
-    """Probabilities of a 1-D logit row at the given temperature (> 0)."""
-    scaled = logits.astype(np.float64) / temperature
-    scaled -= scaled.max()
-    probs = np.exp(scaled)
-    return probs / probs.sum()
+def head_temperature(settings: SamplingSettings) -> float:
+    """The temperature a row's log-normaliser is computed at (greedy rows: 1, it is not used)."""
+    return settings.temperature if settings.temperature > 0 else 1.0
 
 
-def softmax_rows(logits: np.ndarray, temperatures: np.ndarray) -> np.ndarray:
-    """`softmax` of every row of a 2-D logit array at its own temperature (all > 0), in a few
-    whole-array operations instead of several per row; each row equals `softmax` of that row."""
-    scaled = logits.astype(np.float64) / temperatures[:, None]
-    scaled -= scaled.max(axis=1, keepdims=True)
-    probs = np.exp(scaled, out=scaled)
-    probs /= probs.sum(axis=1, keepdims=True)
-    return probs
+@dataclass
+class TokenWindows:
+    """One step's sampling input for every row of a batch."""
+
+    ids: np.ndarray  # (rows, width) int64: the most likely tokens, most likely first (ties: lower id)
+    logits: np.ndarray  # (rows, width) their logits
+    log_norm: np.ndarray  # (rows,) logsumexp over the whole vocabulary of logits / temperature
+    temperatures: np.ndarray  # (rows,) the temperatures of `log_norm`
+    vocab_size: int
+    full_logits: Callable[[], np.ndarray]  # (rows, vocab), fetched only for a draw past the window
+
+    @classmethod
+    def from_logits(cls, logits: np.ndarray, temperatures: np.ndarray, width: int = WINDOW) -> TokenWindows:
+        """Windows computed on the host from (rows, vocab) logits, as the sampling head does."""
+        rows, vocab = logits.shape
+        width = min(width, vocab)
+        if width < vocab:
+            part = np.argpartition(-logits, width - 1, axis=1)[:, :width]
+        else:
+            part = np.broadcast_to(np.arange(vocab), (rows, vocab))
+        values = np.take_along_axis(logits, part, axis=1)
+        order = np.lexsort((part, -values), axis=-1)  # by logit, then by id
+        scaled = logits.astype(np.float64) / np.asarray(temperatures, dtype=np.float64)[:, None]
+        top = scaled.max(axis=1)
+        log_norm = top + np.log(np.exp(scaled - top[:, None]).sum(axis=1))
+        return cls(
+            np.take_along_axis(part, order, axis=1).astype(np.int64),
+            np.take_along_axis(values, order, axis=1),
+            log_norm,
+            np.asarray(temperatures, dtype=np.float64),
+            vocab,
+            lambda: logits,
+        )
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def sample(self, row: int, settings: SamplingSettings, rng: np.random.Generator) -> int:
+        """The next token of `row` under `settings` (at the temperature of its log-normaliser)."""
+        if settings.greedy:
+            return int(self.ids[row, 0])
+        u = rng.random()
+        complete = self.ids.shape[1] == self.vocab_size
+        token = _pick(self.ids[row], self._log_probs(row), complete, settings, u)
+        if token is None:  # the draw needs tokens beyond the window: rank the whole row
+            whole = TokenWindows.from_logits(
+                self.full_logits()[row : row + 1], self.temperatures[row : row + 1], self.vocab_size
+            )
+            token = _pick(whole.ids[0], whole._log_probs(0), True, settings, u)
+        assert token is not None
+        return token
+
+    def _log_probs(self, row: int) -> np.ndarray:
+        return self.logits[row].astype(np.float64) / self.temperatures[row] - float(self.log_norm[row])
 
 
-def _top_k_candidates(probs: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k most likely tokens, most likely first."""
-    k = min(k, probs.shape[0])
-    part = np.argpartition(probs, -k)[-k:]
-    return part[np.argsort(-probs[part], kind="stable")]
-
-
-def _nucleus(probs: np.ndarray, candidates: np.ndarray | None, top_p: float) -> np.ndarray:
-    """The most likely tokens whose (renormalised) probability first reaches top_p.
-
-    `candidates` are the top-k survivors, most likely first, or None for the whole
-    vocabulary; then the top 256 tokens are ranked first and the window widens only when
-    they hold less than top_p, so a full-vocabulary sort is rare.
-    """
-    if candidates is not None:
-        kept = probs[candidates]
-        cumulative = np.cumsum(kept) / kept.sum()
-        return candidates[: int(np.searchsorted(cumulative, top_p)) + 1]
-    width = 256
-    while True:
-        ranked = _top_k_candidates(probs, width)
-        cumulative = np.cumsum(probs[ranked])
-        if cumulative[-1] >= top_p or ranked.shape[0] == probs.shape[0]:
-            return ranked[: int(np.searchsorted(cumulative, top_p)) + 1]
-        width *= 4
-
-
-def _draw(probs: np.ndarray, rng: np.random.Generator) -> int:
-    """An index drawn with probabilities `probs` (summing to ~1): the draw `rng.choice(len, p=probs)`
-    makes (one uniform number against the normalised cumulative sum), without its checks."""
-    cdf = np.cumsum(probs)
-    cdf /= cdf[-1]
-    return int(cdf.searchsorted(rng.random(), side="right"))
-
-
-def sample_token(
-    logits: np.ndarray, settings: SamplingSettings, rng: np.random.Generator, probs: np.ndarray | None = None
-) -> int:
-    """Pick the next token from one row of logits (shape: (vocab,)); `probs`, where given, is
-    that row's `softmax` at the settings' temperature, computed beforehand (`softmax_rows`)."""
-    if settings.greedy:
-        return int(np.argmax(logits))
-    if probs is None:
-        probs = softmax(logits, settings.temperature)
-    candidates = _top_k_candidates(probs, settings.top_k) if settings.top_k > 0 else None
+def _pick(ids: np.ndarray, log_probs: np.ndarray, complete: bool, settings: SamplingSettings, u: float) -> int | None:
+    """The token that the uniform number `u` draws from `ids` (most likely first) under top-k then
+    top-p (renormalised within top-k), or None when the window is too short to decide."""
+    cumulative = np.cumsum(np.exp(log_probs))
+    top_k = settings.top_k
+    bounded = complete or 0 < top_k <= len(ids)  # every candidate is in the window
+    if top_k > 0 and bounded:
+        cumulative = cumulative[:top_k]
+    total = cumulative[-1] if top_k > 0 and bounded else 1.0  # the whole vocabulary sums to 1
+    if top_k > 0 and not bounded:
+        return None
     if settings.top_p < 1.0:
-        candidates = _nucleus(probs, candidates, settings.top_p)
-    if candidates is None:
-        return _draw(probs, rng)
-    return int(candidates[_draw(probs[candidates], rng)])
+        end = int(np.searchsorted(cumulative, settings.top_p * total))
+        if end >= len(cumulative):
+            if not bounded:
+                return None
+            end = len(cumulative) - 1
+        cumulative = cumulative[: end + 1]
+        total, bounded = cumulative[-1], True
+    index = int(np.searchsorted(cumulative, u * total, side="right"))
+    if index >= len(cumulative):
+        if not bounded:
+            return None
+        index = len(cumulative) - 1  # rounding at the very end of the distribution
+    return int(ids[index])
+
+
+def sample_token(logits: np.ndarray, settings: SamplingSettings, rng: np.random.Generator) -> int:
+    """Pick the next token from one row of logits (shape: (vocab,)): `TokenWindows` of one row."""
+    windows = TokenWindows.from_logits(logits[None, :], np.array([head_temperature(settings)]))
+    return windows.sample(0, settings, rng)

@@ -64,7 +64,7 @@ from condgen.server.prefix_cache import PrefixCache
 from condgen.server.prompts import build_prompt
 from condgen.server.records import CopyIndex, LengthBounds, RecordJudge
 from condgen.server.requests import GeneratedRecord, GenerationSpec, GenerationSummary, Job, RequestHandle, RequestState
-from condgen.server.sampling import sequence_rng, softmax_rows
+from condgen.server.sampling import TokenWindows, head_temperature, sequence_rng
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +292,9 @@ class Scheduler:
         assert batch is not None
         started, rows = time.perf_counter(), len(batch)
         try:
-            logits = await loop.run_in_executor(self._executor, self.engine.forward, batch)
+            windows = await loop.run_in_executor(
+                self._executor, self.engine.step, batch, self._temperatures(batch.seq_ids)
+            )
         except Exception as exc:  # noqa: BLE001 - isolated to the requests of this batch
             failed = {self.sequences[s].request for s in batch.seq_ids if s in self.sequences}
             log.exception("forward pass failed; failing %d request(s)", len(failed))
@@ -302,7 +304,7 @@ class Scheduler:
             return
         self.steps += 1
         self._on_step("decode", rows, time.perf_counter() - started)
-        self._after_forward(logits)
+        self._after_step(windows)
 
     def _fail(self, state: RequestState, exc: Exception) -> None:
         """One request's processing broke: fail it alone; its batch-mates go on."""
@@ -436,37 +438,34 @@ class Scheduler:
         assert plan.prefill is not None
         single, last_logits = plan.prefill
         forked = single.fork(plan.seq_ids)
-        self._set_next_or_drop(forked, [self._guarded_next_token(s, last_logits) for s in plan.seq_ids])
+        temperature = head_temperature(plan.state.spec.sampling)
+        windows = TokenWindows.from_logits(last_logits[None, :], np.array([temperature]))
+        self._set_next_or_drop(forked, [self._guarded_next_token(s, windows, 0) for s in plan.seq_ids])
         return forked
 
     # ---- decoding ---------------------------------------------------------------------
-    def _after_forward(self, logits: np.ndarray) -> None:
+    def _after_step(self, windows: TokenWindows) -> None:
         batch = self.batch
         assert batch is not None
-        probs = self._sampling_probs(batch.seq_ids, logits)
-        next_tokens = [self._guarded_next_token(s, logits[row], probs.get(row)) for row, s in enumerate(batch.seq_ids)]
+        next_tokens = [self._guarded_next_token(s, windows, row) for row, s in enumerate(batch.seq_ids)]
         self._set_next_or_drop(batch, next_tokens)
         self.batch = batch.filter([s for s in batch.seq_ids if s in self.sequences], consume=True)
 
-    def _sampling_probs(self, seq_ids: list[int], logits: np.ndarray) -> dict[int, np.ndarray]:
-        """Row -> next-token probabilities, for the rows that sample this step (not forced, not
-        greedy), computed together (`softmax_rows`)."""
-        rows, temperatures = [], []
+    def _temperatures(self, seq_ids: list[int]) -> np.ndarray:
+        """Each row's sampling temperature, for its log-normaliser (1 where it does not sample)."""
+        temperatures = np.ones(len(seq_ids), dtype=np.float32)
         for row, seq_id in enumerate(seq_ids):
             seq = self.sequences.get(seq_id)
-            if seq is not None and not seq.forced and not seq.request.spec.sampling.greedy:
-                rows.append(row)
-                temperatures.append(seq.request.spec.sampling.temperature)
-        if not rows:
-            return {}
-        return dict(zip(rows, softmax_rows(logits[rows], np.array(temperatures))))
+            if seq is not None:
+                temperatures[row] = head_temperature(seq.request.spec.sampling)
+        return temperatures
 
-    def _guarded_next_token(self, seq_id: int, row: np.ndarray, probs: np.ndarray | None = None) -> int | None:
+    def _guarded_next_token(self, seq_id: int, windows: TokenWindows, row: int) -> int | None:
         seq = self.sequences.get(seq_id)
         if seq is None or seq.request.finished:
             return None
         try:
-            return self.lines.next_token(seq, row, probs)
+            return self.lines.next_token(seq, windows, row)
         except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
             self._fail(seq.request, exc)
             return None

@@ -26,6 +26,7 @@ import numpy as np
 
 from condgen.bundle import EXAMPLES_NAME, Manifest, OnnxInfo, write_manifest
 from condgen.server.batch import Batch
+from condgen.server.sampling import TokenWindows
 
 EOS, NEWLINE, COMMA = 0, 1, 2
 VOCAB = 2048
@@ -187,6 +188,10 @@ class FakeEngine:
             }
         )
         return np.stack([self._next_logits(h) for h in histories])
+
+    def step(self, batch: Batch, temperatures: np.ndarray) -> TokenWindows:
+        """One pass, as the real engine's sampling path sees it (windows computed on the host)."""
+        return TokenWindows.from_logits(self.forward(batch), temperatures)
 
     def prefill(
         self, seq_ids: list[int], prompts: list[list[int]], max_tokens: int = 1024

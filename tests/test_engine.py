@@ -112,6 +112,33 @@ def test_io_binding_gives_the_same_logits(whole_cache_bundle, engine, prompts):
     assert bound.forward(merged).shape == (2, bound.vocab_size)
 
 
+@pytest.mark.parametrize("io_binding", ["off", "on"])
+def test_the_sampling_head_gives_the_host_windows(whole_cache_bundle, prompts, io_binding):
+    """`step` with the sampling head (on the model's device; under IO binding it reads the logits
+    there) gives the windows the host computes from the full logits, and the same draws."""
+    from condgen.server.engine import EngineConfig
+    from condgen.server.sampling import SamplingSettings, TokenWindows, sequence_rng
+
+    manifest = read_manifest(whole_cache_bundle)
+    headed = Engine(whole_cache_bundle, manifest, EngineConfig(io_binding=io_binding))
+    host = Engine(whole_cache_bundle, manifest, EngineConfig(io_binding=io_binding, sampling_head="off"))
+    assert headed.head is not None and host.head is None
+    ids = [headed.encode(p) for p in prompts]
+    a, b = headed.prompts_batch([0, 1], ids), host.prompts_batch([0, 1], ids)  # left-padded prefill
+    temperatures = np.array([0.7, 1.0], dtype=np.float32)
+    settings = [SamplingSettings(temperature=0.7), SamplingSettings(top_p=0.9)]
+    for _ in range(3):
+        got, expected = headed.step(a, temperatures), host.step(b, temperatures)
+        assert isinstance(got, TokenWindows) and got.ids.shape == (2, 256)
+        assert np.array_equal(got.ids[:, :20], expected.ids[:, :20])
+        np.testing.assert_allclose(got.log_norm, expected.log_norm, rtol=1e-4)
+        np.testing.assert_allclose(got.full_logits(), expected.full_logits(), atol=1e-5)
+        tokens = [got.sample(row, settings[row], sequence_rng(3, row)) for row in range(2)]
+        assert tokens == [expected.sample(row, settings[row], sequence_rng(3, row)) for row in range(2)]
+        a.set_next(tokens)
+        b.set_next(tokens)
+
+
 def test_batched_prefill_matches_separate_prefills(engine, checkpoint, prompts):
     ids = [engine.encode(p) for p in prompts] + [engine.encode("exchange_rate,")]
     together = engine.prefill([10, 11, 12], ids, max_tokens=10_000)

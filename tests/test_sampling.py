@@ -1,9 +1,12 @@
-"""numpy sampling: greedy, top-k, top-p, per-sequence determinism."""
+"""Sampling: greedy, top-k, top-p, per-sequence determinism, and the token window (host or
+sampling head) giving the same draws as the whole vocabulary."""
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
-from condgen.server.sampling import SamplingSettings, sample_token, sequence_rng, softmax, softmax_rows
+from condgen.server import graphs
+from condgen.server.sampling import SamplingSettings, TokenWindows, sample_token, sequence_rng
 
 pytestmark = pytest.mark.fast
 
@@ -14,6 +17,11 @@ def logits_with(probs):
 
 def test_greedy_takes_argmax():
     assert sample_token(np.array([0.1, 3.0, 2.0]), SamplingSettings(temperature=0.0), sequence_rng(0)) == 1
+
+
+def test_greedy_ties_go_to_the_lower_id_as_argmax():
+    row = np.array([0.5, 3.0, 1.0, 3.0])
+    assert sample_token(row, SamplingSettings(temperature=0.0), sequence_rng(0)) == int(np.argmax(row)) == 1
 
 
 def test_top_k_never_leaves_the_k_best():
@@ -30,11 +38,20 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert picks == {0, 1}
 
 
-def test_top_p_over_a_large_vocabulary_widens_its_window():
+def test_a_nucleus_wider_than_the_window_reads_the_whole_row():
     probs = np.full(5000, 1.0 / 5000)
     rng = sequence_rng(3)
     picks = {sample_token(np.log(probs), SamplingSettings(top_p=0.5), rng) for _ in range(400)}
-    assert len(picks) > 256  # the nucleus holds 2,500 tokens, more than the first window
+    assert len(picks) > 256  # the nucleus holds 2,500 tokens, more than the window
+
+
+def test_draws_in_the_tail_beyond_the_window_still_happen():
+    logits = np.zeros(3000)
+    logits[:10] = 4.0  # 10 likely tokens (10 e^4 = 546 of the weight), 2,990 unlikely ones
+    rng = sequence_rng(5)
+    picks = np.array([sample_token(logits, SamplingSettings(), rng) for _ in range(2000)])
+    beyond_window = (3000 - 256) / (10 * np.exp(4.0) + 2990)  # 0.776: tokens past the first 256
+    assert abs((picks >= 256).mean() - beyond_window) < 0.03
 
 
 def test_sampling_follows_the_distribution():
@@ -44,41 +61,53 @@ def test_sampling_follows_the_distribution():
     assert np.allclose(counts / 3000, [0.7, 0.2, 0.1], atol=0.04)
 
 
+def test_temperature_sharpens():
+    row = np.array([1.0, 2.0])
+
+    def share_of_second(temperature):
+        rng = sequence_rng(6)
+        return np.mean([sample_token(row, SamplingSettings(temperature=temperature), rng) for _ in range(2000)])
+
+    assert share_of_second(0.5) > share_of_second(1.0) > share_of_second(2.0)
+
+
 def test_same_seed_and_place_give_the_same_stream():
     row = np.random.default_rng(0).normal(size=100)
     settings = SamplingSettings(temperature=1.2, top_p=0.9, top_k=50)
-    first = [sample_token(row, settings, sequence_rng(9, 1, 2)) for _ in range(1)]
     a = sequence_rng(9, 1, 2)
     b = sequence_rng(9, 1, 2)
     c = sequence_rng(9, 1, 3)
     seq_a = [sample_token(row, settings, a) for _ in range(30)]
     assert seq_a == [sample_token(row, settings, b) for _ in range(30)]
     assert seq_a != [sample_token(row, settings, c) for _ in range(30)]
-    assert first[0] == seq_a[0]
 
 
-def test_temperature_sharpens():
-    row = np.array([1.0, 2.0])
-    assert softmax(row, 0.5)[1] > softmax(row, 1.0)[1] > softmax(row, 2.0)[1]
+@pytest.mark.parametrize(
+    "settings",
+    [SamplingSettings(), SamplingSettings(temperature=0.5), SamplingSettings(top_p=0.9), SamplingSettings(top_k=40)],
+)
+def test_a_window_draws_what_the_whole_vocabulary_draws(settings):
+    """The window is a prefix of the whole ranking, so each uniform number draws the same token."""
+    logits = (np.random.default_rng(1).standard_normal((4, 5000)) * 2).astype(np.float32)
+    temperatures = np.full(4, settings.temperature)
+    window = TokenWindows.from_logits(logits, temperatures)
+    whole = TokenWindows.from_logits(logits, temperatures, width=5000)
+    for row in range(4):
+        a, b = sequence_rng(11, row), sequence_rng(11, row)
+        assert [window.sample(row, settings, a) for _ in range(200)] == [
+            whole.sample(row, settings, b) for _ in range(200)
+        ]
 
 
-def test_draws_equal_numpy_choice_for_the_same_generator():
-    """The sampler's inverse-CDF draw is numpy's `choice(p=...)`, so seeded requests keep their records."""
-    from condgen.server.sampling import _draw, sequence_rng
-
-    probs = np.random.default_rng(3).dirichlet(np.full(500, 0.1))
-    ours, numpys = sequence_rng(9, 1), sequence_rng(9, 1)
-    assert [_draw(probs, ours) for _ in range(300)] == [int(numpys.choice(500, p=probs)) for _ in range(300)]
-
-
-def test_row_batched_softmax_equals_softmax_row_by_row():
-    rng = np.random.default_rng(3)
-    logits = (rng.standard_normal((5, 49152)) * 4).astype(np.float32)
-    temperatures = np.array([0.7, 1.0, 0.9, 1.3, 0.5])
-    batched = softmax_rows(logits, temperatures)
-    for row, temperature in enumerate(temperatures):
-        assert np.array_equal(batched[row], softmax(logits[row], temperature))  # bit for bit
-        settings = SamplingSettings(temperature=float(temperature), top_p=0.9)
-        assert sample_token(logits[row], settings, sequence_rng(7, row), batched[row]) == sample_token(
-            logits[row], settings, sequence_rng(7, row)
-        )
+def test_the_sampling_head_computes_the_host_window():
+    rng = np.random.default_rng(2)
+    logits = (rng.standard_normal((3, 2, 1000)) * 3).astype(np.float32)  # (rows, positions, vocab)
+    logits[1, -1, 7] = logits[1, -1, 3] = 20.0  # a tie at the top: the lower id first
+    temperatures = np.array([0.5, 1.0, 1.7], dtype=np.float32)
+    head = ort.InferenceSession(graphs.sampling_head(64), providers=["CPUExecutionProvider"])
+    top_logits, top_ids, log_norm = head.run(None, {"logits": logits, "temperature": temperatures})
+    host = TokenWindows.from_logits(logits[:, -1, :], temperatures.astype(np.float64), width=64)
+    assert np.array_equal(top_ids, host.ids)
+    assert top_ids[1, :2].tolist() == [3, 7]
+    np.testing.assert_array_equal(top_logits, host.logits)
+    np.testing.assert_allclose(log_norm, host.log_norm, rtol=1e-5)
