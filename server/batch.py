@@ -10,7 +10,8 @@ column. Several prompts can be prefilled in one pass (`for_prompts`): they are l
 too, with `next_mask` marking the padding until the pass has run. The scheduler only moves
 rows in and out with `filter`, `concatenate` and `fork`.
 With IO binding the cache may live on the device as ONNX Runtime `OrtValue`s between
-steps; it comes to the host only when rows join or leave.
+steps; rows then join and leave through `moves` (server/device_cache.py: small graphs run on
+the device), so the cache stays there.
 
 With an append-only graph (`append_only`, see training/graph.py) the pass returns only the new
 entries, and `advance` writes them into the batch's own buffers in place. Those buffers keep
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import mmap
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -39,6 +41,8 @@ class Batch:
     # Append-only batches this batch owns alone: name -> (rows + spare rows, heads, capacity, dim)
     # buffers whose first len(self) rows are `past` (views). Joins write new rows into the rest.
     storage: dict[str, np.ndarray] | None = field(default=None, repr=False)
+    # Device-side row moves (`CacheMoves`) for a cache held as OrtValues; None: moves on the host.
+    moves: Any = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.seq_ids)
@@ -63,6 +67,7 @@ class Batch:
         head_dim: int,
         dtype=np.float32,
         append_only: bool = False,
+        moves: Any = None,
     ) -> Batch:
         """A batch ready to prefill the prompts (left-padded to the longest) with an empty cache."""
         n, width = len(prompts), max(len(p) for p in prompts)
@@ -79,6 +84,7 @@ class Batch:
             {name: empty for name in past_names},
             None if mask.all() else mask,
             append_only,
+            moves=moves,
         )
 
     def _new_mask(self) -> np.ndarray:
@@ -153,7 +159,16 @@ class Batch:
         seq_ids = [self.seq_ids[i] for i in rows]
         start = _shared_padding(self.past_mask[rows]) if rows else self.past_len
         start = start if 4 * start >= self.past_len else 0
-        on_host = all(isinstance(value, np.ndarray) for value in self.past.values())
+        on_host = self.on_host()
+        if not on_host and self.moves is not None:
+            index = np.array(rows, dtype=np.int64)
+            return Batch(
+                seq_ids,
+                self.next_ids[index],
+                self.past_mask[index][:, start:],
+                self.moves.keep(self.past, rows, start),
+                moves=self.moves,
+            )
         if rows and start == 0 and consume and self.storage is not None:
             return self._compacted(rows)  # keeps the spare rows for the next join
         if rows and start == 0 and on_host and rows[-1] - rows[0] + 1 == len(rows):
@@ -164,11 +179,19 @@ class Batch:
                 self.past_mask[run],
                 {name: value[run] for name, value in self.past.items()},
                 append_only=self.append_only,
+                moves=self.moves,
             )
         if rows and start == 0 and on_host and consume:
             return self._compacted(rows)
         index = np.array(rows, dtype=np.int64)
-        kept = Batch(seq_ids, self.next_ids[index], self.past_mask[index][:, start:], {}, append_only=self.append_only)
+        kept = Batch(
+            seq_ids,
+            self.next_ids[index],
+            self.past_mask[index][:, start:],
+            {},
+            append_only=self.append_only,
+            moves=self.moves,
+        )
         kept.past = kept._copy_layers([self], lambda source, value: value[index, :, start : source.past_len], consume)
         return kept
 
@@ -192,6 +215,7 @@ class Batch:
             {name: value[:n] for name, value in self.past.items()},
             append_only=self.append_only,
             storage=self.storage,
+            moves=self.moves,
         )
 
     def _copy_layers(self, sources: list[Batch], block_of, consume: bool) -> dict:
@@ -234,19 +258,27 @@ class Batch:
         if len(self) != 1:
             raise ValueError("only a one-row batch can be forked")
         n, length = len(seq_ids), self.past_len
-        past = {
-            name: self._buffer(
-                [np.broadcast_to(value[:, :, :length], (n, *value.shape[1:2], length, *value.shape[3:]))]
-            )
-            for name, value in self.host_past().items()
-        }
+        if self.moves is not None and not self.on_host():
+            past = self.moves.repeat(self.past, n)
+        else:
+            past = {
+                name: self._buffer(
+                    [np.broadcast_to(value[:, :, :length], (n, *value.shape[1:2], length, *value.shape[3:]))]
+                )
+                for name, value in self.host_past().items()
+            }
         return Batch(
             list(seq_ids),
             np.repeat(self.next_ids, n, axis=0),
             np.repeat(self.past_mask, n, axis=0),
             past,
             append_only=self.append_only,
+            moves=self.moves,
         )
+
+    def on_host(self) -> bool:
+        """Whether the cache is numpy arrays (not OrtValues held on a device)."""
+        return all(isinstance(value, np.ndarray) for value in self.past.values())
 
     @classmethod
     def concatenate(cls, batches: list[Batch], consume: bool = False) -> Batch:
@@ -262,13 +294,30 @@ class Batch:
             raise ValueError("batches to concatenate must feed the same number of tokens")
         if consume and batches[0]._has_room_for(batches[1:]):
             return batches[0]._joined_in_place(batches[1:])
+        moves = next((b.moves for b in batches if b.moves is not None), None)
+        if moves is not None and not all(b.on_host() for b in batches):
+            return cls._joined_on_device(batches, moves)
         past_len = max(b.past_len for b in batches)
         seq_ids = [s for b in batches for s in b.seq_ids]
         next_ids = np.concatenate([b.next_ids for b in batches], axis=0)
         mask = np.concatenate([_left_pad(b.past_mask, past_len, axis=1) for b in batches], axis=0)
-        merged = cls(seq_ids, next_ids, mask, {}, append_only=batches[0].append_only)
+        merged = cls(seq_ids, next_ids, mask, {}, append_only=batches[0].append_only, moves=batches[0].moves)
         merged.past = merged._copy_layers(batches, lambda source, value: value[:, :, : source.past_len], consume)
         return merged
+
+    @classmethod
+    def _joined_on_device(cls, batches: list[Batch], moves) -> Batch:
+        """All rows, the cache joined two batches at a time on the device."""
+        past, length = batches[0].past, batches[0].past_len
+        for batch in batches[1:]:
+            past, length = moves.join(past, length, batch.past, batch.past_len), max(length, batch.past_len)
+        return cls(
+            [s for b in batches for s in b.seq_ids],
+            np.concatenate([b.next_ids for b in batches], axis=0),
+            np.concatenate([_left_pad(b.past_mask, length, axis=1) for b in batches], axis=0),
+            past,
+            moves=moves,
+        )
 
     def _has_room_for(self, newcomers: list[Batch]) -> bool:
         """Whether the newcomers' rows fit this batch's spare rows and cache slots as they are."""

@@ -32,6 +32,7 @@ from condgen.bundle import (
 from condgen.errors import CondgenError
 from condgen.server import graphs
 from condgen.server.batch import Batch
+from condgen.server.device_cache import CacheMoves
 from condgen.server.sampling import WINDOW, TokenWindows
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,12 @@ class Engine:
             )
         self.tokenizer = Tokenizer.from_file(str(bundle_dir / TOKENIZER_NAME))
         self.dtype = np.float16 if self.info.dtype == "float16" else np.float32
+        # Under IO binding rows join and leave on the device (small graphs beside the model).
+        self.moves = (
+            CacheMoves(self.info.past_key_names, self.dtype, providers, self.device_type, session_options(1))
+            if self.io_binding
+            else None
+        )
         self.input_names = set(self.info.inputs)
         self.session_inputs = {i.name for i in self.session.get_inputs()} | {
             i.name for i in self.session.get_overridable_initializers()
@@ -171,6 +178,7 @@ class Engine:
             self.info.head_dim,
             self.dtype,
             self.append_only,
+            self.moves,
         )
 
     def prefill(

@@ -3,12 +3,14 @@
 A round whose prompt was prefilled recently (the same seed and round, or an intent with
 no more examples than the prompt takes) skips the prefill: the cached one-row cache and
 last-position logits are forked instead. The cache is bounded by cached tokens, not entries.
+A prefill held on the device (IO binding) stays there: its OrtValues are never written to.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -17,13 +19,11 @@ from condgen.server.batch import Batch
 
 @dataclass
 class CachedPrefill:
-    past: dict[str, np.ndarray]  # name -> (1, kv_heads, prompt_len, head_dim), never mutated
+    past: dict[str, Any]  # name -> (1, kv_heads, prompt_len, head_dim) array or OrtValue, never mutated
     logits: np.ndarray  # (vocab,) at the prompt's last position
+    tokens: int
     append_only: bool = False  # the engine's cache mode (see Batch)
-
-    @property
-    def tokens(self) -> int:
-        return next(iter(self.past.values())).shape[2]
+    moves: Any = None  # the batch's device moves, where the cache is on the device
 
 
 class PrefixCache:
@@ -50,6 +50,7 @@ class PrefixCache:
             np.ones((1, entry.tokens), dtype=np.int64),
             dict(entry.past),
             append_only=entry.append_only,
+            moves=entry.moves,
         )
         return batch, entry.logits
 
@@ -60,8 +61,13 @@ class PrefixCache:
         key = tuple(token_ids)
         if key in self._entries:
             return
-        past = {name: np.array(value[:, :, : batch.past_len]) for name, value in batch.host_past().items()}  # own copy
-        self._entries[key] = CachedPrefill(past, np.array(logits, copy=True), batch.append_only)
+        if batch.on_host():  # own copy: host buffers may be written in place later
+            past = {name: np.array(value[:, :, : batch.past_len]) for name, value in batch.past.items()}
+        else:  # OrtValues: each step's outputs are new ones, so these stay as they are
+            past = dict(batch.past)
+        self._entries[key] = CachedPrefill(
+            past, np.array(logits, copy=True), batch.past_len, batch.append_only, batch.moves
+        )
         self.tokens += len(token_ids)
         while self.tokens > self.max_tokens:
             _, evicted = self._entries.popitem(last=False)

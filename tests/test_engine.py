@@ -112,6 +112,37 @@ def test_io_binding_gives_the_same_logits(whole_cache_bundle, engine, prompts):
     assert bound.forward(merged).shape == (2, bound.vocab_size)
 
 
+def test_under_io_binding_rows_join_leave_and_fork_on_the_device(whole_cache_bundle, engine, prompts):
+    """With the cache held as OrtValues, joins, leaves and forks run as device passes (the cache
+    never becomes numpy) and give the logits of the host engine's moves."""
+    from condgen.server.engine import EngineConfig
+
+    bound = Engine(whole_cache_bundle, read_manifest(whole_cache_bundle), EngineConfig(io_binding="on"))
+    assert bound.moves is not None and engine.moves is None
+    ids = [engine.encode(p) for p in prompts]
+
+    def run(eng):
+        first, second = eng.new_batch(0, ids[0]), eng.new_batch(1, ids[1])
+        logits = [eng.forward(first), eng.forward(second)]
+        forked = second.fork([2, 3])  # one prefill, two sequences
+        first.set_next([5])
+        forked.set_next([7, 9])
+        joined = Batch.concatenate([first, forked])  # different lengths: left padding
+        logits.append(eng.forward(joined))
+        joined.set_next([11, 13, 15])
+        left = joined.filter([0, 3])  # rows leave
+        logits.append(eng.forward(left))
+        return logits, [joined, left]
+
+    expected, _ = run(engine)
+    before = bound.moves.passes
+    got, batches = run(bound)
+    assert bound.moves.passes - before == 3  # fork, join, leave
+    assert all(not b.on_host() for b in batches)
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
 @pytest.mark.parametrize("io_binding", ["off", "on"])
 def test_the_sampling_head_gives_the_host_windows(whole_cache_bundle, prompts, io_binding):
     """`step` with the sampling head (on the model's device; under IO binding it reads the logits

@@ -143,3 +143,22 @@ def test_token_budget_holds_rounds_back_and_keeps_the_records(engine, bundle):
     decode = [(rows, stats) for phase, rows, stats in steps if phase == "decode"]
     assert decode and max(rows for rows, _ in decode) <= 3  # one 3-row round at a time
     assert all(stats["batch_tokens"] <= stats["reserved_batch_tokens"] for _, stats in decode)
+
+
+def test_a_cache_held_on_the_device_gives_the_host_records(whole_cache_bundle):
+    """IO binding (the GPU's mode; here OrtValues on the CPU): prefills, forks, joins, leaves and
+    the prefix cache move the cache on the device, and a crowd of seeded requests gets exactly
+    the records it gets with the cache on the host."""
+    from condgen.server.engine import EngineConfig
+
+    manifest = read_manifest(whole_cache_bundle)
+    crowd = [spec("exchange_rate", 4, seed=1), spec("card_arrival", 5, seed=42), spec("card_arrival", 3, seed=3)]
+    by_mode = {}
+    for mode in ("off", "on"):
+        engine = Engine(whole_cache_bundle, manifest, EngineConfig(io_binding=mode))
+        results, _ = asyncio.run(run_all(engine, whole_cache_bundle, crowd))
+        by_mode[mode] = [records for records, _ in results]
+        if mode == "on":
+            assert engine.moves is not None and engine.moves.passes > 0
+    assert by_mode["on"] == by_mode["off"]
+    assert all(by_mode["on"])
