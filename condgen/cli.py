@@ -118,7 +118,7 @@ def _add_serve(sub) -> None:
         "--max-batch-size",
         type=int,
         default=SchedulerConfig.max_batch_size,
-        help=f"sequences decoded together (default {SchedulerConfig.max_batch_size}; memory grows with it)",
+        help="sequences decoded together (0, the default: 32 on the CPU, 256 on a GPU; memory grows with it)",
     )
     p.add_argument(
         "--max-batch-tokens",
@@ -126,7 +126,8 @@ def _add_serve(sub) -> None:
         default=SchedulerConfig.max_batch_tokens,
         help="KV-cache budget of the running batch in tokens (rows x longest reserved row length: "
         "prompt + max_new_tokens + re-fed prefixes, estimated); rounds beyond it wait. "
-        "0: bounded by --max-batch-size only",
+        "0, the default: none on the CPU (bounded by --max-batch-size), on a GPU sized from the free "
+        "device memory after the model is loaded",
     )
     p.add_argument(
         "--max-active-requests",

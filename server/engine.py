@@ -12,6 +12,7 @@ host buffers in place: no step copies the cache. No torch or transformers here.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 from dataclasses import dataclass
@@ -117,6 +118,10 @@ class Engine:
             )
         self.tokenizer = Tokenizer.from_file(str(bundle_dir / TOKENIZER_NAME))
         self.dtype = np.float16 if self.info.dtype == "float16" else np.float32
+        # keys and values of every layer for one token: what the KV budget counts
+        self.cache_bytes_per_token = (
+            2 * self.info.num_layers * self.info.num_kv_heads * self.info.head_dim * np.dtype(self.dtype).itemsize
+        )
         # Under IO binding rows join and leave on the device (small graphs beside the model).
         self.moves = (
             CacheMoves(self.info.past_key_names, self.dtype, providers, self.device_type, session_options(1))
@@ -149,6 +154,10 @@ class Engine:
             self.info.head_dim,
             self.vocab_size,
         )
+
+    def free_device_bytes(self) -> int | None:
+        """Free memory of the CUDA device now (None on the CPU, or where it cannot be read)."""
+        return cuda_free_bytes() if self.device_type == "cuda" else None
 
     def _tokens_containing(self, text: str) -> np.ndarray:
         """Boolean mask over the vocabulary: tokens whose decoded text contains `text`."""
@@ -290,6 +299,20 @@ class Engine:
         outputs = binding.get_outputs()
         logits = outputs[0] if logits_on_device else outputs[0].numpy()
         return logits, list(outputs[1:])
+
+
+def cuda_free_bytes() -> int | None:
+    """Free memory of the current CUDA device, from `cudaMemGetInfo` of the CUDA runtime that
+    onnxruntime-gpu loaded; None where no runtime answers."""
+    for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so"):
+        try:
+            runtime = ctypes.CDLL(name)
+        except OSError:
+            continue
+        free, total = ctypes.c_size_t(), ctypes.c_size_t()
+        if runtime.cudaMemGetInfo(ctypes.byref(free), ctypes.byref(total)) == 0:
+            return int(free.value)
+    return None
 
 
 def _last_position(logits) -> np.ndarray:

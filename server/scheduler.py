@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import math
@@ -69,23 +70,42 @@ from condgen.server.sampling import TokenWindows, head_temperature, sequence_rng
 log = logging.getLogger(__name__)
 
 
+CPU_BATCH_SIZE = 32
+GPU_BATCH_SIZE = 256
+CACHE_SHARE = 0.6  # of the free device memory, for the KV cache by default (the rest: activations)
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     """Capacity of the running batch and of the admission queue; the batching policy."""
 
-    max_batch_size: int = 32
+    max_batch_size: int = 0  # 0: CPU_BATCH_SIZE on the CPU, GPU_BATCH_SIZE on a GPU
     max_active_requests: int = 256
     prefix_cache_tokens: int = 4096
-    max_batch_tokens: int = 0  # KV-cache budget of the running batch in tokens (rows x length); 0: none
+    # KV-cache budget of the running batch in tokens (rows x length); 0: none on the CPU, sized from
+    # the device's free memory on a GPU (`for_device`)
+    max_batch_tokens: int = 0
     policy: str = "continuous"  # or "static": whole requests at a time (a baseline)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"policy {self.policy!r} is not one of {', '.join(POLICIES)}")
-        if self.max_batch_size < 1 or self.max_active_requests < 1:
-            raise ValueError("max_batch_size and max_active_requests must be at least 1")
+        if self.max_batch_size < 0 or self.max_active_requests < 1:
+            raise ValueError("max_batch_size must be 0 (auto) or positive, max_active_requests at least 1")
         if self.max_batch_tokens < 0:
-            raise ValueError("max_batch_tokens must be 0 (no budget) or positive")
+            raise ValueError("max_batch_tokens must be 0 (auto) or positive")
+
+    def for_device(self, device_type: str, cache_bytes_per_token: int = 0, free_bytes: int | None = None):
+        """This config with its automatic values settled for the engine's device: the batch size
+        (32 rows on the CPU, 256 on a GPU), and on a GPU a KV budget of `CACHE_SHARE` of the free
+        device memory (`free_bytes`, measured after the model is loaded; a step holds the cache in
+        and out, hence the factor 2)."""
+        on_gpu = device_type == "cuda"
+        size = self.max_batch_size or (GPU_BATCH_SIZE if on_gpu else CPU_BATCH_SIZE)
+        tokens = self.max_batch_tokens
+        if not tokens and on_gpu and free_bytes and cache_bytes_per_token:
+            tokens = max(1, int(CACHE_SHARE * free_bytes / (2 * cache_bytes_per_token)))
+        return dataclasses.replace(self, max_batch_size=size, max_batch_tokens=tokens)
 
 
 @dataclass
@@ -115,12 +135,19 @@ class Scheduler:
         self.engine = engine
         self.examples = examples
         self.separator = separator
-        self.config = config
+        self.config = config.for_device(
+            getattr(engine, "device_type", "cpu"),
+            getattr(engine, "cache_bytes_per_token", 0),
+            engine.free_device_bytes() if getattr(engine, "device_type", "cpu") == "cuda" else None,
+        )
+        if self.config.max_batch_tokens != config.max_batch_tokens:
+            share = 100 * CACHE_SHARE
+            log.info("KV budget %d tokens (%.0f%% of free device memory)", self.config.max_batch_tokens, share)
         judge = judge or RecordJudge(
             separator, LengthBounds(), CopyIndex(t for texts in examples.values() for t in texts), None
         )
         self.lines = LineKeeper(engine, judge)
-        self.policy = make_policy(config.policy)
+        self.policy = make_policy(self.config.policy)
         self.requests: list[RequestState] = []
         self.sequences: dict[int, Sequence] = {}
         self.batch: Batch | None = None
@@ -128,7 +155,7 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._stopping = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="condgen-engine")
-        self.prefix_cache = PrefixCache(config.prefix_cache_tokens)
+        self.prefix_cache = PrefixCache(self.config.prefix_cache_tokens)
         self.steps = 0
         self._on_step = on_step or (lambda phase, rows, seconds: None)
         self.label_checker = label_checker  # None: the label check is not available

@@ -168,3 +168,19 @@ def test_same_seed_same_records_under_the_label_check(fake_bundle_dir):
 def test_spec_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec("card_arrival", 1, 1).num_records = 2  # type: ignore[misc]
+
+
+def test_automatic_batch_limits_follow_the_device():
+    auto = SchedulerConfig()
+    cpu = auto.for_device("cpu", cache_bytes_per_token=23_040, free_bytes=None)
+    assert (cpu.max_batch_size, cpu.max_batch_tokens) == (32, 0)  # the CPU: 32 rows, no KV budget
+    gpu = auto.for_device("cuda", cache_bytes_per_token=23_040, free_bytes=100 * 2**30)
+    assert gpu.max_batch_size == 256
+    # 60% of 100 GiB for a cache held twice in a step (in and out), 23,040 bytes a token
+    assert gpu.max_batch_tokens == int(0.6 * 100 * 2**30 / (2 * 23_040))
+    chosen = SchedulerConfig(max_batch_size=64, max_batch_tokens=4096).for_device("cuda", 23_040, 2**30)
+    assert (chosen.max_batch_size, chosen.max_batch_tokens) == (64, 4096)  # what a user sets stays
+    unread = auto.for_device("cuda", 23_040, None)  # free memory could not be read: no budget
+    assert (unread.max_batch_size, unread.max_batch_tokens) == (256, 0)
+    with pytest.raises(ValueError):
+        SchedulerConfig(max_batch_size=-1)
