@@ -34,20 +34,28 @@ def bench_prompts(bundle: Path, count: int, examples_per_prompt: int, separator:
     ]
 
 
-def engine_greedy(engine: Engine, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+def engine_greedy(
+    engine: Engine, prompts: list[list[int]], new_tokens: int, head: bool = False, timings: dict | None = None
+) -> list[list[int]]:
     """Prefill the prompts (several per pass), join them in one batch, decode greedily; the
-    tokens generated per prompt."""
+    tokens generated per prompt. `head`: decode through `Engine.step` (the sampling head picks
+    the top token on the device) instead of the full logits on the host; `timings` then adds up
+    where each step's time goes (`Engine.step`'s parts and the whole `step`)."""
     batches = []
     for batch, logits in engine.prefill(list(range(len(prompts))), prompts):
         batch.set_next([int(np.argmax(logits))])
         batches.append(batch)
     batch = Batch.concatenate(batches)
     produced = [[int(t)] for t in batch.next_ids[:, 0]]
+    ones = np.ones(len(prompts), dtype=np.float32)
     for _ in range(new_tokens - 1):
-        chosen = np.argmax(engine.forward(batch), axis=-1)
+        started = time.perf_counter()
+        chosen = engine.step(batch, ones, timings).ids[:, 0] if head else np.argmax(engine.forward(batch), axis=-1)
         batch.set_next(chosen)
         for row, token in enumerate(chosen):
             produced[row].append(int(token))
+        if timings is not None:
+            timings["step"] = timings.get("step", 0.0) + time.perf_counter() - started
     return produced
 
 

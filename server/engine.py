@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -244,14 +245,21 @@ class Engine:
         logits = self._run(batch, logits_on_device=False)
         return np.ascontiguousarray(logits[:, -1, :])  # (batch, vocab); frees the prefill's full logits
 
-    def step(self, batch: Batch, temperatures: np.ndarray) -> TokenWindows:
+    def step(self, batch: Batch, temperatures: np.ndarray, timings: dict | None = None) -> TokenWindows:
         """Run `batch.next_ids` through the model; return what sampling needs of each row
         (`temperatures`: each row's, > 0). With the sampling head only the top tokens and a
         normaliser per row come to the host; the full logits stay where they are, fetched only
-        for the rare draw beyond the window."""
+        for the rare draw beyond the window. `timings` (benchmarks): adds the seconds spent in
+        the model pass (`model`, cache moves included) and in the head or host ranking (`head`)."""
+        started = time.perf_counter()
         if self.head is None:
-            return TokenWindows.from_logits(self.forward(batch), temperatures)
+            logits = self.forward(batch)
+            ran = time.perf_counter()
+            windows = TokenWindows.from_logits(logits, temperatures)
+            _add_timings(timings, started, ran)
+            return windows
         logits = self._run(batch, logits_on_device=self.io_binding)
+        ran = time.perf_counter()
         temperatures = np.ascontiguousarray(temperatures, dtype=np.float32)
         if isinstance(logits, np.ndarray):
             top_logits, top_ids, log_norm = self.head.run(None, {"logits": logits, "temperature": temperatures})
@@ -263,6 +271,7 @@ class Engine:
                 binding.bind_output(name, "cpu")
             self.head.run_with_iobinding(binding)
             top_logits, top_ids, log_norm = (value.numpy() for value in binding.get_outputs())
+        _add_timings(timings, started, ran)
         return TokenWindows(
             top_ids,
             top_logits,
@@ -299,6 +308,12 @@ class Engine:
         outputs = binding.get_outputs()
         logits = outputs[0] if logits_on_device else outputs[0].numpy()
         return logits, list(outputs[1:])
+
+
+def _add_timings(timings: dict | None, started: float, ran: float) -> None:
+    if timings is not None:
+        timings["model"] = timings.get("model", 0.0) + ran - started
+        timings["head"] = timings.get("head", 0.0) + time.perf_counter() - ran
 
 
 def cuda_free_bytes() -> int | None:

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from condgen.bench.__main__ import main
 
 KEYS = [
@@ -71,3 +73,23 @@ def test_quick_bench_writes_every_key(bundle, checkpoint, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "continuous / static, mixed" in printed
     assert "engine fp32 / OpenVINO fp32, batch 1" in printed and "skipped" in printed  # no peers asked for
+
+
+def test_gpu_engine_script_rehearses_on_the_cpu(bundle, checkpoint, tmp_path):
+    """`python -m condgen.bench.gpu_engine --device cpu` runs every part of the GPU script (engine
+    batches with the step split, transformers, the server under concurrent streams) and writes
+    the keys the GPU run reports."""
+    from condgen.bench import gpu_engine
+
+    out = tmp_path / "gpu.json"
+    argv = ["--bundle", str(bundle), "--checkpoint", str(checkpoint), "--device", "cpu", "--output", str(out)]
+    assert gpu_engine.main([*argv, "--batches", "1,16", "--streams", "2", "--new-tokens", "6"]) == 0
+    report = json.loads(out.read_text())
+    for key in ("engine_tok_s_b1", "engine_tok_s_b16", "transformers_tok_s_b1", "transformers_tok_s_b16"):
+        assert report[key] > 0, key
+    assert report["server_tok_s_c2"] > 0 and report["server_records_s_c2"] > 0
+    assert report["device"] == "CPUExecutionProvider" and report["cuda_graphs"] is False
+    assert len(report["git_sha"] or "") in (0, 40)
+    split = report["step_b16"]
+    assert split["model_ms"] > 0 and split["head_ms"] > 0
+    assert split["model_ms"] + split["head_ms"] + split["host_ms"] == pytest.approx(split["decode_ms"], abs=0.01)
