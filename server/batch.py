@@ -141,6 +141,18 @@ class Batch:
         """Tokens (one per row) to feed at the next step."""
         self.next_ids = np.asarray(tokens, dtype=np.int64).reshape(len(self), 1)
 
+    def set_next_rows(self, rows: list[list[int]]) -> None:
+        """Several tokens per row to feed next, left-padded to the longest (`next_mask` marks
+        the padding; positions count real tokens only, so a gap after the cache is harmless)."""
+        width = max(len(tokens) for tokens in rows)
+        ids = np.zeros((len(rows), width), dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for row, tokens in enumerate(rows):
+            ids[row, width - len(tokens) :] = tokens
+            mask[row, width - len(tokens) :] = 1
+        self.next_ids = ids
+        self.next_mask = None if mask.all() else mask
+
     def host_past(self) -> dict[str, np.ndarray]:
         """The cache as numpy arrays (copied from the device when it lives there)."""
         return {name: to_host(value) for name, value in self.past.items()}

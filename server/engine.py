@@ -35,10 +35,12 @@ from condgen.errors import CondgenError
 from condgen.server import graphs
 from condgen.server.batch import Batch
 from condgen.server.device_cache import CacheMoves
+from condgen.server.prefix_cache import PrefixCache
 from condgen.server.sampling import WINDOW, TokenWindows
 
 log = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "cuda")
+SHARED_CONTEXT_MIN = 8  # context tokens from which scoring computes a context's cache once and shares it
 
 
 class EngineError(CondgenError, RuntimeError):
@@ -53,6 +55,9 @@ class EngineConfig:
     threads: int = 0  # 0: one per core
     io_binding: str = "auto"  # auto: on under CUDA; on; off
     sampling_head: str = "on"  # on: top tokens picked on the model's device (graphs.sampling_head); off: host
+    # Scoring: the cache of contexts of at least SHARED_CONTEXT_MIN tokens is computed once and
+    # kept (LRU, at most this many tokens); lines scored after them feed only their own tokens.
+    context_cache_tokens: int = 8192
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -141,6 +146,7 @@ class Engine:
         # Scoring a line needs the logits of its every token: a graph that keeps all positions,
         # or one whose last-position slice takes a window (`num_logits_to_keep`).
         self.can_score = LOGITS_WINDOW in self.info.rewrites or LAST_POSITION_LOGITS not in self.info.rewrites
+        self.contexts = PrefixCache(config.context_cache_tokens)
         self.head = None
         if config.sampling_head == "on":
             head_model = graphs.sampling_head(min(WINDOW, self.vocab_size), self.dtype)
@@ -208,30 +214,73 @@ class Engine:
     def score(self, contexts: list[list[int]], continuations: list[list[int]], max_tokens: int = 1024) -> np.ndarray:
         """Mean log-probability per token of each continuation after its context, (rows,).
 
-        One pass (no cache kept) per group of rows of similar length, at most `max_tokens`
-        padded tokens each; the graph returns logits for the last len(continuation) + 1
-        positions only, so a pass holds at most max_tokens x vocab floats of logits."""
+        Rows go in passes of similar lengths, at most `max_tokens` padded tokens each (no cache
+        kept); the graph returns logits for the last len(continuation) + 1 positions only, so a
+        pass holds at most max_tokens x vocab floats of logits. A context of SHARED_CONTEXT_MIN
+        tokens or more (examples before an intent's prefix) is run once and its cache kept
+        (`self.contexts`, LRU): its rows feed only the context's last token and their own."""
         if not self.can_score:
             raise EngineError(
                 "this bundle's graph returns last-position logits only; re-export it with this "
                 "version of condgen to score lines"
             )
-        rows = [list(c) + list(t) for c, t in zip(contexts, continuations)]
-        means = np.zeros(len(rows), dtype=np.float64)
+        means = np.zeros(len(contexts), dtype=np.float64)
+        shared = [i for i, context in enumerate(contexts) if len(context) >= SHARED_CONTEXT_MIN]
+        whole = [i for i, context in enumerate(contexts) if len(context) < SHARED_CONTEXT_MIN]
+        rows = [list(contexts[i]) + list(continuations[i]) for i in whole]
         for group in _length_groups(rows, max_tokens):
-            keep = max(len(continuations[i]) for i in group) + 1
-            batch = self.prompts_batch(list(range(len(group))), [rows[i] for i in group])
-            logits = self._window_logits(batch, keep)  # (group, keep, vocab)
-            for row, index in enumerate(group):
-                tokens = np.asarray(continuations[index], dtype=np.int64)
-                if not len(tokens):
-                    continue
-                # Right-aligned rows: position keep-1-n+i predicts continuation token i.
-                window = logits[row, keep - 1 - len(tokens) : keep - 1].astype(np.float64)  # (n, vocab)
-                top = window.max(axis=-1, keepdims=True)
-                log_norm = top[:, 0] + np.log(np.exp(window - top).sum(axis=-1))
-                means[index] = float((window[np.arange(len(tokens)), tokens] - log_norm).mean())
+            members = [whole[g] for g in group]
+            keep = max(len(continuations[i]) for i in members) + 1
+            batch = self.prompts_batch(list(range(len(group))), [rows[g] for g in group])
+            _take_means(self._window_logits(batch, keep), keep, members, continuations, means)
+        if shared:
+            self._score_after_cached(shared, contexts, continuations, max_tokens, means)
         return means
+
+    def _score_after_cached(self, indices, contexts, continuations, max_tokens: int, means: np.ndarray) -> None:
+        """`score` for rows whose context's cache (all but its last token) is computed once."""
+        prefixes = {i: tuple(contexts[i][:-1]) for i in indices}
+        cached = self._context_batches(sorted(set(prefixes.values()), key=len, reverse=True))
+        suffixes = {i: [contexts[i][-1], *continuations[i]] for i in indices}
+        # Passes of rows in order of (context, suffix length); a pass holds rows x (longest
+        # context + longest suffix) tokens of at most max_tokens.
+        ordered = sorted(indices, key=lambda i: (len(prefixes[i]), prefixes[i], len(suffixes[i])))
+        passes: list[list[int]] = []
+        for index in ordered:
+            width = len(prefixes[index]) + len(suffixes[index])
+            if passes:
+                members = passes[-1] + [index]
+                widest = max(len(prefixes[i]) for i in members) + max(len(suffixes[i]) for i in members)
+                if len(members) * widest <= max(max_tokens, width):
+                    passes[-1].append(index)
+                    continue
+            passes.append([index])
+        for members in passes:
+            parts, seq = [], 0
+            for prefix in dict.fromkeys(prefixes[i] for i in members):  # members are grouped by context
+                count = sum(1 for i in members if prefixes[i] == prefix)
+                parts.append(cached[prefix].fork(list(range(seq, seq + count))))
+                seq += count
+            batch = Batch.concatenate(parts)
+            batch.set_next_rows([suffixes[i] for i in members])
+            keep = max(len(continuations[i]) for i in members) + 1
+            _take_means(self._window_logits(batch, keep), keep, members, continuations, means)
+
+    def _context_batches(self, prefixes: list[tuple[int, ...]]) -> dict[tuple[int, ...], Batch]:
+        """A one-row batch holding each context's cache: kept from before, or prefilled now."""
+        found: dict[tuple[int, ...], Batch] = {}
+        for prefix in prefixes:
+            hit = self.contexts.lookup(list(prefix), 0)
+            if hit is not None:
+                found[prefix] = hit[0]
+        missing = [p for p in prefixes if p not in found]
+        if missing:
+            for prefix, (batch, logits) in zip(
+                missing, self.prefill(list(range(len(missing))), [list(p) for p in missing])
+            ):
+                self.contexts.store(list(prefix), batch, logits)
+                found[prefix] = batch
+        return found
 
     def _window_logits(self, batch: Batch, keep: int) -> np.ndarray:
         feed = {k: v for k, v in batch.feed().items() if k in self.input_names}
@@ -334,6 +383,19 @@ def _last_position(logits) -> np.ndarray:
     """(rows, vocab) host logits of the last position of numpy or OrtValue (rows, positions, vocab)."""
     values = logits if isinstance(logits, np.ndarray) else logits.numpy()
     return np.ascontiguousarray(values[:, -1, :])
+
+
+def _take_means(logits: np.ndarray, keep: int, members: list[int], continuations, means: np.ndarray) -> None:
+    """Each member's mean log-probability of its continuation from a pass's window of logits
+    (members' rows right-aligned: position keep-1-n+i predicts continuation token i)."""
+    for row, index in enumerate(members):
+        tokens = np.asarray(continuations[index], dtype=np.int64)
+        if not len(tokens):
+            continue
+        window = logits[row, keep - 1 - len(tokens) : keep - 1].astype(np.float64)  # (n, vocab)
+        top = window.max(axis=-1, keepdims=True)
+        log_norm = top[:, 0] + np.log(np.exp(window - top).sum(axis=-1))
+        means[index] = float((window[np.arange(len(tokens)), tokens] - log_norm).mean())
 
 
 def _length_groups(prompts: list[list[int]], max_tokens: int) -> list[list[int]]:

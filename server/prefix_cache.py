@@ -21,9 +21,13 @@ from condgen.server.batch import Batch
 class CachedPrefill:
     past: dict[str, Any]  # name -> (1, kv_heads, prompt_len, head_dim) array or OrtValue, never mutated
     logits: np.ndarray  # (vocab,) at the prompt's last position
-    tokens: int
+    mask: np.ndarray  # (1, tokens): 1 = real token, 0 = left padding (a prefill shared with longer prompts)
     append_only: bool = False  # the engine's cache mode (see Batch)
     moves: Any = None  # the batch's device moves, where the cache is on the device
+
+    @property
+    def tokens(self) -> int:
+        return self.mask.shape[1]
 
 
 class PrefixCache:
@@ -47,7 +51,7 @@ class PrefixCache:
         batch = Batch(
             [seq_id],
             np.zeros((1, 0), dtype=np.int64),
-            np.ones((1, entry.tokens), dtype=np.int64),
+            entry.mask.copy(),
             dict(entry.past),
             append_only=entry.append_only,
             moves=entry.moves,
@@ -66,9 +70,9 @@ class PrefixCache:
         else:  # OrtValues: each step's outputs are new ones, so these stay as they are
             past = dict(batch.past)
         self._entries[key] = CachedPrefill(
-            past, np.array(logits, copy=True), batch.past_len, batch.append_only, batch.moves
+            past, np.array(logits, copy=True), batch.past_mask.copy(), batch.append_only, batch.moves
         )
-        self.tokens += len(token_ids)
+        self.tokens += self._entries[key].tokens
         while self.tokens > self.max_tokens:
             _, evicted = self._entries.popitem(last=False)
             self.tokens -= evicted.tokens

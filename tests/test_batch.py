@@ -310,3 +310,21 @@ def test_cache_buffers_are_zeroed_writable_and_contiguous():
     buffer[1:, :, 2] = 7
     assert buffer.sum() == 7 * 2 * 2 * 4
     assert cache_zeros((2, 2, 0, 4), np.float32).shape == (2, 2, 0, 4)
+
+
+def test_a_kept_prefill_keeps_its_padding_masked():
+    """A prompt prefilled beside a longer one keeps left padding in its cache: the prefix cache
+    (and the scoring context cache) must give it back with that padding still masked out."""
+    from condgen.server.prefix_cache import PrefixCache
+
+    prompt = [5, 6, 7, 8, 9, 10, 11]
+    pair = Batch.for_prompts([0, 1], [prompt, [1, *prompt]], NAMES, kv_heads=2, head_dim=3)
+    fake_forward(pair)
+    short = pair.filter([0])
+    assert short.past_mask.tolist() == [[0, 1, 1, 1, 1, 1, 1, 1]]  # one column of padding: not worth trimming
+    cache = PrefixCache(max_tokens=100)
+    cache.store(prompt, short, np.zeros(4))
+    again, _ = cache.lookup(prompt, seq_id=7)
+    assert again.past_mask.tolist() == short.past_mask.tolist()
+    assert again.feed()["position_ids"].tolist() == short.feed()["position_ids"].tolist()
+    assert cache.tokens == short.past_len

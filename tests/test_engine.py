@@ -227,3 +227,29 @@ def test_scores_prefer_the_intent_a_training_text_belongs_to(engine, train_recor
     intents = ["card_arrival", "lost_or_stolen_card", "exchange_rate"]
     scores = engine.score([engine.encode(f"{i},") for i in intents], [engine.encode(record.text + "\n")] * 3)
     assert intents[int(np.argmax(scores))] == "lost_or_stolen_card"
+
+
+@pytest.mark.parametrize("io_binding", ["off", "on"])
+def test_scores_after_kept_contexts_match_transformers(bundle, whole_cache_bundle, checkpoint, io_binding):
+    """Contexts of examples (long enough to be kept): each is run once, its lines feed only their
+    own tokens after its cache, in passes mixing contexts of different lengths; the scores are
+    transformers' on each whole row, and a second call reads the kept contexts."""
+    from condgen.codec import prompt_text
+    from condgen.server.engine import SHARED_CONTEXT_MIN, EngineConfig
+
+    chosen = bundle if io_binding == "off" else whole_cache_bundle
+    engine = Engine(chosen, read_manifest(chosen), EngineConfig(io_binding=io_binding))
+    contexts = [
+        engine.encode(prompt_text("card_arrival", ["When does my card come?", "Card still not here"], ",")),
+        engine.encode(prompt_text("exchange_rate", ["What rate do you use for euros?"], ",")),
+    ]
+    assert all(len(c) >= SHARED_CONTEXT_MIN for c in contexts)
+    texts = ["When will my card arrive?\n", "What is the exchange rate\n", "rate?\n"]
+    pairs = [(c, engine.encode(t)) for c in contexts for t in texts] + [(engine.encode("card_arrival,"), [5, 6])]
+    scores = engine.score([c for c, _ in pairs], [t for _, t in pairs], max_tokens=64)  # several passes
+    expected = [transformers_mean_logprob(checkpoint, c, t) for c, t in pairs]
+    assert scores == pytest.approx(expected, abs=1e-3)
+    assert engine.contexts.stats()["entries"] == 2 and engine.contexts.hits == 0
+    again = engine.score([c for c, _ in pairs[:3]], [t for _, t in pairs[:3]])
+    assert again == pytest.approx(expected[:3], abs=1e-3)
+    assert engine.contexts.hits == 1
