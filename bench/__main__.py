@@ -72,7 +72,7 @@ def parse_args(argv=None):
         "--max-batch-size",
         type=int,
         default=32,
-        help="the server's and the in-process scheduler's batch rows (condgen serve's default)",
+        help="the server's and the in-process scheduler's batch rows (condgen serve's own default on a CPU)",
     )
     parser.add_argument(
         "--max-batch-tokens",

@@ -319,10 +319,9 @@ class Batch:
 
     @classmethod
     def _joined_on_device(cls, batches: list[Batch], moves) -> Batch:
-        """All rows, the cache joined two batches at a time on the device."""
-        past, length = batches[0].past, batches[0].past_len
-        for batch in batches[1:]:
-            past, length = moves.join(past, length, batch.past, batch.past_len), max(length, batch.past_len)
+        """All rows, the cache joined on the device in one pass."""
+        length = max(b.past_len for b in batches)
+        past = moves.join([(b.past, b.past_len) for b in batches])
         return cls(
             [s for b in batches for s in b.seq_ids],
             np.concatenate([b.next_ids for b in batches], axis=0),

@@ -16,10 +16,15 @@ class CacheMoves:
     def __init__(self, names: list[str], dtype, providers: list[str], device_type: str, options: ort.SessionOptions):
         self.names = list(names)
         self.device_type = device_type
-        self._keep = ort.InferenceSession(graphs.keep_rows(self.names, dtype), options, providers=providers)
-        self._join = ort.InferenceSession(graphs.join_two(self.names, dtype), options, providers=providers)
-        self._repeat = ort.InferenceSession(graphs.repeat_row(self.names, dtype), options, providers=providers)
+        self.dtype = dtype
+        self._providers, self._options = providers, options
+        self._keep = self._session(graphs.keep_rows(self.names, dtype))
+        self._repeat = self._session(graphs.repeat_row(self.names, dtype))
+        self._joins: dict[int, ort.InferenceSession] = {}  # by the number of batches joined
         self.passes = 0  # moves run on the device (tests and telemetry)
+
+    def _session(self, model: bytes) -> ort.InferenceSession:
+        return ort.InferenceSession(model, self._options, providers=self._providers)
 
     def _run(self, session: ort.InferenceSession, cache: dict[str, object], small: dict[str, np.ndarray]) -> dict:
         binding = session.io_binding()
@@ -44,12 +49,16 @@ class CacheMoves:
         small = {"rows": np.asarray(rows, dtype=np.int64), "start": np.array([start], dtype=np.int64)}
         return self._run(self._keep, {name: past[name] for name in self.names}, small)
 
-    def join(self, first: dict, first_len: int, second: dict, second_len: int) -> dict:
-        """`first`'s rows then `second`'s, each left-padded with zeros to the longer length."""
-        length = max(first_len, second_len)
-        cache = {f"a.{name}": first[name] for name in self.names} | {f"b.{name}": second[name] for name in self.names}
-        small = {"pad_a": _length_pads(length - first_len), "pad_b": _length_pads(length - second_len)}
-        return self._run(self._join, cache, small)
+    def join(self, parts: list[tuple[dict, int]]) -> dict:
+        """The rows of every (cache, length) part in order, each left-padded with zeros to the
+        longest length, in one pass (a graph per number of parts, built when first needed)."""
+        count = len(parts)
+        if count not in self._joins:
+            self._joins[count] = self._session(graphs.join(self.names, self.dtype, count))
+        length = max(part_len for _, part_len in parts)
+        cache = {f"{i}.{name}": past[name] for i, (past, _) in enumerate(parts) for name in self.names}
+        small = {f"pad.{i}": _length_pads(length - part_len) for i, (_, part_len) in enumerate(parts)}
+        return self._run(self._joins[count], cache, small)
 
     def repeat(self, past: dict, copies: int) -> dict:
         """A one-row cache stacked `copies` times on the row axis."""

@@ -83,6 +83,17 @@ def choose_providers(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def helper_providers(providers: list[str]) -> list:
+    """Providers for the small graphs beside the model: under CUDA their memory arena grows by
+    what each run asks for, not in doubling chunks, so cache-sized blocks are not held twice."""
+    return [
+        ("CUDAExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"})
+        if name == "CUDAExecutionProvider"
+        else name
+        for name in providers
+    ]
+
+
 def session_options(threads: int) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -130,7 +141,9 @@ class Engine:
         )
         # Under IO binding rows join and leave on the device (small graphs beside the model).
         self.moves = (
-            CacheMoves(self.info.past_key_names, self.dtype, providers, self.device_type, session_options(1))
+            CacheMoves(
+                self.info.past_key_names, self.dtype, helper_providers(providers), self.device_type, session_options(1)
+            )
             if self.io_binding
             else None
         )
@@ -150,9 +163,11 @@ class Engine:
         self.head = None
         if config.sampling_head == "on":
             head_model = graphs.sampling_head(min(WINDOW, self.vocab_size), self.dtype)
-            # One thread on the CPU: a second thread pool would spin against the model's own.
-            head_threads = 1 if self.device_type == "cpu" else config.threads
-            self.head = ort.InferenceSession(head_model, session_options(head_threads), providers=providers)
+            # One thread on the CPU: a second thread pool would spin against the model's own. The
+            # head runs where the logits are: on the device under IO binding, else on the host.
+            head_providers = helper_providers(providers) if self.io_binding else ["CPUExecutionProvider"]
+            threads = config.threads if self.io_binding and self.device_type == "cuda" else 1
+            self.head = ort.InferenceSession(head_model, session_options(threads), providers=head_providers)
         log.info(
             "engine on %s: %d layers, %d KV heads of %d, vocab %d",
             self.provider,
@@ -240,7 +255,7 @@ class Engine:
     def _score_after_cached(self, indices, contexts, continuations, max_tokens: int, means: np.ndarray) -> None:
         """`score` for rows whose context's cache (all but its last token) is computed once."""
         prefixes = {i: tuple(contexts[i][:-1]) for i in indices}
-        cached = self._context_batches(sorted(set(prefixes.values()), key=len, reverse=True))
+        cached = self._context_batches(sorted(set(prefixes.values()), key=len, reverse=True), max_tokens)
         suffixes = {i: [contexts[i][-1], *continuations[i]] for i in indices}
         # Passes of rows in order of (context, suffix length); a pass holds rows x (longest
         # context + longest suffix) tokens of at most max_tokens.
@@ -266,7 +281,7 @@ class Engine:
             keep = max(len(continuations[i]) for i in members) + 1
             _take_means(self._window_logits(batch, keep), keep, members, continuations, means)
 
-    def _context_batches(self, prefixes: list[tuple[int, ...]]) -> dict[tuple[int, ...], Batch]:
+    def _context_batches(self, prefixes: list[tuple[int, ...]], max_tokens: int) -> dict[tuple[int, ...], Batch]:
         """A one-row batch holding each context's cache: kept from before, or prefilled now."""
         found: dict[tuple[int, ...], Batch] = {}
         for prefix in prefixes:
@@ -276,7 +291,7 @@ class Engine:
         missing = [p for p in prefixes if p not in found]
         if missing:
             for prefix, (batch, logits) in zip(
-                missing, self.prefill(list(range(len(missing))), [list(p) for p in missing])
+                missing, self.prefill(list(range(len(missing))), [list(p) for p in missing], max_tokens)
             ):
                 self.contexts.store(list(prefix), batch, logits)
                 found[prefix] = batch
@@ -327,7 +342,7 @@ class Engine:
             log_norm.astype(np.float64),
             temperatures.astype(np.float64),
             self.vocab_size,
-            lambda: _last_position(logits),
+            lambda: _last_position(logits),  # fetched once per step, only if a draw needs it
         )
 
     def _run(self, batch: Batch, logits_on_device: bool):

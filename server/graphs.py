@@ -3,8 +3,8 @@
 - `sampling_head`: last-position logits -> each row's `width` most likely tokens (ids and
   logits, most likely first) and its log-normaliser at its own temperature. Sampling then needs
   a few KB per step instead of the whole (rows x vocabulary) logits.
-- `cache_moves`: the KV cache's row moves (keep some rows, join two batches, copy one row n
-  times) as ONNX Runtime passes, so that under IO binding a cache living on the GPU is moved
+- `keep_rows`, `join`, `repeat_row`: the KV cache's row moves (keep some rows, join batches,
+  copy one row n times) as ONNX Runtime passes, so that under IO binding a cache living on the GPU is moved
   there instead of through host memory.
 
 They are built at start-up with the `onnx` helpers (no file in the bundle), so every bundle,
@@ -85,27 +85,23 @@ def keep_rows(names: list[str], dtype) -> bytes:
     return _model(nodes, inputs, outputs, [_int64s("end", [2**62]), _int64s("axis2", [2])])
 
 
-def join_two(names: list[str], dtype) -> bytes:
-    """Every cache tensor of two batches, `a.<name>` and `b.<name>` -> one tensor `<name>.out`
-    with a's rows then b's, each left-padded with zeros by its `pad_a` / `pad_b` (int64 (8,), the
-    Pad op's pads: only the length axis is padded) to the same length."""
+def join(names: list[str], dtype, count: int) -> bytes:
+    """Every cache tensor of `count` batches, `<i>.<name>` for i < count -> one tensor `<name>.out`
+    with their rows in order, each left-padded with zeros by its `pad.<i>` (int64 (8,), the Pad
+    op's pads: only the length axis is padded) to the same length."""
     element = _ELEMENT[np.dtype(dtype)]
     nodes, inputs, outputs = [], [], []
     for name in names:
-        nodes += [
-            helper.make_node("Pad", [f"a.{name}", "pad_a"], [f"a.{name}.padded"]),
-            helper.make_node("Pad", [f"b.{name}", "pad_b"], [f"b.{name}.padded"]),
-            helper.make_node("Concat", [f"a.{name}.padded", f"b.{name}.padded"], [f"{name}.out"], axis=0),
-        ]
-        inputs += [
-            helper.make_tensor_value_info(f"a.{name}", element, ["rows_a", "heads", "length_a", "dim"]),
-            helper.make_tensor_value_info(f"b.{name}", element, ["rows_b", "heads", "length_b", "dim"]),
-        ]
+        padded = []
+        for i in range(count):
+            nodes.append(helper.make_node("Pad", [f"{i}.{name}", f"pad.{i}"], [f"{i}.{name}.padded"]))
+            inputs.append(
+                helper.make_tensor_value_info(f"{i}.{name}", element, [f"rows_{i}", "heads", f"length_{i}", "dim"])
+            )
+            padded.append(f"{i}.{name}.padded")
+        nodes.append(helper.make_node("Concat", padded, [f"{name}.out"], axis=0))
         outputs.append(helper.make_tensor_value_info(f"{name}.out", element, ["rows", "heads", "length", "dim"]))
-    inputs += [
-        helper.make_tensor_value_info("pad_a", TensorProto.INT64, [8]),
-        helper.make_tensor_value_info("pad_b", TensorProto.INT64, [8]),
-    ]
+    inputs += [helper.make_tensor_value_info(f"pad.{i}", TensorProto.INT64, [8]) for i in range(count)]
     return _model(nodes, inputs, outputs)
 
 

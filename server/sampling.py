@@ -5,7 +5,7 @@ likely first, and the row's log-normaliser at its temperature), computed on the 
 by the engine's sampling head (server/graphs.py) or here from host logits. A draw walks the
 window in that order; the rare draw that needs more of the vocabulary (a tail token, or a
 nucleus wider than the window) takes the row's full logits instead, so the result is the same
-exact sample either way.
+sample either way (exact up to float32 rounding of the logits and the normaliser).
 
 Every sequence samples with its own `numpy.random.Generator`, so a seeded request gives
 the same tokens whatever else shares the batch.
@@ -14,7 +14,7 @@ the same tokens whatever else shares the batch.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -53,7 +53,21 @@ class TokenWindows:
     log_norm: np.ndarray  # (rows,) logsumexp over the whole vocabulary of logits / temperature
     temperatures: np.ndarray  # (rows,) the temperatures of `log_norm`
     vocab_size: int
-    full_logits: Callable[[], np.ndarray]  # (rows, vocab), fetched only for a draw past the window
+    fetch_logits: Callable[[], np.ndarray]  # (rows, vocab): read only for a draw past the window
+    _full: np.ndarray | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        # The head's top-k comes back in the kernel's order for equal logits (CUDA's is not
+        # stable): settle ties by id, as numpy's argmax and the host ranking do.
+        order = np.lexsort((self.ids, -self.logits), axis=-1)
+        self.ids = np.take_along_axis(self.ids, order, axis=1)
+        self.logits = np.take_along_axis(self.logits, order, axis=1)
+
+    def full_logits(self) -> np.ndarray:
+        """Every row's logits, fetched once per step (from the device where they live there)."""
+        if self._full is None:
+            self._full = self.fetch_logits()
+        return self._full
 
     @classmethod
     def from_logits(cls, logits: np.ndarray, temperatures: np.ndarray, width: int = WINDOW) -> TokenWindows:
@@ -64,14 +78,12 @@ class TokenWindows:
             part = np.argpartition(-logits, width - 1, axis=1)[:, :width]
         else:
             part = np.broadcast_to(np.arange(vocab), (rows, vocab))
-        values = np.take_along_axis(logits, part, axis=1)
-        order = np.lexsort((part, -values), axis=-1)  # by logit, then by id
         scaled = logits.astype(np.float64) / np.asarray(temperatures, dtype=np.float64)[:, None]
         top = scaled.max(axis=1)
         log_norm = top + np.log(np.exp(scaled - top[:, None]).sum(axis=1))
-        return cls(
-            np.take_along_axis(part, order, axis=1).astype(np.int64),
-            np.take_along_axis(values, order, axis=1),
+        return cls(  # ranked by logit, then by id, in __post_init__
+            part.astype(np.int64),
+            np.take_along_axis(logits, part, axis=1),
             log_norm,
             np.asarray(temperatures, dtype=np.float64),
             vocab,
@@ -89,9 +101,8 @@ class TokenWindows:
         complete = self.ids.shape[1] == self.vocab_size
         token = _pick(self.ids[row], self._log_probs(row), complete, settings, u)
         if token is None:  # the draw needs tokens beyond the window: rank the whole row
-            whole = TokenWindows.from_logits(
-                self.full_logits()[row : row + 1], self.temperatures[row : row + 1], self.vocab_size
-            )
+            full = self.full_logits()
+            whole = TokenWindows.from_logits(full[row : row + 1], self.temperatures[row : row + 1], full.shape[1])
             token = _pick(whole.ids[0], whole._log_probs(0), True, settings, u)
         assert token is not None
         return token
@@ -108,7 +119,8 @@ def _pick(ids: np.ndarray, log_probs: np.ndarray, complete: bool, settings: Samp
     bounded = complete or 0 < top_k <= len(ids)  # every candidate is in the window
     if top_k > 0 and bounded:
         cumulative = cumulative[:top_k]
-    total = cumulative[-1] if top_k > 0 and bounded else 1.0  # the whole vocabulary sums to 1
+    # The candidates' mass: known where they are all in the window, else the whole vocabulary's, 1
+    total = cumulative[-1] if (top_k > 0 and bounded) or complete else 1.0
     if top_k > 0 and not bounded:
         return None
     if settings.top_p < 1.0:

@@ -111,3 +111,29 @@ def test_the_sampling_head_computes_the_host_window():
     assert top_ids[1, :2].tolist() == [3, 7]
     np.testing.assert_array_equal(top_logits, host.logits)
     np.testing.assert_allclose(log_norm, host.log_norm, rtol=1e-5)
+
+
+def test_windows_from_a_kernel_settle_ties_by_id_and_fetch_the_full_logits_once():
+    """A device's top-k may list equal logits in any order: ties go to the lower id (argmax's
+    choice); the full logits are fetched once per step, however many draws need them."""
+    fetched = []
+    logits = np.zeros((1, 1000), dtype=np.float32)
+    logits[0, [3, 7]] = 20.0
+
+    def fetch():
+        fetched.append(1)
+        return logits
+
+    windows = TokenWindows(
+        np.array([[7, 3, 0]]),
+        np.array([[20.0, 20.0, 0.0]], dtype=np.float32),
+        np.array([20.0]),
+        np.ones(1),
+        1000,
+        fetch,
+    )
+    assert windows.ids[0].tolist() == [3, 7, 0]
+    assert windows.sample(0, SamplingSettings(temperature=0.0), sequence_rng(0)) == 3
+    windows.full_logits()
+    windows.full_logits()
+    assert len(fetched) == 1
