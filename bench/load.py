@@ -21,6 +21,7 @@ from pathlib import Path
 
 from condgen.bundle import read_manifest
 from condgen.server.engine import Engine, EngineConfig
+from condgen.server.limits import Defaults
 from condgen.server.requests import GeneratedRecord, GenerationSpec
 from condgen.server.sampling import SamplingSettings
 from condgen.server.scheduler import Scheduler, SchedulerConfig
@@ -149,6 +150,9 @@ def latency_figures(results: list[StreamResult], load: StreamLoad) -> dict:
 
 
 def spec_for(intent: str, seed: int, num_records: int, load: StreamLoad) -> GenerationSpec:
+    """The request a benchmark stream makes, with what `condgen serve` fills in by default (the
+    label check among them), so that in-process and server figures time the same work."""
+    defaults = Defaults()
     return GenerationSpec(
         intents=(intent,),
         num_records=num_records,
@@ -157,6 +161,9 @@ def spec_for(intent: str, seed: int, num_records: int, load: StreamLoad) -> Gene
         max_new_tokens=load.max_new_tokens,
         num_prompt_examples=load.prompt_examples,
         sequences_per_round=load.sequences_per_round,
+        label_check=defaults.label_check,
+        label_margin=defaults.label_margin,
+        avoid_recent_duplicates=False,  # the server's default for a seeded request
     )
 
 
