@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from condgen.bench.engines import bench_prompts, engine_greedy, transformers_generate
+from condgen.bench.engines import bench_prompts, engine_greedy, timed, transformers_generate
 from condgen.bench.load import ServerProcess, StreamLoad, run_streams
 from condgen.bundle import read_examples, read_manifest
 from condgen.server.engine import Engine, EngineConfig
@@ -56,10 +56,7 @@ def engine_figures(engine: Engine, ids: list[list[int]], new_tokens: int) -> tup
 
 def host_logits_tok_s(engine: Engine, ids: list[list[int]], new_tokens: int) -> float:
     """Greedy tokens/s with the full logits coming to the host every step (no sampling head)."""
-    engine_greedy(engine, ids, min(new_tokens, 4))
-    started = time.perf_counter()
-    engine_greedy(engine, ids, new_tokens)
-    return len(ids) * new_tokens / (time.perf_counter() - started)
+    return timed(lambda: engine_greedy(engine, ids, new_tokens), len(ids) * new_tokens)
 
 
 def server_figures(bundle: Path, device: str, streams: int, load: StreamLoad) -> dict:

@@ -13,6 +13,7 @@ host buffers in place: no step copies the cache. No torch or transformers here.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
 import os
 import time
@@ -272,8 +273,8 @@ class Engine:
             passes.append([index])
         for members in passes:
             parts, seq = [], 0
-            for prefix in dict.fromkeys(prefixes[i] for i in members):  # members are grouped by context
-                count = sum(1 for i in members if prefixes[i] == prefix)
+            for prefix, rows in itertools.groupby(members, key=prefixes.__getitem__):  # grouped by context
+                count = len(list(rows))
                 parts.append(cached[prefix].fork(list(range(seq, seq + count))))
                 seq += count
             batch = Batch.concatenate(parts)

@@ -4,8 +4,8 @@
   logits, most likely first) and its log-normaliser at its own temperature. Sampling then needs
   a few KB per step instead of the whole (rows x vocabulary) logits.
 - `keep_rows`, `join`, `repeat_row`: the KV cache's row moves (keep some rows, join batches,
-  copy one row n times) as ONNX Runtime passes, so that under IO binding a cache living on the GPU is moved
-  there instead of through host memory.
+  copy one row n times) as ONNX Runtime passes, so that under IO binding a cache living on the
+  GPU is moved there instead of through host memory.
 
 They are built at start-up with the `onnx` helpers (no file in the bundle), so every bundle,
 old or new, gets them. No torch or transformers here.

@@ -135,11 +135,7 @@ class Scheduler:
         self.engine = engine
         self.examples = examples
         self.separator = separator
-        self.config = config.for_device(
-            getattr(engine, "device_type", "cpu"),
-            getattr(engine, "cache_bytes_per_token", 0),
-            engine.free_device_bytes() if getattr(engine, "device_type", "cpu") == "cuda" else None,
-        )
+        self.config = config.for_device(engine.device_type, engine.cache_bytes_per_token, engine.free_device_bytes())
         if self.config.max_batch_tokens != config.max_batch_tokens:
             share = 100 * CACHE_SHARE
             log.info("KV budget %d tokens (%.0f%% of free device memory)", self.config.max_batch_tokens, share)

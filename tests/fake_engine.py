@@ -105,6 +105,11 @@ class FakeEngine:
 
     provider = "FakeExecutionProvider"
     device_type = "cpu"
+    cache_bytes_per_token = 8  # one float key and one float value per token
+
+    def free_device_bytes(self) -> None:
+        return None  # the CPU: no device memory to size a budget from
+
     can_score = True
 
     def __init__(self, manifest: Manifest, fail_after_steps: int | None = None):
