@@ -5,9 +5,14 @@ feeds it one token (forced or sampled) and cuts its output at line ends; after a
 the job's `intent,` prefix is queued as forced tokens, so every line the model writes is for
 the round's intent. A finished line goes to the `RecordJudge` (format, length, copies,
 duplicates, fidelity); under the label check a line that passes waits in `pending` until the
-scheduler has scored the step's lines (`settle`). Accepted lines become `GeneratedRecord`s in
-their request's outbox; every line parsed, record accepted and rejection is counted per request
-and over the server's life (`Totals`).
+scheduler has scored the step's lines (`settle`). A sequence that writes a line it wrote before,
+or an example of its prompt, is looping, as small models do after a few lines: it ends there, and
+the next round samples afresh from the prompt (whose prefill the prefix cache keeps), instead of
+spending tokens on repeats. Only the sequence's own history decides, so a seeded request gets
+the same records whatever shares the batch. A line the label check refused is remembered with
+the job's accepted ones: written again by any sequence, it is a duplicate, not scored again.
+Accepted lines become `GeneratedRecord`s in their request's outbox; every line parsed, record
+accepted and rejection is counted per request and over the server's life (`Totals`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from condgen.codec import normalize_for_match
 from condgen.server.label_check import NOT_CHECKED, LineToCheck
 from condgen.server.records import REJECTION_REASONS, RecordJudge, Verdict
 from condgen.server.requests import GeneratedRecord, Job, RequestState
@@ -35,6 +41,7 @@ class Sequence:
     prompt_keys: frozenset[str] = frozenset()
     forced: deque = field(default_factory=deque)
     generated: int = 0
+    written: set[str] = field(default_factory=set)  # its lines so far, normalised
     reserved_tokens: int = 0  # the cache length this sequence may reach (see max_batch_tokens)
 
 
@@ -91,8 +98,8 @@ class LineKeeper:
             self._end_line(seq, at_eos=True)
             return None
         if self.engine.newline_tokens[token]:
-            self._end_line(seq)
-            if job.satisfied or seq.generated >= spec.max_new_tokens:
+            looped = self._end_line(seq)
+            if looped or job.satisfied or seq.generated >= spec.max_new_tokens:
                 return None
             seq.forced.extend(job.prefix_tokens)
             seq.line_tokens = []
@@ -103,12 +110,18 @@ class LineKeeper:
             return None
         return token
 
-    def _end_line(self, seq: Sequence, at_eos: bool = False) -> None:
+    def _end_line(self, seq: Sequence, at_eos: bool = False) -> bool:
+        """Judge the line `seq` just finished; whether `seq` is looping (it wrote the line
+        before, or echoed its prompt)."""
         if at_eos and len(seq.line_tokens) <= len(seq.job.prefix_tokens) + 1:
-            return  # nothing but the prefix before EOS: not a line
-        self._judge_line(seq, self.engine.decode(seq.line_tokens).split("\n", 1)[0])
+            return False  # nothing but the prefix before EOS: not a line
+        line = self.engine.decode(seq.line_tokens).split("\n", 1)[0]
+        key = normalize_for_match(line)
+        looped = self._judge_line(seq, line) == "prompt_echo" or key in seq.written
+        seq.written.add(key)
+        return looped
 
-    def _judge_line(self, seq: Sequence, line: str) -> None:
+    def _judge_line(self, seq: Sequence, line: str) -> str | None:
         state, job = seq.request, seq.job
         state.summary.lines_parsed += 1
         self.totals.lines_parsed += 1
@@ -119,6 +132,7 @@ class LineKeeper:
             self.pending.append(PendingLine(state, job, verdict))
         else:
             self.accept(state, job, verdict)
+        return verdict.reason
 
     def take_pending(self) -> list[PendingLine]:
         """The step's lines waiting for the label check whose request still wants them."""
@@ -129,6 +143,7 @@ class LineKeeper:
         """Accept the waiting lines whose label margin is enough; reject the others."""
         for line, margin in zip(pending, margins):
             if margin < line.state.spec.label_margin:  # NaN (no rival to compare with) passes
+                line.job.seen.add(normalize_for_match(line.verdict.text))  # a repeat is a duplicate
                 self.reject(line.state, "label_check")
             else:
                 self.accept(line.state, line.job, line.verdict, margin)

@@ -153,7 +153,7 @@ class RecordJudge:
 
     @staticmethod
     def seen_before(text: str, seen: set[str]) -> bool:
-        """Whether the request already accepted `text` (normalised) for the job of `seen`."""
+        """Whether the job of `seen` already has `text` (normalised): accepted, or refused."""
         return normalize_for_match(text) in seen
 
     def remember(self, intent: str, text: str, seen: set[str]) -> None:

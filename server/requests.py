@@ -49,7 +49,7 @@ class GenerationSpec:
     def round_budget(self) -> int:
         if self.max_rounds:
             return self.max_rounds
-        return 4 + 4 * math.ceil(self.num_records / self.sequences_per_round)
+        return 4 + 8 * math.ceil(self.num_records / self.sequences_per_round)
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ class Job:
     rounds: int = 0
     tokens_per_line: float = 24.0
     active: set[int] = field(default_factory=set)
-    seen: set[str] = field(default_factory=set)
+    seen: set[str] = field(default_factory=set)  # normalised texts accepted, or refused by the label check
 
     @property
     def satisfied(self) -> bool:

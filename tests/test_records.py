@@ -156,3 +156,56 @@ def test_every_rejection_reason_has_a_summary_counter():
     from condgen.v1 import generator_pb2 as pb
 
     assert set(REJECTION_REASONS) == {f.name for f in pb.RejectionCounts.DESCRIPTOR.fields}
+
+
+def _line_keeper_and_sequence(fake_bundle_dir, label_check: bool):
+    from fake_engine import FakeEngine
+
+    from condgen.bundle import read_examples, read_manifest
+    from condgen.server.lines import LineKeeper, Sequence
+    from condgen.server.requests import GenerationSpec, Job, RequestState
+
+    engine = FakeEngine(read_manifest(fake_bundle_dir))
+    judge = RecordJudge.for_bundle(fake_bundle_dir, engine.manifest, read_examples(fake_bundle_dir))
+    keeper = LineKeeper(engine, judge)
+    job = Job("card_arrival", 0, engine.encode("card_arrival,"), target=5)
+    state = RequestState(1, GenerationSpec(("card_arrival",), 5, label_check=label_check), [job])
+    seq = Sequence(0, state, job, np.random.default_rng(0), [])
+    return keeper, engine, seq
+
+
+def _write(keeper, engine, seq, text: str):
+    """Force `card_arrival,TEXT\\n` through the keeper; what next_token gave for the line break."""
+    seq.forced.clear()
+    seq.forced.extend(engine.encode(f"card_arrival,{text}\n"))
+    seq.line_tokens = []
+    result = None
+    while seq.forced:
+        result = keeper.next_token(seq, None, 0)
+    return result
+
+
+def test_a_sequence_that_repeats_its_own_line_ends_there(fake_bundle_dir):
+    from condgen.server.lines import Sequence
+
+    keeper, engine, seq = _line_keeper_and_sequence(fake_bundle_dir, label_check=False)
+    line = " where is my new card please"
+    assert _write(keeper, engine, seq, line) is not None  # accepted: the sequence writes on
+    assert seq.request.summary.records_accepted == 1
+    # Another sequence of the job writing it: a duplicate, but that sequence is not looping.
+    other = Sequence(1, seq.request, seq.job, np.random.default_rng(1), [])
+    assert _write(keeper, engine, other, line) is not None
+    assert seq.request.summary.rejected["duplicate"] == 1
+    assert _write(keeper, engine, seq, line) is None  # its own line again: it loops, so it ends
+    assert seq.request.summary.rejected["duplicate"] == 2
+
+
+def test_a_line_refused_by_the_label_check_is_a_duplicate_when_written_again(fake_bundle_dir):
+    keeper, engine, seq = _line_keeper_and_sequence(fake_bundle_dir, label_check=True)
+    line = " how much is the exchange rate today"
+    assert _write(keeper, engine, seq, line) is not None  # waits for the label check
+    [pending] = keeper.take_pending()
+    keeper.settle([pending], [-1.0])  # below the request's margin (0): refused
+    assert seq.request.summary.rejected["label_check"] == 1
+    assert _write(keeper, engine, seq, line) is None  # not scored again: a duplicate, and the end
+    assert seq.request.summary.rejected["duplicate"] == 1 and not keeper.take_pending()
