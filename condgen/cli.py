@@ -437,6 +437,14 @@ def _add_evaluate(sub) -> None:
         help=f"novel: novel intents per fold (default {novel.novel_per_fold})",
     )
     p.add_argument(
+        "--max-base-drop",
+        type=float,
+        default=novel.max_base_drop_points,
+        help="novel: the tuning fold picks the margin and row count with the best novel-intent "
+        "accuracy among those that lower its base-intent accuracy by at most this many points "
+        f"(default {novel.max_base_drop_points:g})",
+    )
+    p.add_argument(
         "--group-by-intent",
         action="store_true",
         help="fine-tune on blocks of one intent's lines in a row, as the prompts show them "
@@ -693,6 +701,7 @@ def cmd_evaluate_novel(args) -> None:
             per_intent=args.per_intent or defaults.per_intent,
             novel_per_fold=args.novel_per_fold,
             folds=args.folds,
+            max_base_drop_points=args.max_base_drop,
             seed=args.seeds[0],
             generator=args.generator,
             base_model=args.base_model,

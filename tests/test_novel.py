@@ -150,3 +150,13 @@ def test_too_few_intents_for_the_folds_is_a_one_line_error(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert "lower --folds or --novel-per-fold" in err and "Traceback" not in err
+
+
+def test_tuning_keeps_the_base_intents_within_the_limit():
+    from condgen.training.novel import pick_margin_and_count
+
+    # (novel acc, base-intent delta in points, margin, rows): fold 0's sweep of this session
+    candidates = [(0.589, -0.95, -0.1, 80), (0.509, -0.61, -0.1, 40), (0.536, -0.38, 0.1, 80), (0.50, -0.34, 0.0, 40)]
+    assert pick_margin_and_count(candidates, 0.5) == (0.1, 80)
+    assert pick_margin_and_count(candidates, 1.0) == (-0.1, 80)
+    assert pick_margin_and_count(candidates, 0.1) == (0.0, 40)  # none within: the least costly

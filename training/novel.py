@@ -17,8 +17,10 @@ novel intents; fold 0 is for tuning only and never reported. Per fold:
 5. scored on the test split: accuracy on the novel intents' test rows (primary), their macro-F1,
    base-intent accuracy, overall accuracy, per-intent recall gains.
 
-The tuning fold picks the strongest real-data baseline, the label margin and the number of
-synthetic rows per intent; the evaluation folds report with those choices. A judge trained on
+The tuning fold picks the strongest real-data baseline, then the label margin and the number of
+synthetic rows per intent with the best novel-intent accuracy among those that cost its base
+intents at most `max_base_drop_points` (the least costly if none does); the evaluation folds
+report with those choices. A judge trained on
 the full training split measures the share of kept rows labelled as requested (a diagnostic,
 never a filter).
 """
@@ -72,6 +74,9 @@ class NovelConfig(GeneratorRecipe):
     # The label check scores every candidate after 3 of its examples: a fold generator has seen a
     # novel intent's name only in its few rows, so a bare `intent,` prefix would favour its rivals.
     label_context_examples: int = 3
+    # The tuning fold never picks a margin and row count that lower its base-intent accuracy by
+    # more than this (points, against the strongest real-data baseline).
+    max_base_drop_points: float = 0.5
     reuse: bool = False
 
     def __post_init__(self) -> None:
@@ -79,6 +84,8 @@ class NovelConfig(GeneratorRecipe):
             raise ValueError(f"generator {self.generator!r} is not one of {', '.join(GENERATORS)}")
         if self.shots < 1 or self.per_intent < 1 or self.novel_per_fold < 1 or self.folds < 1:
             raise ValueError("shots, per_intent, novel_per_fold and folds must be at least 1")
+        if self.max_base_drop_points < 0:
+            raise ValueError("max_base_drop_points must be 0 or more")
 
 
 @dataclass
@@ -307,9 +314,19 @@ def copy_share(fold: FoldData, rows: list[LabelledText]) -> float:
     return sum(index.is_copy(r.text) for r in rows) / len(rows) if rows else 0.0
 
 
+def pick_margin_and_count(candidates: list[tuple[float, float, float, int]], max_base_drop: float) -> tuple[float, int]:
+    """From (novel acc, base-intent delta in points, margin, count): the margin and count with the
+    best novel-intent accuracy among those within the base-intent limit, or the least costly to
+    the base intents when none is."""
+    within = [c for c in candidates if c[1] >= -max_base_drop]
+    best = max(within, key=lambda c: (c[0], c[1])) if within else max(candidates, key=lambda c: c[1])
+    return best[2], best[3]
+
+
 def tune(config: NovelConfig, fold: FoldData, test, judge) -> tuple[Choices, dict]:
     """On the tuning fold: generate once with every margin kept, then pick the strongest real
-    baseline, the margin and the row count by novel-intent accuracy."""
+    baseline, and the margin and row count by novel-intent accuracy among those within the
+    base-intent limit."""
     folder = config.output / f"fold-{fold.number}"
     bundle = build_generator(config, fold, folder)
     records, _, _ = generate(config, fold, bundle, SCORED_MARGIN, config.per_intent)
@@ -317,7 +334,7 @@ def tune(config: NovelConfig, fold: FoldData, test, judge) -> tuple[Choices, dic
     baseline = max(BASELINES, key=lambda name: scores[name]["novel_acc"])
     right = judged_right(judge, [LabelledText(r.intent, r.text) for r in records])
     sweep: list[dict] = []
-    best: tuple[float, float, int] | None = None
+    candidates: list[tuple[float, float, float, int]] = []  # (novel acc, base delta, margin, count)
     counts = sorted({max(1, config.per_intent // 2), config.per_intent})
     for margin in TUNE_MARGINS:
         share = [ok for r, ok in zip(records, right) if r.label_margin >= margin]
@@ -327,15 +344,13 @@ def tune(config: NovelConfig, fold: FoldData, test, judge) -> tuple[Choices, dic
             "label_precision": sum(share) / len(share) if share else 0.0,
         }
         for count in counts:
-            rows = kept(records, margin, count)
-            acc = metrics(fit(fold.train + rows), test, fold.novel)["novel_acc"]
-            entry[f"novel_acc_{count}"] = acc
-            if best is None or acc > best[0]:
-                best = (acc, margin, count)
+            scored = metrics(fit(fold.train + kept(records, margin, count)), test, fold.novel)
+            delta = (scored["base_acc"] - scores[baseline]["base_acc"]) * 100
+            entry[f"novel_acc_{count}"], entry[f"base_acc_delta_points_{count}"] = scored["novel_acc"], delta
+            candidates.append((scored["novel_acc"], delta, margin, count))
         sweep.append(entry)
         log.info("tuning: %s", entry)
-    assert best is not None  # TUNE_MARGINS and counts are not empty
-    choices = Choices(baseline, best[1], best[2])
+    choices = Choices(baseline, *pick_margin_and_count(candidates, config.max_base_drop_points))
     baselines = {k: v["novel_acc"] for k, v in scores.items()}
     return choices, {
         "fold": fold.number,
