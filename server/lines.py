@@ -5,9 +5,9 @@ feeds it one token (forced or sampled) and cuts its output at line ends; after a
 the job's `intent,` prefix is queued as forced tokens, so every line the model writes is for
 the round's intent. A finished line goes to the `RecordJudge` (format, length, copies,
 duplicates, fidelity); under the label check a line that passes waits in `pending` until the
-scheduler has scored the step's lines (`settle`). A sequence that writes a line it wrote before,
-or an example of its prompt, is looping, as small models do after a few lines: it ends there, and
-the next round samples afresh from the prompt (whose prefill the prefix cache keeps), instead of
+scheduler has scored the step's lines (`settle`). A sequence that writes a line it wrote before
+is looping, as small models do after a few lines: it ends there, and the next round samples
+afresh from the prompt (whose prefill the prefix cache keeps), instead of
 spending tokens on repeats. Only the sequence's own history decides, so a seeded request gets
 the same records whatever shares the batch. A line the label check refused is remembered with
 the job's accepted ones: written again by any sequence, it is a duplicate, not scored again.
@@ -112,12 +112,13 @@ class LineKeeper:
 
     def _end_line(self, seq: Sequence, at_eos: bool = False) -> bool:
         """Judge the line `seq` just finished; whether `seq` is looping (it wrote the line
-        before, or echoed its prompt)."""
+        before). Echoing a prompt example is not looping: the next line is often new."""
         if at_eos and len(seq.line_tokens) <= len(seq.job.prefix_tokens) + 1:
             return False  # nothing but the prefix before EOS: not a line
         line = self.engine.decode(seq.line_tokens).split("\n", 1)[0]
         key = normalize_for_match(line)
-        looped = self._judge_line(seq, line) == "prompt_echo" or key in seq.written
+        looped = key in seq.written
+        self._judge_line(seq, line)
         seq.written.add(key)
         return looped
 
