@@ -7,8 +7,8 @@ the round's intent. A finished line goes to the `RecordJudge` (format, length, c
 duplicates, fidelity); under the label check a line that passes waits in `pending` until the
 scheduler has scored the step's lines (`settle`). A sequence that writes a line it wrote before
 is looping, as small models do after a few lines: it ends there, and the next round samples
-afresh from the prompt (whose prefill the prefix cache keeps), instead of
-spending tokens on repeats. Only the sequence's own history decides, so a seeded request gets
+afresh from the prompt (whose prefill the prefix cache keeps), instead of spending tokens on
+repeats. Only the sequence's own history decides, so a seeded request gets
 the same records whatever shares the batch. A line the label check refused is remembered with
 the job's accepted ones: written again by any sequence, it is a duplicate, not scored again.
 Accepted lines become `GeneratedRecord`s in their request's outbox; every line parsed, record
@@ -122,7 +122,7 @@ class LineKeeper:
         seq.written.add(key)
         return looped
 
-    def _judge_line(self, seq: Sequence, line: str) -> str | None:
+    def _judge_line(self, seq: Sequence, line: str) -> None:
         state, job = seq.request, seq.job
         state.summary.lines_parsed += 1
         self.totals.lines_parsed += 1
@@ -133,7 +133,6 @@ class LineKeeper:
             self.pending.append(PendingLine(state, job, verdict))
         else:
             self.accept(state, job, verdict)
-        return verdict.reason
 
     def take_pending(self) -> list[PendingLine]:
         """The step's lines waiting for the label check whose request still wants them."""
