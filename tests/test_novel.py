@@ -160,3 +160,26 @@ def test_tuning_keeps_the_base_intents_within_the_limit():
     assert pick_margin_and_count(candidates, 0.5) == (0.1, 80)
     assert pick_margin_and_count(candidates, 1.0) == (-0.1, 80)
     assert pick_margin_and_count(candidates, 0.1) == (0.0, 40)  # none within: the least costly
+
+
+@pytest.mark.parametrize("baseline", ["real", "oversampled", "balanced"])
+def test_synthetic_rows_and_the_topline_are_trained_as_the_chosen_baseline(baseline):
+    from condgen.training.novel import recipes
+
+    fold = fold_data(0, records(), ["card_arrival", "exchange_rate"], shots=3, seed=0)
+    synthetic = [LabelledText("card_arrival", f"new card_arrival line {n}") for n in range(4)]
+    chosen = recipes(fold, synthetic, seed=0, baseline=baseline)
+    augmented_rows, augmented_balanced = chosen["augmented"]
+    topline_rows, topline_balanced = chosen["topline"]
+    assert augmented_balanced == topline_balanced == (baseline == "balanced")
+    assert set(synthetic) <= set(augmented_rows)
+    novel_counts = Counter(r.intent for r in augmented_rows)
+    if baseline == "oversampled":  # topped up to a base intent's 12 rows, synthetic ones included
+        assert novel_counts["card_arrival"] == novel_counts["exchange_rate"] == 12
+    else:
+        assert novel_counts["card_arrival"] == 3 + 4 and novel_counts["exchange_rate"] == 3
+    # the topline takes as many held-back rows per intent as there are synthetic ones
+    held = [r for r in topline_rows if r.intent == "card_arrival" and r not in fold.train]
+    assert held and set(held) <= set(fold.held_back["card_arrival"])
+    # the baselines themselves do not depend on the choice
+    assert chosen["balanced"] == (fold.train, True) and chosen["real"] == (fold.train, False)
