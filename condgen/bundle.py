@@ -27,6 +27,7 @@ LOGITS_WINDOW = "logits_window"  # the graph input LOGITS_TO_KEEP sets how many 
 LOGITS_TO_KEEP = "num_logits_to_keep"
 SHARED_ATTENTION_BIAS = "shared_attention_bias"
 GROUPED_QUERY_ATTENTION = "grouped_query_attention"
+FUSED_ROTARY_EMBEDDING = "fused_rotary_embedding"  # com.microsoft RotaryEmbedding nodes
 APPEND_ONLY_CACHE = "append_only_cache"  # present.* hold only new entries: the server must append them
 
 

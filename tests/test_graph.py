@@ -13,6 +13,7 @@ import pytest
 from condgen.bundle import read_manifest
 from condgen.training.graph import (
     APPEND_ONLY_CACHE,
+    FUSED_ROTARY_EMBEDDING,
     GROUPED_QUERY_ATTENTION,
     LAST_POSITION_LOGITS,
     LOGITS_WINDOW,
@@ -20,8 +21,22 @@ from condgen.training.graph import (
     optimise_graph,
 )
 
-ALL = [LAST_POSITION_LOGITS, LOGITS_WINDOW, SHARED_ATTENTION_BIAS, GROUPED_QUERY_ATTENTION, APPEND_ONLY_CACHE]
-WHOLE_CACHE = [LAST_POSITION_LOGITS, LOGITS_WINDOW, SHARED_ATTENTION_BIAS, GROUPED_QUERY_ATTENTION]
+ALL = [
+    LAST_POSITION_LOGITS,
+    LOGITS_WINDOW,
+    SHARED_ATTENTION_BIAS,
+    GROUPED_QUERY_ATTENTION,
+    APPEND_ONLY_CACHE,
+    FUSED_ROTARY_EMBEDDING,
+]
+WHOLE_CACHE = [
+    LAST_POSITION_LOGITS,
+    LOGITS_WINDOW,
+    SHARED_ATTENTION_BIAS,
+    GROUPED_QUERY_ATTENTION,
+    FUSED_ROTARY_EMBEDDING,
+]
+MAX_POSITIONS = 2048  # the tiny Llama's context
 SLICED_ONLY = [LAST_POSITION_LOGITS, LOGITS_WINDOW, SHARED_ATTENTION_BIAS]
 
 
@@ -40,6 +55,7 @@ def run(model_path, info, ids: np.ndarray, mask: np.ndarray | None = None, past:
 def rewritten_copy(tmp_path, plain_graph, info, **options) -> tuple:
     path = tmp_path / "model.onnx"
     shutil.copy(plain_graph, path)
+    options.setdefault("max_positions", MAX_POSITIONS)
     return path, optimise_graph(path, heads=4, kv_heads=2, head_dim=info.head_dim, layers=info.num_layers, **options)
 
 
@@ -126,8 +142,8 @@ def test_rewritten_graph_gives_the_plain_graphs_last_logits_and_cache(tmp_path, 
     plain, new = run(plain_graph, info, ids), run(rewritten, info, ids)
     assert new[0].shape == (3, 1, plain[0].shape[-1])
     np.testing.assert_allclose(new[0][:, 0], plain[0][:, -1], atol=1e-5)
-    for before, after in zip(plain[1:], new[1:]):  # present.* unchanged
-        np.testing.assert_allclose(after, before, atol=1e-6)
+    for before, after in zip(plain[1:], new[1:]):  # present.* unchanged (the fused rotation rounds its own way)
+        np.testing.assert_allclose(after, before, atol=1e-5)
 
 
 def test_a_graph_without_grouped_heads_keeps_its_attention(tmp_path, bundle, plain_graph):
@@ -176,3 +192,37 @@ def test_an_append_cache_the_graph_cannot_take_is_said_not_silent():
     assert cache_note("auto", True, [])[0] == logging.INFO
     assert cache_note("append", True, [GROUPED_QUERY_ATTENTION, APPEND_ONLY_CACHE]) is None
     assert cache_note("whole", False, []) is None
+
+
+def test_rotary_embedding_is_one_fused_node_per_rotation_with_the_same_angles(tmp_path, bundle, plain_graph):
+    info = read_manifest(bundle).onnx
+    nodes = onnx.load(str(bundle / "model.onnx")).graph.node
+    rotations = [n for n in nodes if n.op_type == "RotaryEmbedding"]
+    assert len(rotations) == 2 * info.num_layers and {n.domain for n in rotations} == {"com.microsoft"}
+    assert [n.name for n in nodes if n.op_type == "Neg"] == ["/condgen/last/Neg"]  # no "rotate half" left
+    # Only this rewrite, on the plain graph: same logits and cache at positions well past the
+    # prompt's (a left-padded row, then a decode step at position 1,500).
+    rewritten = tmp_path / "model.onnx"
+    shutil.copy(plain_graph, rewritten)
+    applied = optimise_graph(
+        rewritten, heads=2, kv_heads=2, head_dim=info.head_dim, layers=info.num_layers, max_positions=MAX_POSITIONS
+    )
+    assert applied == SLICED_ONLY + [FUSED_ROTARY_EMBEDDING]
+    ids = np.random.default_rng(2).integers(5, 300, size=(2, 9)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0
+    plain, new = run(plain_graph, info, ids, mask), run(rewritten, info, ids, mask)
+    np.testing.assert_allclose(new[0][:, 0], plain[0][:, -1], atol=1e-5)
+    real = mask.astype(bool)
+    for before, after in zip(plain[1:], new[1:]):
+        np.testing.assert_allclose(after.transpose(0, 2, 1, 3)[real], before.transpose(0, 2, 1, 3)[real], atol=1e-5)
+    far = np.concatenate([np.zeros((2, 1490), dtype=np.int64), mask, np.ones((2, 1), dtype=np.int64)], axis=1)
+    past = {
+        n: np.concatenate([np.zeros(v.shape[:2] + (1490, v.shape[3]), np.float32), v], axis=2)
+        for n, v in zip(info.past_key_names, plain[1:])
+    }
+    far[:, :1490] = 1  # 1,490 attended (zero) slots before the prompt: the step is at position ~1,500
+    step = np.array([[7], [9]], dtype=np.int64)
+    np.testing.assert_allclose(
+        run(rewritten, info, step, far, past)[0][:, 0], run(plain_graph, info, step, far, past)[0][:, -1], atol=1e-4
+    )

@@ -190,7 +190,15 @@ def rewrite_graph(checkpoint: Path, model_path: Path, append_only: bool) -> list
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return optimise_graph(model_path, heads, kv_heads, head_dim, config.num_hidden_layers, append_only=append_only)
+    return optimise_graph(
+        model_path,
+        heads,
+        kv_heads,
+        head_dim,
+        config.num_hidden_layers,
+        append_only=append_only,
+        max_positions=getattr(config, "max_position_embeddings", 0) or 0,
+    )
 
 
 def cache_note(cache: str, append_only: bool, rewrites: list[str]) -> tuple[int, str] | None:
@@ -218,7 +226,14 @@ def convert_variant(model_path: Path, variant: str) -> None:
 
         fp32 = model_path.with_name("model.fp32.onnx")
         model_path.rename(fp32)
-        quantize_dynamic(str(fp32), str(model_path), weight_type=QuantType.QInt8)
+        # Shape inference does not see through com.microsoft nodes (the fused rotary embedding):
+        # tensors it cannot type are float.
+        quantize_dynamic(
+            str(fp32),
+            str(model_path),
+            weight_type=QuantType.QInt8,
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
         fp32.unlink()
     elif variant in WEIGHT_ONLY_BITS:
         quantize_weights(model_path, WEIGHT_ONLY_BITS[variant])

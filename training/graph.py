@@ -30,6 +30,12 @@ shape it expects:
   NaN that -inf gives a fully masked row (a left-padded prompt's padding positions). One bias
   now serves all layers, with the dtype's lowest finite value instead of -inf, so a fully masked
   row gets a finite (never used) average and the 2 x layers IsNaN/Where guards go.
+- `fused_rotary_embedding`: the exported graph rotates every layer's queries and keys with
+  seven small kernels each (two Slices, Neg, Concat, two Muls, Add: "rotate half"), 420 kernel
+  launches per step for a 30-layer model. Each becomes one `RotaryEmbedding` (com.microsoft)
+  that looks the angles up by `position_ids` in cos/sin tables. The tables are computed at
+  export by running the graph's own rotary subgraph over positions 0..max_positions - 1, so
+  whatever frequencies and scaling the model uses are kept as exported.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import numpy as np
 
 from condgen.bundle import (
     APPEND_ONLY_CACHE,
+    FUSED_ROTARY_EMBEDDING,
     GROUPED_QUERY_ATTENTION,
     LAST_POSITION_LOGITS,
     LOGITS_TO_KEEP,
@@ -406,10 +413,128 @@ def share_attention_bias(graph: _Graph) -> bool:
     return True
 
 
+def _rotate_half_pattern(graph: _Graph, neg) -> tuple | None:
+    """Around a Neg: x * cos + concat(-x[..., half:], x[..., :half]) * sin, as
+    (x, cos, sin, the Add). Both Slices must read the same x as the first Mul."""
+    upper = graph.producer(neg.input[0])
+    concat = graph.only_consumer(neg.output[0], "Concat")
+    if upper is None or upper.op_type != "Slice" or concat is None or list(concat.input)[0] != neg.output[0]:
+        return None
+    lower = graph.producer(concat.input[1]) if len(concat.input) == 2 else None
+    rotated = graph.only_consumer(concat.output[0], "Mul")
+    add = rotated and graph.only_consumer(rotated.output[0], "Add")
+    if lower is None or lower.op_type != "Slice" or add is None or lower.input[0] != upper.input[0]:
+        return None
+    x = upper.input[0]
+    sin = next(name for name in rotated.input if name != concat.output[0])
+    straight = graph.producer(next(name for name in add.input if name != rotated.output[0]))
+    if straight is None or straight.op_type != "Mul" or x not in straight.input:
+        return None
+    cos = next(name for name in straight.input if name != x)
+    return x, cos, sin, add
+
+
+def _angle_tables(graph: _Graph, cos: str, sin: str, max_positions: int, opset: int) -> tuple | None:
+    """The graph's cos and sin (batch, positions, 1, head_dim) evaluated for positions
+    0..max_positions - 1, as (max_positions, head_dim / 2) tables; None when they depend on
+    anything but `position_ids`."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    wanted, nodes, seen = [cos, sin], [], set()
+    initializers = {t.name: t for t in graph.graph.initializer}
+    while wanted:
+        name = wanted.pop()
+        if name in seen or name in initializers or name == "":
+            continue
+        seen.add(name)
+        node = graph.producer(name)
+        if node is None:
+            if name != "position_ids":
+                return None
+            continue
+        if node not in nodes:
+            nodes.append(node)
+            wanted += list(node.input)
+    order = {id(n): i for i, n in enumerate(graph.graph.node)}
+    nodes.sort(key=lambda n: order[id(n)])
+    used = {name for n in nodes for name in n.input}
+    sub = helper.make_graph(
+        nodes,
+        "rotary_angles",
+        [helper.make_tensor_value_info("position_ids", onnx.TensorProto.INT64, ["batch", "positions"])],
+        # the rewrites run on the exported fp32 graph (variants are converted afterwards)
+        [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in (cos, sin)],
+        initializer=[t for name, t in initializers.items() if name in used],
+    )
+    model = helper.make_model(sub, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 9
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    positions = np.arange(max_positions, dtype=np.int64)[None, :]
+    tables = []
+    for value in session.run([cos, sin], {"position_ids": positions}):
+        value = value.reshape(max_positions, -1)  # (1, positions, 1, head_dim) -> (positions, head_dim)
+        half = value.shape[1] // 2
+        if not np.array_equal(value[:, :half], value[:, half:]):  # "rotate half" repeats the angles
+            return None
+        tables.append(np.ascontiguousarray(value[:, :half]))
+    return tuple(tables)
+
+
+def fuse_rotary_embedding(graph: _Graph, max_positions: int, opset: int) -> bool:
+    """Replace every layer's "rotate half" queries and keys by one RotaryEmbedding each."""
+    from onnx import helper, numpy_helper
+
+    found = [m for n in list(graph.graph.node) if n.op_type == "Neg" and (m := _rotate_half_pattern(graph, n))]
+    if not found or max_positions < 1:
+        log.warning("no rotary embedding of the expected shape; the graph keeps it as exported")
+        return False
+    if len({(cos, sin) for _, cos, sin, _ in found}) != 1:
+        log.warning("the rotary embeddings do not share their angles; the graph keeps them as exported")
+        return False
+    _, cos, sin, _ = found[0]
+    tables = _angle_tables(graph, cos, sin, max_positions, opset)
+    if tables is None:
+        log.warning("the rotary angles depend on more than the positions; the graph keeps them as exported")
+        return False
+    for name, table in zip(("/condgen/rotary/cos_cache", "/condgen/rotary/sin_cache"), tables):
+        graph.graph.initializer.append(numpy_helper.from_array(table, name))
+    for number, (x, _, _, add) in enumerate(found):
+        fused = helper.make_node(
+            "RotaryEmbedding",
+            [x, "position_ids", "/condgen/rotary/cos_cache", "/condgen/rotary/sin_cache"],
+            list(add.output),
+            name=f"/condgen/rotary/RotaryEmbedding_{number}",
+            domain="com.microsoft",
+            interleaved=0,
+        )
+        graph.insert_before(add, [fused])
+        graph.graph.node.remove(add)
+    removed = graph.remove_dead_nodes()
+    log.info("fused rotary embedding: %d rotations, %d nodes dropped", len(found), removed)
+    return True
+
+
+def _uses_microsoft_ops(model) -> None:
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        from onnx import helper
+
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
 def optimise_graph(
-    model_path: Path, heads: int, kv_heads: int, head_dim: int, layers: int, append_only: bool = True
+    model_path: Path,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    layers: int,
+    append_only: bool = True,
+    max_positions: int = 0,
 ) -> list[str]:
-    """Apply the rewrites to the graph at `model_path` in place; returns the names of those applied."""
+    """Apply the rewrites to the graph at `model_path` in place; returns the names of those applied.
+    `max_positions` (the model's context length) sizes the rotary tables; 0 keeps the rotary
+    embedding as exported."""
     import onnx
 
     external = model_path.with_name(model_path.name + "_data")
@@ -424,6 +549,10 @@ def optimise_graph(
         applied.append(GROUPED_QUERY_ATTENTION)
         if append_only and append_only_cache(graph, layers):
             applied.append(APPEND_ONLY_CACHE)
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=18)
+    if max_positions and fuse_rotary_embedding(graph, max_positions, opset):
+        _uses_microsoft_ops(model)
+        applied.append(FUSED_ROTARY_EMBEDDING)
     if applied:
         if external.exists():  # over 2 GB: the weights stay beside the graph
             onnx.save(model, str(model_path), save_as_external_data=True, location=external.name)
