@@ -720,10 +720,11 @@ def cmd_evaluate_novel(args) -> None:
         config.batch_size, config.learning_rate = 4, 5e-3
     report = evaluate_novel(config)
     low, high = report["novel_gain_ci95"]
+    by_intent_low, by_intent_high = report["novel_gain_ci95_by_intent"]
     print(
         f"novel intents: {report['baseline_name']} {report['novel_acc_baseline']:.1%} -> real + synthetic "
         f"{report['novel_acc_augmented']:.1%} ({report['novel_gain_points']:+.1f} points, "
-        f"95% CI {low:+.1f}..{high:+.1f}); "
+        f"95% CI {low:+.1f}..{high:+.1f} over folds, {by_intent_low:+.1f}..{by_intent_high:+.1f} over intents); "
         f"topline {report['novel_acc_topline']:.1%}; base intents {report['base_acc_delta_points']:+.2f} points; "
         f"rows labelled as requested {report['label_precision']:.0%}; report in {args.output / 'report.md'}"
     )

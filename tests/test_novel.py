@@ -104,6 +104,7 @@ def test_evaluate_novel_quick_runs_end_to_end(tmp_path, generator):
         "novel_acc_augmented",
         "novel_gain_points",
         "novel_gain_ci95",
+        "novel_gain_ci95_by_intent",
         "novel_acc_topline",
         "baseline_name",
         "base_acc_delta_points",
@@ -115,6 +116,7 @@ def test_evaluate_novel_quick_runs_end_to_end(tmp_path, generator):
     ):
         assert key in report, key
     assert report["setting"] == "novel" and report["generator"] == generator and len(report["per_fold"]) == 1
+    assert len(report["novel_gain_ci95_by_intent"]) == 2
     assert report["baseline_name"] in ("real", "oversampled", "balanced")
     assert set(report["novel_acc_by_recipe"]) == {"real", "oversampled", "balanced", "augmented", "topline"}
     assert (out / "report.md").is_file() and (out / "label_precision.png").is_file()
