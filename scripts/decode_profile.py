@@ -16,7 +16,11 @@ With `--prefill` it times a prefill pass of BATCH prompts of PAST tokens instead
 `onnxruntime`) it times the same steps under the OpenVINO execution provider, as a whole:
 its one fused node hides the split. The cache length grows by one each step, as in serving.
 
+With `--compare OTHER` it times the same steps on BUNDLE's and OTHER's graphs instead, in
+alternating blocks in one process (so both see the same machine), and prints both medians.
+
     python scripts/decode_profile.py BUNDLE --batch 16 --past 430
+    python scripts/decode_profile.py BUNDLE --batch 1 --past 230 --compare OTHER_BUNDLE
 """
 
 from __future__ import annotations
@@ -85,6 +89,30 @@ def split(profile: Path, runs: int) -> dict[str, float]:
     return {name: ms / runs for name, ms in totals.items()}
 
 
+def compare(models: list[Path], args, shapes: list[tuple[int, int]], rng: np.random.Generator) -> dict:
+    """Median ms per pass of each model, timed in alternating blocks of `shapes`."""
+    sessions = [session(model, args.provider, args.threads, None) for model in models]
+    walls: list[list[float]] = [[] for _ in models]
+    for block in range(6):
+        order = range(len(models)) if block % 2 == 0 else reversed(range(len(models)))
+        for index in order:
+            sess = sessions[index]
+            sess.run(None, feeds(sess, args.batch, *shapes[0], rng))  # warm-up
+            for past, new in shapes:
+                feed = feeds(sess, args.batch, past, new, rng)
+                started = time.perf_counter()
+                sess.run(None, feed)
+                walls[index].append((time.perf_counter() - started) * 1000)
+    medians = [statistics.median(w) for w in walls]
+    return {
+        "batch": args.batch,
+        "past": args.past,
+        "pass": "prefill" if args.prefill else "decode",
+        "wall_ms_median": {str(m): round(t, 2) for m, t in zip(models, medians)},
+        "speedup_of_compare": round(medians[0] / medians[1], 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundle", type=Path)
@@ -94,11 +122,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="0: every core")
     parser.add_argument("--prefill", action="store_true", help="time prefill passes of PAST tokens instead")
     parser.add_argument("--provider", choices=("cpu", "openvino"), default="cpu")
+    parser.add_argument("--compare", type=Path, help="a second bundle: time both, alternating, instead of profiling")
     args = parser.parse_args()
     args.threads = args.threads or os.cpu_count() or 1
     rng = np.random.default_rng(0)
     model = args.bundle / "model.onnx"
     shapes = [(0, args.past) if args.prefill else (args.past + i, 1) for i in range(args.steps)]
+    if args.compare:
+        print(json.dumps(compare([model, args.compare / "model.onnx"], args, shapes[:10], rng), indent=2))
+        return
 
     plain = session(model, args.provider, args.threads, None)
     plain.run(None, feeds(plain, args.batch, *shapes[0], rng))  # warm-up (and compilation)
