@@ -442,7 +442,7 @@ def _angle_tables(graph: _Graph, cos: str, sin: str, max_positions: int, opset: 
     import onnxruntime as ort
     from onnx import helper
 
-    wanted, nodes, seen = [cos, sin], [], set()
+    wanted, found, seen = [cos, sin], {}, set()
     initializers = {t.name: t for t in graph.graph.initializer}
     while wanted:
         name = wanted.pop()
@@ -454,11 +454,10 @@ def _angle_tables(graph: _Graph, cos: str, sin: str, max_positions: int, opset: 
             if name != "position_ids":
                 return None
             continue
-        if node not in nodes:
-            nodes.append(node)
+        if id(node) not in found:  # by identity: proto equality compares whole nodes
+            found[id(node)] = node
             wanted += list(node.input)
-    order = {id(n): i for i, n in enumerate(graph.graph.node)}
-    nodes.sort(key=lambda n: order[id(n)])
+    nodes = [n for n in graph.graph.node if id(n) in found]  # in graph (topological) order
     used = {name for n in nodes for name in n.input}
     sub = helper.make_graph(
         nodes,
@@ -516,7 +515,7 @@ def fuse_rotary_embedding(graph: _Graph, max_positions: int, opset: int) -> bool
     return True
 
 
-def _uses_microsoft_ops(model) -> None:
+def _import_microsoft_opset(model) -> None:
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         from onnx import helper
 
@@ -551,7 +550,7 @@ def optimise_graph(
             applied.append(APPEND_ONLY_CACHE)
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=18)
     if max_positions and fuse_rotary_embedding(graph, max_positions, opset):
-        _uses_microsoft_ops(model)
+        _import_microsoft_opset(model)
         applied.append(FUSED_ROTARY_EMBEDDING)
     if applied:
         if external.exists():  # over 2 GB: the weights stay beside the graph
