@@ -97,6 +97,7 @@ def test_wrong_type_is_named():
     [
         ({"learning_rate": 3.0}, "learning_rate"),
         ({"lr_scheduler": "exponential"}, "lr_scheduler"),
+        ({"precision": "fp16"}, "precision"),
         ({"batch_size": 0}, "batch_size"),
         ({"steps": None, "epochs": None}, "steps"),
     ],

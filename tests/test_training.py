@@ -15,10 +15,11 @@ from condgen.bundle import BundleError, read_manifest
 def test_finetune_learns_and_reports_validation_loss(workdir, train_csv, tiny_base):
     from condgen.training.finetune import finetune
 
-    config = tiny_config(train_csv, tiny_base, steps=20, validation_fraction=0.2, eval_steps=10)
+    config = tiny_config(train_csv, tiny_base, steps=20, validation_fraction=0.2, eval_steps=10, precision="bf16")
     result = finetune(config, workdir / "short-run")
     stats = result.stats
-    assert stats["optimizer_steps"] == 20
+    assert stats["optimizer_steps"] == 20 and stats["precision"] == "bf16"
+    assert math.isfinite(stats["train_loss"])
     assert stats["validation_records"] >= 1 and stats["validation_loss"] is not None
     info = json.loads((result.output_dir / "condgen_training.json").read_text())
     assert info["config"]["steps"] == 20 and set(info["intents"]) == {
@@ -27,6 +28,21 @@ def test_finetune_learns_and_reports_validation_loss(workdir, train_csv, tiny_ba
         "exchange_rate",
     }
     assert (result.output_dir / "examples.json").is_file()
+
+
+def test_bf16_is_chosen_only_where_the_cpu_computes_it(tmp_path):
+    from condgen.training.finetune import cpu_computes_bf16, uses_bf16
+
+    def cpuinfo(flags: str):
+        path = tmp_path / f"cpuinfo-{len(list(tmp_path.iterdir()))}"
+        path.write_text(f"processor\t: 0\nflags\t\t: fpu sse2 avx2 {flags}\n\nprocessor\t: 1\n")
+        return path
+
+    assert cpu_computes_bf16(cpuinfo("avx512f avx512_bf16"))
+    assert cpu_computes_bf16(cpuinfo("amx_tile amx_bf16"))
+    assert not cpu_computes_bf16(cpuinfo("avx512f avx512_vnni"))
+    assert not cpu_computes_bf16(tmp_path / "missing")
+    assert uses_bf16("bf16") and not uses_bf16("fp32")
 
 
 def test_resume_continues_to_the_same_step_count(workdir, train_csv, tiny_base):

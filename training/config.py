@@ -38,6 +38,10 @@ import yaml
 
 from condgen.errors import CondgenError
 
+# Mixed precision of the forward and backward passes (weights and optimiser state stay fp32):
+# auto takes bf16 where the hardware computes it natively (a CUDA GPU with bf16, a CPU with
+# AVX-512 BF16 or AMX), else fp32.
+PRECISIONS = ("auto", "bf16", "fp32")
 LR_SCHEDULERS = (
     "linear",
     "cosine",
@@ -104,6 +108,7 @@ class TrainingConfig:
     # Pack each intent's lines next to each other, as generation prompts show them, so the
     # model learns to write a new line of the intent its context shows.
     group_by_intent: bool = False
+    precision: str = "auto"  # one of PRECISIONS
 
     def __post_init__(self) -> None:
         self.validate()
@@ -132,6 +137,8 @@ class TrainingConfig:
             raise ConfigError("`weight_decay` and `warmup_steps` must not be negative")
         if not 0 <= self.validation_fraction < 0.5:
             raise ConfigError(f"`validation_fraction` must be in [0, 0.5), got {self.validation_fraction}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"`precision` {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ConfigError(f"`lr_scheduler` {self.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}")
 

@@ -136,12 +136,35 @@ def last_complete_checkpoint(trainer_dir: Path) -> str | None:
     return None
 
 
+def cpu_computes_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether the CPU has bf16 instructions (AVX-512 BF16 or AMX): there bf16 autocast speeds the
+    matrix products up (1.5x per step on 2 AVX-512 BF16 cores); elsewhere it is emulated, slower."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def uses_bf16(precision: str) -> bool:
+    """Resolve a TrainingConfig `precision` for this machine."""
+    import torch
+
+    if precision != "auto":
+        return precision == "bf16"
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return cpu_computes_bf16()
+
+
 def training_arguments(config: TrainingConfig, trainer_dir: Path, has_validation: bool, steps: int):
     import torch
     from transformers import TrainingArguments
 
     on_cpu = not torch.cuda.is_available()
     return TrainingArguments(
+        bf16=uses_bf16(config.precision),  # autocast; weights and optimiser state stay fp32
         output_dir=str(trainer_dir),
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size,
@@ -276,6 +299,7 @@ def finetune(config: TrainingConfig, output_dir: str | Path, resume: bool = Fals
     if resume and last is None:
         log.warning("--resume: no checkpoint in %s, starting from the base model", trainer_dir)
     args = training_arguments(config, trainer_dir, bool(val_blocks), steps)
+    log.info("training passes in %s", "bf16 mixed precision" if args.bf16 else "fp32")
     if args.world_size != processes:
         raise RuntimeError(
             f"the environment says {processes} process(es) (WORLD_SIZE) but the Trainer runs "
@@ -311,6 +335,7 @@ def finetune(config: TrainingConfig, output_dir: str | Path, resume: bool = Fals
         "seconds": round(time.time() - started, 1),
         "resumed_from": Path(last).name if last else None,
         "world_size": processes,
+        "precision": "bf16" if args.bf16 else "fp32",
         "text_length": text_length_stats([r.text for r in records]),
     }
     metrics = training_metrics(
