@@ -196,7 +196,15 @@ def greedy_figures(args, prompts: list[str], ids: list[list[int]], checkpoint: P
         figures.update({f"{prefix}_{k}": v for k, v in details.items()})
     progress(f"server, {args.variant} bundle: 64 concurrent streams")
     intents = sorted(read_examples(variant))
-    server = ServerProcess(variant, "--device", args.device, "--max-batch-size", str(args.max_batch_size))
+    server = ServerProcess(
+        variant,
+        "--device",
+        args.device,
+        "--max-batch-size",
+        str(args.max_batch_size),
+        "--max-batch-tokens",  # the KV budget of the fp32 server's figures: peak RSS compares like with like
+        str(args.max_batch_tokens),
+    )
     try:
         load = StreamLoad(num_records=2 if args.quick else 8, prompt_examples=args.prompt_examples)
         figures["server_q_tok_s_c64"], _ = run_streams(server.target, intents, 64, load)

@@ -181,6 +181,39 @@ def test_version_1_bundles_without_rewrites_are_still_read(tmp_path, bundle):
     assert read_manifest(tmp_path, verify=False).onnx.rewrites == []
 
 
+def test_embedding_tables_quantised_to_8_bits_look_up_within_half_a_step():
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from condgen.training.export import quantize_embedding_tables
+
+    table = np.random.default_rng(0).standard_normal((50, 64)).astype(np.float32)
+    table[7, :32] = 0.0  # an all-zero block keeps a usable scale
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["rows"])],
+        "embedding",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [None, None])],
+        [helper.make_tensor_value_info("rows", TensorProto.FLOAT, [None, None, 64])],
+        initializer=[numpy_helper.from_array(table, "table")],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    )
+    assert quantize_embedding_tables(model, block=32) == 1
+    assert [n.op_type for n in model.graph.node] == ["GatherBlockQuantized"]
+    assert {t.name for t in model.graph.initializer} == {"table_q8", "table_scales", "table_zero_points"}
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.array([[0, 7, 49], [3, 3, 12]], dtype=np.int64)
+    rows = session.run(None, {"ids": ids})[0]
+    steps = np.abs(table).reshape(50, 2, 32).max(axis=-1) / 127
+    assert rows.shape == (2, 3, 64)
+    assert (np.abs(rows - table[ids]) <= np.repeat(steps[ids], 32, axis=-1) / 2 + 1e-6).all()
+    assert (rows[0, 1, :32] == 0).all()
+    onnx.checker.check_model(model)
+
+
 @pytest.mark.parametrize("variant", ["int8", "fp16", "w8", "w4"])
 def test_lighter_variants_export_with_their_parity_figures(workdir, checkpoint, variant):
     import numpy as np
@@ -193,6 +226,11 @@ def test_lighter_variants_export_with_their_parity_figures(workdir, checkpoint, 
     assert info.variant == variant and info.parity_top1_agreement >= 0.8
     assert 0.0 <= info.parity_greedy_match <= 1.0
     assert info.dtype == ("float16" if variant == "fp16" else "float32")
+    if variant in ("w8", "w4"):
+        import onnx
+
+        ops = {node.op_type for node in onnx.load(str(result.bundle_dir / "model.onnx")).graph.node}
+        assert "GatherBlockQuantized" in ops and "Gather" in ops  # the embedding; shape reads stay
     engine = Engine(result.bundle_dir, read_manifest(result.bundle_dir))
     batch = engine.new_batch(0, engine.encode("card_arrival,"))
     logits = engine.forward(batch)
