@@ -117,6 +117,7 @@ def test_evaluate_novel_quick_runs_end_to_end(tmp_path, generator):
         assert key in report, key
     assert report["setting"] == "novel" and report["generator"] == generator and len(report["per_fold"]) == 1
     assert len(report["novel_gain_ci95_by_intent"]) == 2
+    assert 0.0 < report["label_precision_real_rows"] <= 1.0  # the judge knows most real test rows
     assert report["baseline_name"] in ("real", "oversampled", "balanced")
     assert set(report["novel_acc_by_recipe"]) == {"real", "oversampled", "balanced", "augmented", "topline"}
     assert (out / "report.md").is_file() and (out / "label_precision.png").is_file()

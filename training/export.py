@@ -267,7 +267,7 @@ def fold_weight_transposes(model) -> int:
     from onnx import numpy_helper
 
     graph = model.graph
-    tables = {t.name: t for t in graph.initializer}
+    tables = _constant_tables(graph)
     folded = 0
     for node in list(graph.node):
         if node.op_type != "Transpose" or node.input[0] not in tables:
@@ -277,10 +277,24 @@ def fold_weight_transposes(model) -> int:
         graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weights.transpose(perm)), node.output[0]))
         graph.node.remove(node)
         folded += 1
-    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    for table in [t for name, t in tables.items() if name not in read]:
+    readers = _readers(graph)
+    for table in [t for name, t in tables.items() if not readers.get(name)]:
         graph.initializer.remove(table)
     return folded
+
+
+def _constant_tables(graph) -> dict:
+    """Initializers that are not also graph inputs (those a caller may override)."""
+    inputs = {i.name for i in graph.input}
+    return {t.name: t for t in graph.initializer if t.name not in inputs}
+
+
+def _readers(graph) -> dict[str, int]:
+    """How many node inputs (and graph outputs) read each tensor."""
+    readers: dict[str, int] = {}
+    for name in [*(name for node in graph.node for name in node.input), *(o.name for o in graph.output)]:
+        readers[name] = readers.get(name, 0) + 1
+    return readers
 
 
 def quantize_embedding_tables(model, block: int = WEIGHT_ONLY_BLOCK) -> int:
@@ -291,11 +305,8 @@ def quantize_embedding_tables(model, block: int = WEIGHT_ONLY_BLOCK) -> int:
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    tables = {t.name: t for t in graph.initializer}
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    tables = _constant_tables(graph)
+    readers = _readers(graph)
     replaced = 0
     for position, node in list(enumerate(graph.node)):
         table = tables.get(node.input[0]) if node.op_type == "Gather" else None
