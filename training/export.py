@@ -11,10 +11,10 @@ ONNX Runtime's MatMulNBits: 8- or 4-bit weights with a scale per block of 32, mu
 int8 at accuracy level 4; decoding on CPUs is bound by reading the weights; the token
 embedding table becomes an 8-bit GatherBlockQuantized; a head tied to the embedding, exported
 as MatMul(h, Transpose(table)), has its Transpose folded first so that it is quantised too).
-Their logits cannot match fp32 to 1e-3, so their parity check is the share of positions where ONNX and PyTorch agree on the most
-likely next token (`--min-top1-agreement`); the largest logit difference and the greedy
-agreement (tokens of a 32-token greedy continuation matched before the first difference, mean
-share over 3 prompts) are reported alongside and kept in the manifest.
+Their logits cannot match fp32 to 1e-3, so their parity check is the share of positions where
+ONNX and PyTorch agree on the most likely next token (`--min-top1-agreement`); the largest logit
+difference and the greedy agreement (tokens of a 32-token greedy continuation matched before the
+first difference, mean share over 3 prompts) are reported alongside and kept in the manifest.
 """
 
 from __future__ import annotations
