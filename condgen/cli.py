@@ -24,6 +24,8 @@ class CliError(CondgenError):
 
 
 def _add_train(sub) -> None:
+    from condgen.training.config import PRECISIONS
+
     p = sub.add_parser(
         "train",
         help="fine-tune a causal LM on intent,text lines",
@@ -43,7 +45,7 @@ def _add_train(sub) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument(
         "--precision",
-        choices=("auto", "bf16", "fp32"),
+        choices=PRECISIONS,
         help="compute of the training passes: auto (default) takes bf16 mixed precision where the "
         "GPU or CPU computes bf16 natively (AVX-512 BF16, AMX), else fp32; weights stay fp32",
     )
