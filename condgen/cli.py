@@ -152,6 +152,14 @@ def _add_serve(sub) -> None:
         "example of their intent; 0 disables the prefix cache)",
     )
     p.add_argument(
+        "--context-cache-tokens",
+        type=int,
+        default=EngineConfig.context_cache_tokens,
+        help=f"label check: tokens of scoring contexts kept for reuse (default "
+        f"{EngineConfig.context_cache_tokens}; 0 disables it). With --prefix-cache-tokens, it bounds "
+        "the KV cache held beside the running batch",
+    )
+    p.add_argument(
         "--io-binding",
         choices=("auto", "on", "off"),
         default=EngineConfig.io_binding,
@@ -558,7 +566,11 @@ def cmd_serve(args) -> None:
         host=args.host,
         port=args.port,
         engine=EngineConfig(
-            device=args.device, threads=args.threads, io_binding=args.io_binding, sampling_head=args.sampling_head
+            device=args.device,
+            threads=args.threads,
+            io_binding=args.io_binding,
+            sampling_head=args.sampling_head,
+            context_cache_tokens=args.context_cache_tokens,
         ),
         scheduler=SchedulerConfig(
             max_batch_size=args.max_batch_size,

@@ -65,6 +65,8 @@ class EngineConfig:
             raise EngineError(f"device {self.device!r} is not one of {', '.join(DEVICES)}")
         if self.io_binding not in ("auto", "on", "off"):
             raise EngineError(f"io_binding {self.io_binding!r} is not one of auto, on, off")
+        if self.context_cache_tokens < 0:
+            raise EngineError(f"context_cache_tokens {self.context_cache_tokens}: give 0 (no cache) or more")
         if self.sampling_head not in ("on", "off"):
             raise EngineError(f"sampling_head {self.sampling_head!r} is not one of on, off")
 
