@@ -251,6 +251,14 @@ def _add_serve(sub) -> None:
         f"(default {LabelCheckConfig.context_examples}: the bare prefix)",
     )
     label.add_argument(
+        "--label-tokens-per-pass",
+        type=int,
+        default=LabelCheckConfig.max_tokens_per_pass,
+        help="padded tokens of one scoring pass (default "
+        f"{LabelCheckConfig.max_tokens_per_pass}); a pass holds this many positions' logits over the "
+        "vocabulary (4 bytes each: 200 MB for 1,024 positions of a 49k vocabulary)",
+    )
+    label.add_argument(
         "--label-supplied-context-examples",
         type=int,
         default=LabelCheckConfig.supplied_context_examples,
@@ -597,6 +605,7 @@ def label_check_config(args) -> LabelCheckConfig:
             rivals=args.label_rivals,
             context_examples=args.label_context_examples,
             supplied_context_examples=args.label_supplied_context_examples,
+            max_tokens_per_pass=args.label_tokens_per_pass,
         )
     except ValueError as exc:
         raise CliError(f"{exc} (see condgen serve --help)") from exc
