@@ -249,7 +249,12 @@ def test_a_retry_sends_the_examples_of_the_missing_intents_only():
 
 @pytest.mark.parametrize(
     "flag, value, message",
-    [("--label-rivals", "0", "rivals must be at least 1"), ("--label-context-examples", "-1", "must not be negative")],
+    [
+        ("--label-rivals", "0", "rivals must be at least 1"),
+        ("--label-context-examples", "-1", "must not be negative"),
+        ("--label-tokens-per-pass", "10", "max_tokens_per_pass must be at least 64"),
+        ("--context-cache-tokens", "-1", "give 0 (no cache) or more"),
+    ],
 )
 def test_serve_refuses_bad_label_check_flags_in_one_line(tmp_path, capsys, flag, value, message):
     from condgen.cli import main
