@@ -229,8 +229,10 @@ def test_lighter_variants_export_with_their_parity_figures(workdir, checkpoint, 
     if variant in ("w8", "w4"):
         import onnx
 
-        ops = {node.op_type for node in onnx.load(str(result.bundle_dir / "model.onnx")).graph.node}
-        assert "GatherBlockQuantized" in ops and "Gather" in ops  # the embedding; shape reads stay
+        nodes = onnx.load(str(result.bundle_dir / "model.onnx")).graph.node
+        assert "GatherBlockQuantized" in {node.op_type for node in nodes}  # the embedding table
+        # The tied LM head (MatMul over a Transpose of the embedding) is quantised too.
+        assert next(node for node in nodes if "logits" in node.output).op_type == "MatMulNBits"
     engine = Engine(result.bundle_dir, read_manifest(result.bundle_dir))
     batch = engine.new_batch(0, engine.encode("card_arrival,"))
     logits = engine.forward(batch)
