@@ -187,7 +187,7 @@ def test_embedding_tables_quantised_to_8_bits_look_up_within_half_a_step():
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from condgen.training.export import quantize_embedding_tables
+    from condgen.training.graph import quantize_embedding_tables
 
     table = np.random.default_rng(0).standard_normal((50, 64)).astype(np.float32)
     table[7, :32] = 0.0  # an all-zero block keeps a usable scale

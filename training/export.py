@@ -249,105 +249,18 @@ def quantize_weights(model_path: Path, bits: int) -> None:
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    from condgen.training.graph import fold_weight_transposes, quantize_embedding_tables
+
     model = onnx.load(str(model_path))
     fold_weight_transposes(model)
     quantizer = MatMulNBitsQuantizer(
         model, bits=bits, block_size=WEIGHT_ONLY_BLOCK, is_symmetric=True, accuracy_level=4
     )
     quantizer.process()
-    quantize_embedding_tables(quantizer.model.model)
+    quantize_embedding_tables(quantizer.model.model, WEIGHT_ONLY_BLOCK)
     for stale in (model_path, model_path.with_name(model_path.name + "_data")):
         stale.unlink(missing_ok=True)
     quantizer.model.save_model_to_file(str(model_path), use_external_data_format=False)
-
-
-def fold_weight_transposes(model) -> int:
-    """Transpose of a constant weight -> the transposed constant, in place; returns how many.
-    A model whose LM head is tied to its embedding can export as MatMul(h, Transpose(table)): folded,
-    the head has a constant weight MatMulNBits quantises, and the table is the embedding's alone."""
-    from onnx import numpy_helper
-
-    graph = model.graph
-    tables = _constant_tables(graph)
-    folded = 0
-    for node in list(graph.node):
-        if node.op_type != "Transpose" or node.input[0] not in tables:
-            continue
-        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-        weights = numpy_helper.to_array(tables[node.input[0]])
-        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weights.transpose(perm)), node.output[0]))
-        graph.node.remove(node)
-        folded += 1
-    readers = _readers(graph)
-    for table in [t for name, t in tables.items() if not readers.get(name)]:
-        graph.initializer.remove(table)
-    return folded
-
-
-def _constant_tables(graph) -> dict:
-    """Initializers that are not also graph inputs (those a caller may override)."""
-    inputs = {i.name for i in graph.input}
-    return {t.name: t for t in graph.initializer if t.name not in inputs}
-
-
-def _readers(graph) -> dict[str, int]:
-    """How many node inputs (and graph outputs) read each tensor."""
-    readers: dict[str, int] = {}
-    for name in [*(name for node in graph.node for name in node.input), *(o.name for o in graph.output)]:
-        readers[name] = readers.get(name, 0) + 1
-    return readers
-
-
-def quantize_embedding_tables(model, block: int = WEIGHT_ONLY_BLOCK) -> int:
-    """Gather over a constant fp32 table (the token embedding) -> com.microsoft GatherBlockQuantized
-    with 8-bit weights (symmetric, zero point 128, one scale per `block` of a row), in place;
-    returns how many. MatMulNBits leaves the table in fp32; for SmolLM2-135M it is 113 MB of a
-    w8 bundle's 234, read a few rows per step: 8 bits cut it to 30 MB of the server's memory."""
-    from onnx import helper, numpy_helper
-
-    graph = model.graph
-    tables = _constant_tables(graph)
-    readers = _readers(graph)
-    replaced = 0
-    for position, node in list(enumerate(graph.node)):
-        table = tables.get(node.input[0]) if node.op_type == "Gather" else None
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-        if table is None or axis != 0 or readers[table.name] != 1:
-            continue
-        weights = numpy_helper.to_array(table)
-        if weights.dtype != np.float32 or weights.ndim != 2 or weights.shape[1] % block:
-            continue
-        rows, columns = weights.shape
-        blocks = weights.reshape(rows, columns // block, block)
-        scales = np.abs(blocks).max(axis=-1) / 127.0
-        scales[scales == 0] = 1.0
-        quantized = np.clip(np.rint(blocks / scales[..., None]), -127, 127) + 128
-        names = [f"{table.name}_q8", f"{table.name}_scales", f"{table.name}_zero_points"]
-        graph.initializer.remove(table)
-        graph.initializer.extend(
-            [
-                numpy_helper.from_array(quantized.astype(np.uint8).reshape(rows, columns), names[0]),
-                numpy_helper.from_array(scales.astype(np.float32), names[1]),
-                numpy_helper.from_array(np.full(scales.shape, 128, dtype=np.uint8), names[2]),
-            ]
-        )
-        gather = helper.make_node(
-            "GatherBlockQuantized",
-            [names[0], node.input[1], names[1], names[2]],
-            list(node.output),
-            name=f"{node.name or table.name}_q8",
-            domain="com.microsoft",
-            bits=8,
-            block_size=block,
-            gather_axis=0,
-            quantize_axis=1,
-        )
-        graph.node.remove(node)
-        graph.node.insert(position, gather)
-        replaced += 1
-    if replaced:
-        log.info("8-bit embedding tables: %d Gather(s) -> GatherBlockQuantized", replaced)
-    return replaced
 
 
 def check_parity(parity: Parity, variant: str, tolerance: float, min_top1: float) -> None:

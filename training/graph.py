@@ -36,6 +36,11 @@ shape it expects:
   that looks the angles up by `position_ids` in cos/sin tables. The tables are computed at
   export by running the graph's own rotary subgraph over positions 0..max_positions - 1, so
   whatever frequencies and scaling the model uses are kept as exported.
+
+Two rewrites serve the weight-only variants (`w8`, `w4`; training/export.py) and change the
+weights, so their parity is judged as theirs is: `fold_weight_transposes` (a tied LM head's
+Transpose of the embedding folded into a constant MatMulNBits can quantise) and
+`quantize_embedding_tables` (the embedding's Gather in 8 bits, GatherBlockQuantized).
 """
 
 from __future__ import annotations
@@ -115,6 +120,87 @@ class _Graph:
             for node in dead:
                 self.graph.node.remove(node)
             removed += len(dead)
+
+
+def fold_weight_transposes(model) -> int:
+    """Transpose of a constant weight -> the transposed constant, in place; returns how many.
+    A model whose LM head is tied to its embedding can export as MatMul(h, Transpose(table)): folded,
+    the head has a constant weight MatMulNBits quantises, and the table is the embedding's alone."""
+    from onnx import numpy_helper
+
+    graph = _Graph(model.graph)
+    tables = _constant_tables(model.graph)
+    folded = 0
+    for node in list(model.graph.node):
+        if node.op_type != "Transpose" or node.input[0] not in tables:
+            continue
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        weights = numpy_helper.to_array(tables[node.input[0]])
+        transposed = np.ascontiguousarray(weights.transpose(perm))
+        model.graph.initializer.append(numpy_helper.from_array(transposed, node.output[0]))
+        model.graph.node.remove(node)
+        folded += 1
+    for name, table in tables.items():
+        if not graph.consumers(name):
+            model.graph.initializer.remove(table)
+    return folded
+
+
+def quantize_embedding_tables(model, block: int) -> int:
+    """Gather over a constant fp32 table (the token embedding) -> com.microsoft GatherBlockQuantized
+    with 8-bit weights (symmetric, zero point 128, one scale per `block` of a row), in place;
+    returns how many. MatMulNBits leaves the table in fp32; for SmolLM2-135M it is 113 MB, read a
+    few rows per step: 8 bits cut it to 30 MB of the server's memory."""
+    from onnx import helper, numpy_helper
+
+    graph = _Graph(model.graph)
+    tables = _constant_tables(model.graph)
+    replaced = 0
+    for node in list(model.graph.node):
+        table = tables.get(node.input[0]) if node.op_type == "Gather" else None
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if table is None or axis != 0 or len(graph.consumers(table.name)) != 1:
+            continue
+        weights = numpy_helper.to_array(table)
+        if weights.dtype != np.float32 or weights.ndim != 2 or weights.shape[1] % block:
+            continue
+        rows, columns = weights.shape
+        blocks = weights.reshape(rows, columns // block, block)
+        scales = np.abs(blocks).max(axis=-1) / 127.0
+        scales[scales == 0] = 1.0
+        quantized = np.clip(np.rint(blocks / scales[..., None]), -127, 127) + 128
+        names = [f"{table.name}_q8", f"{table.name}_scales", f"{table.name}_zero_points"]
+        model.graph.initializer.remove(table)
+        model.graph.initializer.extend(
+            [
+                numpy_helper.from_array(quantized.astype(np.uint8).reshape(rows, columns), names[0]),
+                numpy_helper.from_array(scales.astype(np.float32), names[1]),
+                numpy_helper.from_array(np.full(scales.shape, 128, dtype=np.uint8), names[2]),
+            ]
+        )
+        gather = helper.make_node(
+            "GatherBlockQuantized",
+            [names[0], node.input[1], names[1], names[2]],
+            list(node.output),
+            name=f"{node.name or table.name}_q8",
+            domain="com.microsoft",
+            bits=8,
+            block_size=block,
+            gather_axis=0,
+            quantize_axis=1,
+        )
+        graph.insert_before(node, [gather])
+        model.graph.node.remove(node)
+        replaced += 1
+    if replaced:
+        log.info("8-bit embedding tables: %d Gather(s) -> GatherBlockQuantized", replaced)
+    return replaced
+
+
+def _constant_tables(graph) -> dict:
+    """Initializers that are not also graph inputs (those a caller may override)."""
+    inputs = {i.name for i in graph.input}
+    return {t.name: t for t in graph.initializer if t.name not in inputs}
 
 
 def keep_last_position_logits(graph: _Graph) -> bool:
