@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 
 from condgen.bundle import read_examples, read_manifest
-from condgen.server.batch import Batch
 from condgen.server.engine import Engine, EngineConfig
 from condgen.server.prompts import build_prompt
 
@@ -45,7 +44,7 @@ def engine_greedy(
     for batch, logits in engine.prefill(list(range(len(prompts))), prompts):
         batch.set_next([int(np.argmax(logits))])
         batches.append(batch)
-    batch = Batch.concatenate(batches)
+    batch = type(batches[0]).concatenate(batches)
     produced = [[int(t)] for t in batch.next_ids[:, 0]]
     ones = np.ones(len(prompts), dtype=np.float32)
     for _ in range(new_tokens - 1):

@@ -29,6 +29,9 @@ SHARED_ATTENTION_BIAS = "shared_attention_bias"
 GROUPED_QUERY_ATTENTION = "grouped_query_attention"
 FUSED_ROTARY_EMBEDDING = "fused_rotary_embedding"  # com.microsoft RotaryEmbedding nodes
 APPEND_ONLY_CACHE = "append_only_cache"  # present.* hold only new entries: the server must append them
+# every layer is one com.microsoft GroupQueryAttention over a right-padded cache that the server
+# binds as both past and present (written in place): attention reads only each row's own tokens
+RAGGED_ATTENTION = "ragged_attention"
 
 
 class BundleError(CondgenError, RuntimeError):

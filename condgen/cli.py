@@ -89,8 +89,9 @@ def _add_export(sub) -> None:
         default=CACHE_LAYOUTS[0],
         help="KV cache of the graph: `append` returns only each step's new entries, which the "
         "server writes into its buffers in place (fastest on CPUs); `whole` returns past + new, "
-        "so that under CUDA the cache can stay on the GPU (IO binding); auto: whole for fp16, "
-        "else append",
+        "so that under CUDA the cache can stay on the GPU (IO binding); `ragged` (CPUs) makes every "
+        "layer one GroupQueryAttention over a right-padded cache written in place, so that a batch "
+        "attends over each row's own tokens, not the longest row's; auto: whole for fp16, else append",
     )
 
 

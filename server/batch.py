@@ -288,6 +288,34 @@ class Batch:
             moves=self.moves,
         )
 
+    def frozen(self) -> Batch:
+        """This freshly prefilled one-row batch with a cache of its own, trimmed to `past_len`
+        (host buffers may be written in place later); a cache on the device is shared as it is
+        (each step's outputs are new OrtValues)."""
+        if self.on_host():
+            past = {name: np.array(value[:, :, : self.past_len]) for name, value in self.past.items()}
+        else:
+            past = dict(self.past)
+        return Batch(
+            list(self.seq_ids),
+            self.next_ids[:, :0],
+            self.past_mask.copy(),
+            past,
+            append_only=self.append_only,
+            moves=self.moves,
+        )
+
+    def renamed(self, seq_id: int) -> Batch:
+        """This one-row batch under another sequence id, sharing its cache (never written)."""
+        return Batch(
+            [seq_id],
+            np.zeros((1, 0), dtype=np.int64),
+            self.past_mask.copy(),
+            dict(self.past),
+            append_only=self.append_only,
+            moves=self.moves,
+        )
+
     def on_host(self) -> bool:
         """Whether the cache is numpy arrays (not OrtValues held on a device)."""
         return all(isinstance(value, np.ndarray) for value in self.past.values())

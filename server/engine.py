@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from condgen.bundle import (
     LAST_POSITION_LOGITS,
     LOGITS_TO_KEEP,
     LOGITS_WINDOW,
+    RAGGED_ATTENTION,
     TOKENIZER_NAME,
     Manifest,
 )
@@ -37,6 +39,7 @@ from condgen.server import graphs
 from condgen.server.batch import Batch
 from condgen.server.device_cache import CacheMoves
 from condgen.server.prefix_cache import PrefixCache
+from condgen.server.ragged_batch import RaggedBatch
 from condgen.server.sampling import WINDOW, TokenWindows
 
 log = logging.getLogger(__name__)
@@ -128,12 +131,16 @@ class Engine:
         self.device_type = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
         # An append-only graph returns only new cache entries, written into host buffers in place.
         self.append_only = APPEND_ONLY_CACHE in self.info.rewrites
-        self.io_binding = not self.append_only and (
-            config.io_binding == "on" or (config.io_binding == "auto" and self.device_type == "cuda")
+        # A ragged graph writes each pass's entries into the host buffers bound as past and present.
+        self.ragged = RAGGED_ATTENTION in self.info.rewrites
+        self.io_binding = (
+            not self.append_only
+            and not self.ragged
+            and (config.io_binding == "on" or (config.io_binding == "auto" and self.device_type == "cuda"))
         )
-        if self.append_only and self.device_type == "cuda":
+        if (self.append_only or self.ragged) and self.device_type == "cuda":
             log.warning(
-                "this bundle's cache is append-only (host buffers): under CUDA every step sends the "
+                "this bundle's cache lives in host buffers (append-only or ragged): under CUDA every step sends the "
                 "cache to the GPU; export with `--variant fp16` or `--cache whole` to keep it there"
             )
         self.tokenizer = Tokenizer.from_file(str(bundle_dir / TOKENIZER_NAME))
@@ -202,8 +209,13 @@ class Engine:
         """A one-row batch that will prefill `token_ids`."""
         return self.prompts_batch([seq_id], [token_ids])
 
-    def prompts_batch(self, seq_ids: list[int], prompts: list[list[int]]) -> Batch:
-        """A batch that prefills several prompts in one pass (left-padded)."""
+    def prompts_batch(self, seq_ids: list[int], prompts: list[list[int]]) -> Batch | RaggedBatch:
+        """A batch that prefills several prompts in one pass (left-padded; right-padded for a
+        ragged graph)."""
+        if self.ragged:
+            return RaggedBatch.for_prompts(
+                seq_ids, prompts, self.info.past_key_names, self.info.num_kv_heads, self.info.head_dim, self.dtype
+            )
         return Batch.for_prompts(
             seq_ids,
             prompts,
@@ -243,8 +255,10 @@ class Engine:
                 "version of condgen to score lines"
             )
         means = np.zeros(len(contexts), dtype=np.float64)
-        shared = [i for i, context in enumerate(contexts) if len(context) >= SHARED_CONTEXT_MIN]
-        whole = [i for i, context in enumerate(contexts) if len(context) < SHARED_CONTEXT_MIN]
+        # A ragged graph feeds several tokens after a cache to one row only: its rows go whole.
+        least = SHARED_CONTEXT_MIN if not self.ragged else math.inf
+        shared = [i for i, context in enumerate(contexts) if len(context) >= least]
+        whole = [i for i, context in enumerate(contexts) if len(context) < least]
         rows = [list(contexts[i]) + list(continuations[i]) for i in whole]
         for group in _length_groups(rows, max_tokens):
             members = [whole[g] for g in group]
@@ -300,7 +314,9 @@ class Engine:
                 found[prefix] = batch
         return found
 
-    def _window_logits(self, batch: Batch, keep: int) -> np.ndarray:
+    def _window_logits(self, batch: Batch | RaggedBatch, keep: int) -> np.ndarray:
+        if isinstance(batch, RaggedBatch):
+            return self._run_ragged(batch, keep)
         feed = {k: v for k, v in batch.feed().items() if k in self.input_names}
         if LOGITS_TO_KEEP in self.session_inputs:
             feed[LOGITS_TO_KEEP] = np.array([keep], dtype=np.int64)
@@ -351,6 +367,8 @@ class Engine:
     def _run(self, batch: Batch, logits_on_device: bool):
         """One pass; the cache moves into `batch`. Returns the logits (batch, positions, vocab):
         numpy, or an OrtValue left on the device (`logits_on_device`, IO binding only)."""
+        if isinstance(batch, RaggedBatch):
+            return self._run_ragged(batch)
         feed = {k: v for k, v in batch.feed().items() if k in self.input_names}
         if self.io_binding:
             logits, present = self._run_bound(feed, logits_on_device)
@@ -358,6 +376,27 @@ class Engine:
             outputs = self.session.run(self.output_names, feed)
             logits, present = outputs[0], outputs[1:]
         batch.advance(dict(zip(self.info.past_key_names, present)))
+        return logits
+
+    def _run_ragged(self, batch: RaggedBatch, keep: int = 1) -> np.ndarray:
+        """One pass of a ragged graph: each cache buffer is bound as both the layer's past input
+        and its present output, so the attention appends the new entries in place; returns the
+        logits of each row's last `keep` positions (batch, keep, vocab)."""
+        feed = batch.feed()
+        binding = self.session.io_binding()
+        for name in self.input_names.difference(self.info.past_key_names):
+            value = feed[name] if name != LOGITS_TO_KEEP else np.array([keep], dtype=np.int64)
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        binding.bind_output("logits", "cpu")  # first: outputs come back in binding order
+        for past, present in zip(self.info.past_key_names, self.info.present_key_names):
+            buffer = feed[past]  # (rows, kv_heads, capacity, head_dim): the first rows of the batch's buffer
+            assert buffer.flags.c_contiguous
+            shape, address = list(buffer.shape), buffer.ctypes.data
+            binding.bind_input(past, "cpu", 0, self.dtype, shape, address)
+            binding.bind_output(present, "cpu", 0, self.dtype, shape, address)
+        self.session.run_with_iobinding(binding)
+        logits = binding.get_outputs()[0].numpy()
+        batch.advance()
         return logits
 
     def _run_bound(self, feed: dict, logits_on_device: bool = False) -> tuple:

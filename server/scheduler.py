@@ -361,7 +361,8 @@ class Scheduler:
         new_batches = [self._fork(plan) for plan in plans if plan.prefill is not None and not plan.state.finished]
         new_batches = [b for b in new_batches if any(s in self.sequences for s in b.seq_ids)]
         if new_batches:
-            self.batch = Batch.concatenate(([self.batch] if self.batch is not None else []) + new_batches, consume=True)
+            joining = ([self.batch] if self.batch is not None else []) + new_batches
+            self.batch = type(joining[0]).concatenate(joining, consume=True)
             self.batch = self.batch.filter([s for s in self.batch.seq_ids if s in self.sequences], consume=True)
 
     def _plan_rounds(self) -> list[RoundPlan]:

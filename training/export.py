@@ -29,7 +29,16 @@ from pathlib import Path
 
 import numpy as np
 
-from condgen.bundle import APPEND_ONLY_CACHE, EXAMPLES_NAME, TOKENIZER_NAME, Manifest, OnnxInfo, write_manifest
+from condgen.bundle import (
+    APPEND_ONLY_CACHE,
+    EXAMPLES_NAME,
+    LOGITS_TO_KEEP,
+    RAGGED_ATTENTION,
+    TOKENIZER_NAME,
+    Manifest,
+    OnnxInfo,
+    write_manifest,
+)
 from condgen.codec import prompt_text
 from condgen.errors import CondgenError
 from condgen.training.finetune import read_training_info
@@ -42,7 +51,7 @@ VARIANTS = ("fp32", "fp16", "int8", "w8", "w4")
 WEIGHT_ONLY_BITS = {"w8": 8, "w4": 4}
 WEIGHT_ONLY_BLOCK = 32  # weights per scale: divides the hidden sizes of every model served here
 GREEDY_TOKENS = 32
-CACHE_LAYOUTS = ("auto", "append", "whole")  # the first is the default
+CACHE_LAYOUTS = ("auto", "append", "whole", "ragged")  # the first is the default
 
 
 class ExportError(CondgenError, RuntimeError):
@@ -96,6 +105,8 @@ def _ort_feed(info: OnnxInfo, ids: np.ndarray, mask: np.ndarray, past: dict[str,
     feed = {"input_ids": ids, "attention_mask": mask}
     if "position_ids" in info.inputs:
         feed["position_ids"] = np.arange(past_len, mask.shape[1], dtype=np.int64)[None, :].repeat(ids.shape[0], 0)
+    if LOGITS_TO_KEEP in info.inputs:  # a required input of the ragged graph
+        feed[LOGITS_TO_KEEP] = np.array([1], dtype=np.int64)
     feed.update(past)
     return feed
 
@@ -182,7 +193,7 @@ def greedy_agreement(
     return greedy_match(references, produced)
 
 
-def rewrite_graph(checkpoint: Path, model_path: Path, append_only: bool) -> list[str]:
+def rewrite_graph(checkpoint: Path, model_path: Path, append_only: bool, ragged: bool = False) -> list[str]:
     """Apply the serving rewrites of `condgen.training.graph` to the exported fp32 graph."""
     from transformers import AutoConfig
 
@@ -200,13 +211,19 @@ def rewrite_graph(checkpoint: Path, model_path: Path, append_only: bool) -> list
         config.num_hidden_layers,
         append_only=append_only,
         max_positions=getattr(config, "max_position_embeddings", 0) or 0,
+        ragged=ragged,
     )
 
 
 def cache_note(cache: str, append_only: bool, rewrites: list[str]) -> tuple[int, str] | None:
     """(log level, message) when the append-only cache was wanted but the graph could not take it:
     a warning when `--cache append` asked for it, a note under `auto`."""
-    if not append_only or APPEND_ONLY_CACHE in rewrites:
+    if cache == "ragged" and RAGGED_ATTENTION not in rewrites:
+        return logging.WARNING, (
+            "the ragged cache does not apply to this model's graph (it needs a Llama-style attention with "
+            "rotary embeddings): the bundle keeps the append-only cache where it can"
+        )
+    if not append_only or APPEND_ONLY_CACHE in rewrites or RAGGED_ATTENTION in rewrites:
         return None
     level = logging.WARNING if cache == "append" else logging.INFO
     return level, (
@@ -330,8 +347,9 @@ def export_bundle(
                 shutil.move(str(item), output / item.name)
     shutil.copy(checkpoint / EXAMPLES_NAME, output / EXAMPLES_NAME)
     # auto: the fp16 (GPU) graph returns the whole cache, which IO binding keeps on the device
-    append_only = cache == "append" or (cache == "auto" and variant != "fp16")
-    rewrites = rewrite_graph(checkpoint, output / MODEL_FILE, append_only)
+    append_only = cache in ("append", "ragged") or (cache == "auto" and variant != "fp16")
+    ragged = cache == "ragged"
+    rewrites = rewrite_graph(checkpoint, output / MODEL_FILE, append_only, ragged)
     note = cache_note(cache, append_only, rewrites)
     if note is not None:
         log.log(*note)

@@ -59,6 +59,7 @@ from condgen.bundle import (
     LAST_POSITION_LOGITS,
     LOGITS_TO_KEEP,
     LOGITS_WINDOW,
+    RAGGED_ATTENTION,
     SHARED_ATTENTION_BIAS,
 )
 
@@ -616,6 +617,7 @@ def optimise_graph(
     layers: int,
     append_only: bool = True,
     max_positions: int = 0,
+    ragged: bool = False,
 ) -> list[str]:
     """Apply the rewrites to the graph at `model_path` in place; returns the names of those applied.
     `max_positions` (the model's context length) sizes the rotary tables; 0 keeps the rotary
@@ -628,14 +630,17 @@ def optimise_graph(
     applied = []
     if keep_last_position_logits(graph):
         applied += [LAST_POSITION_LOGITS, LOGITS_WINDOW]
-    if share_attention_bias(graph):
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=18)
+    if ragged and ragged_attention(graph, heads, kv_heads, layers, max_positions, opset):
+        _import_microsoft_opset(model)
+        applied.append(RAGGED_ATTENTION)
+    elif share_attention_bias(graph):
         applied.append(SHARED_ATTENTION_BIAS)
-    if group_query_attention(graph, heads, kv_heads, head_dim, layers):
+    if RAGGED_ATTENTION not in applied and group_query_attention(graph, heads, kv_heads, head_dim, layers):
         applied.append(GROUPED_QUERY_ATTENTION)
         if append_only and append_only_cache(graph, layers):
             applied.append(APPEND_ONLY_CACHE)
-    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=18)
-    if max_positions and fuse_rotary_embedding(graph, max_positions, opset):
+    if RAGGED_ATTENTION not in applied and max_positions and fuse_rotary_embedding(graph, max_positions, opset):
         _import_microsoft_opset(model)
         applied.append(FUSED_ROTARY_EMBEDDING)
     if applied:
@@ -644,3 +649,170 @@ def optimise_graph(
         else:
             onnx.save(model, str(model_path))
     return applied
+
+
+def _projection(graph: _Graph, layer: int, name: str):
+    """The MatMul optimum names /model/layers.{layer}/self_attn/{name}/MatMul, or None."""
+    wanted = f"/model/layers.{layer}/self_attn/{name}/MatMul"
+    return next((n for n in graph.graph.node if n.name == wanted and n.op_type == "MatMul"), None)
+
+
+def _ragged_lengths(graph: _Graph, anchor) -> tuple[str, str]:
+    """Nodes (before `anchor`) deriving GroupQueryAttention's `seqlens_k` (each row's real
+    tokens minus one, int32) and `total_sequence_length` (the mask's width, an int32 scalar)
+    from the right-padded `attention_mask`."""
+    from onnx import TensorProto, helper
+
+    p = "/condgen/ragged"
+    seqlens, total = f"{p}/seqlens_k", f"{p}/total_sequence_length"
+    graph.insert_before(
+        anchor,
+        [
+            helper.make_node(
+                "ReduceSum",
+                ["attention_mask", graph.constant(f"{p}/axis", [1])],
+                [f"{p}/real"],
+                keepdims=0,
+                name=f"{p}/real",
+            ),
+            helper.make_node("Sub", [f"{p}/real", graph.constant(f"{p}/one", 1)], [f"{p}/last"], name=f"{p}/last"),
+            helper.make_node("Cast", [f"{p}/last"], [seqlens], to=TensorProto.INT32, name=f"{p}/seqlens_k"),
+            helper.make_node("Shape", ["attention_mask"], [f"{p}/mask_shape"], name=f"{p}/mask_shape"),
+            helper.make_node(
+                "Gather",
+                [f"{p}/mask_shape", graph.constant(f"{p}/width_axis", 1)],
+                [f"{p}/width"],
+                axis=0,
+                name=f"{p}/width",
+            ),
+            helper.make_node("Cast", [f"{p}/width"], [total], to=TensorProto.INT32, name=f"{p}/total"),
+        ],
+    )
+    return seqlens, total
+
+
+def _ragged_layer(graph: _Graph, layer: int, heads: int, kv_heads: int, lengths: tuple[str, str]) -> bool:
+    """One GroupQueryAttention (rotary included) from the layer's q/k/v projections to o_proj."""
+    from onnx import helper
+
+    q, k, v, o = (_projection(graph, layer, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    key, value = f"present.{layer}.key", f"present.{layer}.value"
+    old = [graph.producer(key), graph.producer(value)]
+    if None in (q, k, v, o, *old):
+        return False
+    for node in old:  # their outputs are the GroupQueryAttention's now; what fed them dies
+        graph.graph.node.remove(node)
+    attended = f"/condgen/ragged/{layer}/attention"
+    graph.insert_before(
+        o,
+        [
+            helper.make_node(
+                "GroupQueryAttention",
+                [
+                    q.output[0],
+                    k.output[0],
+                    v.output[0],
+                    f"past_key_values.{layer}.key",
+                    f"past_key_values.{layer}.value",
+                    *lengths,
+                    "/condgen/rotary/cos_cache",
+                    "/condgen/rotary/sin_cache",
+                ],
+                [attended, key, value],
+                name=f"/condgen/ragged/{layer}/GroupQueryAttention",
+                domain="com.microsoft",
+                num_heads=heads,
+                kv_num_heads=kv_heads,
+                do_rotary=1,
+                rotary_interleaved=0,
+            )
+        ],
+    )
+    o.input[0] = attended
+    return True
+
+
+def _ragged_last_positions(graph: _Graph) -> bool:
+    """Turn `keep_last_position_logits`'s Slice (the last `num_logits_to_keep` positions of every
+    row) into a gather of each row's own last positions: in a right-padded pass a row's last
+    real token is at min(seqlens_k, new_len - 1), not at the end."""
+    from onnx import helper
+
+    sliced = next((n for n in graph.graph.node if n.name == "/condgen/last/Slice"), None)
+    if sliced is None:
+        return False
+    p, hidden = "/condgen/ragged/last", sliced.input[0]
+    nodes = [
+        helper.make_node(
+            "Reshape", [LOGITS_TO_KEEP, f"{p}/scalar_shape"], [LOGITS_TO_KEEP + "_scalar"], name=f"{p}/keep_scalar"
+        ),
+        helper.make_node(
+            "ReduceSum", ["attention_mask", "/condgen/ragged/axis"], [f"{p}/real"], keepdims=1, name=f"{p}/real"
+        ),  # (batch, 1)
+        helper.make_node("Shape", ["input_ids"], [f"{p}/ids_shape"], name=f"{p}/ids_shape"),
+        helper.make_node(
+            "Gather", [f"{p}/ids_shape", "/condgen/ragged/width_axis"], [f"{p}/new_len"], axis=0, name=f"{p}/new_len"
+        ),
+        helper.make_node("Min", [f"{p}/real", f"{p}/new_len"], [f"{p}/end"], name=f"{p}/end"),  # last + 1
+        helper.make_node(
+            "Range", [f"{p}/zero", LOGITS_TO_KEEP + "_scalar", "/condgen/ragged/one"], [f"{p}/steps"], name=f"{p}/steps"
+        ),
+        helper.make_node("Sub", [f"{p}/end", LOGITS_TO_KEEP], [f"{p}/start"], name=f"{p}/start"),
+        helper.make_node("Add", [f"{p}/start", f"{p}/steps"], [f"{p}/positions"], name=f"{p}/positions"),
+        helper.make_node("Max", [f"{p}/positions", f"{p}/zero"], [f"{p}/clipped"], name=f"{p}/clipped"),
+        helper.make_node("Unsqueeze", [f"{p}/clipped", f"{p}/last_axis"], [f"{p}/index"], name=f"{p}/index"),
+        helper.make_node("Shape", [hidden], [f"{p}/hidden_shape"], start=2, name=f"{p}/hidden_width"),
+        helper.make_node(
+            "Concat", [f"{p}/ones", f"{p}/hidden_shape"], [f"{p}/index_shape"], axis=0, name=f"{p}/index_shape"
+        ),
+        helper.make_node("Expand", [f"{p}/index", f"{p}/index_shape"], [f"{p}/indices"], name=f"{p}/indices"),
+        # (batch, new_len, hidden) -> (batch, num_logits_to_keep, hidden)
+        helper.make_node(
+            "GatherElements", [hidden, f"{p}/indices"], list(sliced.output), axis=1, name=f"{p}/GatherElements"
+        ),
+    ]
+    graph.constant(f"{p}/zero", 0)
+    graph.constant(f"{p}/last_axis", [2])
+    graph.constant(f"{p}/ones", [1, 1])
+    graph.constant(f"{p}/scalar_shape", np.zeros(0, dtype=np.int64))
+    graph.insert_before(sliced, nodes)
+    graph.graph.node.remove(sliced)
+    return True
+
+
+def ragged_attention(graph: _Graph, heads: int, kv_heads: int, layers: int, max_positions: int, opset: int) -> bool:
+    """Every layer's attention, rotary embedding included, as one com.microsoft
+    GroupQueryAttention over a right-padded cache; or none (the graph is left as it was)."""
+    import copy
+
+    from onnx import numpy_helper
+
+    if heads % kv_heads or max_positions < 1:
+        return False
+    found = [m for n in list(graph.graph.node) if n.op_type == "Neg" and (m := _rotate_half_pattern(graph, n))]
+    if not found or len({(cos, sin) for _, cos, sin, _ in found}) != 1:
+        log.warning("no shared rotary embedding of the expected shape: the attention stays padded")
+        return False
+    tables = _angle_tables(graph, found[0][1], found[0][2], max_positions, opset)
+    if tables is None:
+        log.warning("the rotary angles depend on more than the positions: the attention stays padded")
+        return False
+    backup = copy.deepcopy(graph.graph)
+    first = _projection(graph, 0, "q_proj")
+    lengths = _ragged_lengths(graph, first) if first is not None else ("", "")
+    if first is None or not all(_ragged_layer(graph, layer, heads, kv_heads, lengths) for layer in range(layers)):
+        graph.graph.CopyFrom(backup)
+        log.warning("the attention does not have the expected shape: it stays padded")
+        return False
+    for name, table in zip(("/condgen/rotary/cos_cache", "/condgen/rotary/sin_cache"), tables):
+        graph.graph.initializer.append(numpy_helper.from_array(table, name))
+    if LOGITS_TO_KEEP in {i.name for i in graph.graph.input} and _ragged_last_positions(graph):
+        # A required input: IO binding (which the shared cache needs) cannot override an initializer.
+        default = next(t for t in graph.graph.initializer if t.name == LOGITS_TO_KEEP)
+        graph.graph.initializer.remove(default)
+    removed = graph.remove_dead_nodes()
+    unused = [i for i in graph.graph.input if not graph.consumers(i.name)]
+    for value in unused:  # position_ids: the attention derives positions from the lengths
+        graph.graph.input.remove(value)
+    log.info("ragged attention: %d layers, %d nodes dropped", layers, removed)
+    return True
