@@ -130,6 +130,14 @@ def whole_cache_bundle(workdir, checkpoint) -> Path:
     return export_bundle(checkpoint, workdir / "bundle-whole-cache", cache="whole").bundle_dir
 
 
+@pytest.fixture(scope="session")
+def ragged_bundle(workdir, checkpoint) -> Path:
+    """The same model with ragged attention (GroupQueryAttention over a right-padded cache)."""
+    from condgen.training.export import export_bundle
+
+    return export_bundle(checkpoint, workdir / "bundle-ragged", cache="ragged").bundle_dir
+
+
 class ServerThread:
     """A real condgen gRPC server on 127.0.0.1:<free port> in its own event loop thread
     (`condgen.api.LocalServer`, which the notebook API uses too)."""

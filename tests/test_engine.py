@@ -10,8 +10,15 @@ from condgen.server.engine import Engine
 STEPS = 10
 
 
+@pytest.fixture(scope="module", params=["append", "ragged"])
+def engine(request, bundle):
+    """The engine over the default (append-only, left-padded) bundle and over a ragged one."""
+    chosen = bundle if request.param == "append" else request.getfixturevalue("ragged_bundle")
+    return Engine(chosen, read_manifest(chosen))
+
+
 @pytest.fixture(scope="module")
-def engine(bundle):
+def append_engine(bundle):
     return Engine(bundle, read_manifest(bundle))
 
 
@@ -62,7 +69,7 @@ def test_sequences_joining_and_leaving_a_running_batch_match(engine, checkpoint,
         step(running)
     joining = engine.new_batch(1, ids[1])
     step(joining)  # prefill of sequence 1
-    running = Batch.concatenate([running, joining])  # different cache lengths: left padding
+    running = type(running).concatenate([running, joining])  # different cache lengths
     while len(tokens[0]) < STEPS:
         step(running)
     running = running.filter([1])  # sequence 0 leaves
@@ -91,9 +98,10 @@ def test_newline_tokens_are_found(engine):
     assert not engine.newline_tokens[engine.encode("card")[0]]
 
 
-def test_io_binding_gives_the_same_logits(whole_cache_bundle, engine, prompts):
+def test_io_binding_gives_the_same_logits(whole_cache_bundle, append_engine, prompts):
     from condgen.server.engine import EngineConfig
 
+    engine = append_engine
     bound = Engine(whole_cache_bundle, read_manifest(whole_cache_bundle), EngineConfig(io_binding="on"))
     assert bound.io_binding and not engine.io_binding and engine.append_only and not bound.append_only
     prompt = engine.encode(prompts[0])
@@ -112,11 +120,12 @@ def test_io_binding_gives_the_same_logits(whole_cache_bundle, engine, prompts):
     assert bound.forward(merged).shape == (2, bound.vocab_size)
 
 
-def test_under_io_binding_rows_join_leave_and_fork_on_the_device(whole_cache_bundle, engine, prompts):
+def test_under_io_binding_rows_join_leave_and_fork_on_the_device(whole_cache_bundle, append_engine, prompts):
     """With the cache held as OrtValues, joins, leaves and forks run as device passes (the cache
     never becomes numpy) and give the logits of the host engine's moves."""
     from condgen.server.engine import EngineConfig
 
+    engine = append_engine
     bound = Engine(whole_cache_bundle, read_manifest(whole_cache_bundle), EngineConfig(io_binding="on"))
     assert bound.moves is not None and engine.moves is None
     ids = [engine.encode(p) for p in prompts]
@@ -180,7 +189,7 @@ def test_batched_prefill_matches_separate_prefills(engine, checkpoint, prompts):
         np.testing.assert_allclose(pair_logits, logits, atol=1e-4)
         assert batch.past_len == len(prompt)
     # greedy decoding from the batched prefill still equals transformers
-    batch = Batch.concatenate([b for b, _ in together[:2]])
+    batch = type(together[0][0]).concatenate([b for b, _ in together[:2]])
     batch.set_next([int(np.argmax(logits)) for _, logits in together[:2]])
     tokens = [[int(np.argmax(logits))] for _, logits in together[:2]]
     for _ in range(STEPS - 1):
@@ -253,3 +262,37 @@ def test_scores_after_kept_contexts_match_transformers(bundle, whole_cache_bundl
     again = engine.score([c for c, _ in pairs[:3]], [t for _, t in pairs[:3]])
     assert again == pytest.approx(expected[:3], abs=1e-3)
     assert engine.contexts.hits == 1
+
+
+def test_a_ragged_bundle_is_one_attention_node_per_layer(ragged_bundle):
+    """The export's graph: GroupQueryAttention in every layer, no position input (the attention
+    takes positions from the lengths), the logits window a required input; parity as fp32."""
+    import onnx
+
+    from condgen.bundle import LOGITS_TO_KEEP, RAGGED_ATTENTION
+
+    manifest = read_manifest(ragged_bundle)
+    graph = onnx.load(str(ragged_bundle / manifest.onnx.file)).graph
+    attention = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(attention) == manifest.onnx.num_layers and RAGGED_ATTENTION in manifest.onnx.rewrites
+    assert not any(n.op_type == "Softmax" for n in graph.node)
+    assert "position_ids" not in manifest.onnx.inputs and LOGITS_TO_KEEP in manifest.onnx.inputs
+    assert manifest.onnx.parity_max_abs_diff < 1e-3 and manifest.onnx.parity_greedy_match == 1.0
+
+
+def test_ragged_rows_attend_over_their_own_tokens_only(ragged_bundle, bundle, prompts):
+    """A short row decoded beside a long one gets the logits it gets alone (no padding between
+    its tokens), and the cache buffers are written in place."""
+    ragged = Engine(ragged_bundle, read_manifest(ragged_bundle))
+    short, long = ragged.encode("exchange_rate,"), ragged.encode(prompts[1] + " What is the rate")
+    [(a, _), (b, _)] = ragged.prefill([0, 1], [short, long])
+    batch = type(a).concatenate([a, b], consume=True)
+    buffer = batch.storage[ragged.info.past_key_names[0]]
+    batch.set_next([7, 7])
+    together = ragged.forward(batch)
+    assert batch.lengths.tolist() == [len(short) + 1, len(long) + 1]
+    assert batch.storage[ragged.info.past_key_names[0]] is buffer and np.abs(buffer[0, :, len(short)]).sum() > 0
+    alone = ragged.new_batch(2, short)
+    ragged.forward(alone)
+    alone.set_next([7])
+    np.testing.assert_allclose(together[0], ragged.forward(alone)[0], atol=1e-4)
