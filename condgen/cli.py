@@ -91,7 +91,8 @@ def _add_export(sub) -> None:
         "server writes into its buffers in place (fastest on CPUs); `whole` returns past + new, "
         "so that under CUDA the cache can stay on the GPU (IO binding); `ragged` (CPUs) makes every "
         "layer one GroupQueryAttention over a right-padded cache written in place, so that a batch "
-        "attends over each row's own tokens, not the longest row's; auto: whole for fp16, else append",
+        "attends over each row's own tokens, not the longest row's; auto: whole for fp16, else ragged "
+        "(append where the model's attention is not Llama-style)",
     )
 
 

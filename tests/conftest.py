@@ -131,11 +131,11 @@ def whole_cache_bundle(workdir, checkpoint) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ragged_bundle(workdir, checkpoint) -> Path:
-    """The same model with ragged attention (GroupQueryAttention over a right-padded cache)."""
+def append_bundle(workdir, checkpoint) -> Path:
+    """The same model with the append-only, left-padded cache (the default before ragged attention)."""
     from condgen.training.export import export_bundle
 
-    return export_bundle(checkpoint, workdir / "bundle-ragged", cache="ragged").bundle_dir
+    return export_bundle(checkpoint, workdir / "bundle-append", cache="append").bundle_dir
 
 
 class ServerThread:

@@ -10,16 +10,16 @@ from condgen.server.engine import Engine
 STEPS = 10
 
 
-@pytest.fixture(scope="module", params=["append", "ragged"])
+@pytest.fixture(scope="module", params=["ragged", "append"])
 def engine(request, bundle):
-    """The engine over the default (append-only, left-padded) bundle and over a ragged one."""
-    chosen = bundle if request.param == "append" else request.getfixturevalue("ragged_bundle")
+    """The engine over the default (ragged) bundle and over an append-only, left-padded one."""
+    chosen = bundle if request.param == "ragged" else request.getfixturevalue("append_bundle")
     return Engine(chosen, read_manifest(chosen))
 
 
 @pytest.fixture(scope="module")
-def append_engine(bundle):
-    return Engine(bundle, read_manifest(bundle))
+def append_engine(append_bundle):
+    return Engine(append_bundle, read_manifest(append_bundle))
 
 
 @pytest.fixture(scope="module")
@@ -239,14 +239,14 @@ def test_scores_prefer_the_intent_a_training_text_belongs_to(engine, train_recor
 
 
 @pytest.mark.parametrize("io_binding", ["off", "on"])
-def test_scores_after_kept_contexts_match_transformers(bundle, whole_cache_bundle, checkpoint, io_binding):
+def test_scores_after_kept_contexts_match_transformers(append_bundle, whole_cache_bundle, checkpoint, io_binding):
     """Contexts of examples (long enough to be kept): each is run once, its lines feed only their
     own tokens after its cache, in passes mixing contexts of different lengths; the scores are
     transformers' on each whole row, and a second call reads the kept contexts."""
     from condgen.codec import prompt_text
     from condgen.server.engine import SHARED_CONTEXT_MIN, EngineConfig
 
-    chosen = bundle if io_binding == "off" else whole_cache_bundle
+    chosen = append_bundle if io_binding == "off" else whole_cache_bundle
     engine = Engine(chosen, read_manifest(chosen), EngineConfig(io_binding=io_binding))
     contexts = [
         engine.encode(prompt_text("card_arrival", ["When does my card come?", "Card still not here"], ",")),
@@ -264,15 +264,15 @@ def test_scores_after_kept_contexts_match_transformers(bundle, whole_cache_bundl
     assert engine.contexts.hits == 1
 
 
-def test_a_ragged_bundle_is_one_attention_node_per_layer(ragged_bundle):
-    """The export's graph: GroupQueryAttention in every layer, no position input (the attention
+def test_a_ragged_bundle_is_one_attention_node_per_layer(bundle):
+    """The default export's graph: GroupQueryAttention in every layer, no position input (the attention
     takes positions from the lengths), the logits window a required input; parity as fp32."""
     import onnx
 
     from condgen.bundle import LOGITS_TO_KEEP, RAGGED_ATTENTION
 
-    manifest = read_manifest(ragged_bundle)
-    graph = onnx.load(str(ragged_bundle / manifest.onnx.file)).graph
+    manifest = read_manifest(bundle)
+    graph = onnx.load(str(bundle / manifest.onnx.file)).graph
     attention = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
     assert len(attention) == manifest.onnx.num_layers and RAGGED_ATTENTION in manifest.onnx.rewrites
     assert not any(n.op_type == "Softmax" for n in graph.node)
@@ -280,10 +280,10 @@ def test_a_ragged_bundle_is_one_attention_node_per_layer(ragged_bundle):
     assert manifest.onnx.parity_max_abs_diff < 1e-3 and manifest.onnx.parity_greedy_match == 1.0
 
 
-def test_ragged_rows_attend_over_their_own_tokens_only(ragged_bundle, bundle, prompts):
+def test_ragged_rows_attend_over_their_own_tokens_only(bundle, prompts):
     """A short row decoded beside a long one gets the logits it gets alone (no padding between
     its tokens), and the cache buffers are written in place."""
-    ragged = Engine(ragged_bundle, read_manifest(ragged_bundle))
+    ragged = Engine(bundle, read_manifest(bundle))
     short, long = ragged.encode("exchange_rate,"), ragged.encode(prompts[1] + " What is the rate")
     [(a, _), (b, _)] = ragged.prefill([0, 1], [short, long])
     batch = type(a).concatenate([a, b], consume=True)

@@ -72,7 +72,8 @@ def plain_graph(workdir, checkpoint):
     return folder / "model.onnx"
 
 
-def test_export_applies_every_rewrite_and_never_copies_the_cache(bundle):
+def test_export_applies_every_rewrite_and_never_copies_the_cache(append_bundle):
+    bundle = append_bundle
     info = read_manifest(bundle).onnx
     assert info.rewrites == ALL
     graph = onnx.load(str(bundle / "model.onnx")).graph
@@ -102,8 +103,8 @@ def test_whole_cache_export_repeats_nothing_but_concatenates(whole_cache_bundle)
     assert {n.op_type for n in readers} <= {"Transpose", "MatMul", "Shape"}, "the KV cache is still repeated"
 
 
-def test_append_only_graph_matches_the_plain_graph_with_spare_slots(tmp_path, bundle, plain_graph):
-    info = read_manifest(bundle).onnx
+def test_append_only_graph_matches_the_plain_graph_with_spare_slots(tmp_path, append_bundle, plain_graph):
+    info = read_manifest(append_bundle).onnx
     rewritten, applied = rewritten_copy(tmp_path, plain_graph, info)
     assert applied == ALL
     rng = np.random.default_rng(1)
@@ -134,8 +135,8 @@ def test_append_only_graph_matches_the_plain_graph_with_spare_slots(tmp_path, bu
         np.testing.assert_allclose(appended, whole[:, :, -1:], atol=1e-5)
 
 
-def test_rewritten_graph_gives_the_plain_graphs_last_logits_and_cache(tmp_path, bundle, plain_graph):
-    info = read_manifest(bundle).onnx
+def test_rewritten_graph_gives_the_plain_graphs_last_logits_and_cache(tmp_path, append_bundle, plain_graph):
+    info = read_manifest(append_bundle).onnx
     rewritten, applied = rewritten_copy(tmp_path, plain_graph, info, append_only=False)
     assert applied == WHOLE_CACHE
     ids = np.random.default_rng(0).integers(5, 300, size=(3, 17)).astype(np.int64)
@@ -146,8 +147,8 @@ def test_rewritten_graph_gives_the_plain_graphs_last_logits_and_cache(tmp_path, 
         np.testing.assert_allclose(after, before, atol=1e-5)
 
 
-def test_a_graph_without_grouped_heads_keeps_its_attention(tmp_path, bundle, plain_graph):
-    info = read_manifest(bundle).onnx
+def test_a_graph_without_grouped_heads_keeps_its_attention(tmp_path, append_bundle, plain_graph):
+    info = read_manifest(append_bundle).onnx
     rewritten = tmp_path / "model.onnx"
     shutil.copy(plain_graph, rewritten)
     # Told the heads are not grouped (as for GPT-2): only the logits are sliced.
@@ -156,8 +157,8 @@ def test_a_graph_without_grouped_heads_keeps_its_attention(tmp_path, bundle, pla
     assert "Unsqueeze" in {n.op_type for n in onnx.load(str(rewritten)).graph.node if presents & set(n.input)}
 
 
-def test_a_graph_of_another_shape_is_left_whole(tmp_path, bundle, plain_graph):
-    info = read_manifest(bundle).onnx
+def test_a_graph_of_another_shape_is_left_whole(tmp_path, append_bundle, plain_graph):
+    info = read_manifest(append_bundle).onnx
     rewritten = tmp_path / "model.onnx"
     shutil.copy(plain_graph, rewritten)
     # One layer more than the graph has: the last one cannot match, so no layer is rewritten.
@@ -172,7 +173,8 @@ def test_a_graph_of_another_shape_is_left_whole(tmp_path, bundle, plain_graph):
     assert not any(n.name.startswith("/condgen/gqa/") for n in nodes)
 
 
-def test_one_finite_attention_bias_serves_every_layer(bundle):
+def test_one_finite_attention_bias_serves_every_layer(append_bundle):
+    bundle = append_bundle
     graph = onnx.load(str(bundle / "model.onnx")).graph
     softmax_inputs = {n.input[0] for n in graph.node if n.op_type == "Softmax"}
     adds = [n for n in graph.node if n.op_type == "Add" and n.output[0] in softmax_inputs]
@@ -184,7 +186,7 @@ def test_one_finite_attention_bias_serves_every_layer(bundle):
 def test_an_append_cache_the_graph_cannot_take_is_said_not_silent():
     import logging
 
-    from condgen.bundle import APPEND_ONLY_CACHE, GROUPED_QUERY_ATTENTION
+    from condgen.bundle import APPEND_ONLY_CACHE, GROUPED_QUERY_ATTENTION, RAGGED_ATTENTION
     from condgen.training.export import cache_note
 
     level, message = cache_note("append", True, [GROUPED_QUERY_ATTENTION])
@@ -192,11 +194,14 @@ def test_an_append_cache_the_graph_cannot_take_is_said_not_silent():
     assert cache_note("auto", True, [])[0] == logging.INFO
     assert cache_note("append", True, [GROUPED_QUERY_ATTENTION, APPEND_ONLY_CACHE]) is None
     assert cache_note("whole", False, []) is None
+    level, message = cache_note("ragged", True, [GROUPED_QUERY_ATTENTION, APPEND_ONLY_CACHE])
+    assert level == logging.WARNING and "ragged cache does not apply" in message
+    assert cache_note("auto", True, [RAGGED_ATTENTION]) is None
 
 
-def test_rotary_embedding_is_one_fused_node_per_rotation_with_the_same_angles(tmp_path, bundle, plain_graph):
-    info = read_manifest(bundle).onnx
-    nodes = onnx.load(str(bundle / "model.onnx")).graph.node
+def test_rotary_embedding_is_one_fused_node_per_rotation_with_the_same_angles(tmp_path, append_bundle, plain_graph):
+    info = read_manifest(append_bundle).onnx
+    nodes = onnx.load(str(append_bundle / "model.onnx")).graph.node
     rotations = [n for n in nodes if n.op_type == "RotaryEmbedding"]
     assert len(rotations) == 2 * info.num_layers and {n.domain for n in rotations} == {"com.microsoft"}
     assert [n.name for n in nodes if n.op_type == "Neg"] == ["/condgen/last/Neg"]  # no "rotate half" left

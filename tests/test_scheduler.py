@@ -164,12 +164,12 @@ def test_a_cache_held_on_the_device_gives_the_host_records(whole_cache_bundle):
     assert all(by_mode["on"])
 
 
-def test_a_ragged_cache_gives_the_records_of_the_padded_one(bundle, ragged_bundle):
+def test_a_ragged_cache_gives_the_records_of_the_padded_one(bundle, append_bundle):
     """Ragged attention (right-padded rows written in place): prefills, forks, joins, leaves and
     the prefix cache give a crowd of seeded requests the records of the left-padded engine."""
     crowd = [spec("exchange_rate", 4, seed=1), spec("card_arrival", 5, seed=42), spec("card_arrival", 3, seed=3)]
     by_bundle = []
-    for chosen in (bundle, ragged_bundle):
+    for chosen in (append_bundle, bundle):
         results, _ = asyncio.run(run_all(Engine(chosen, read_manifest(chosen)), chosen, crowd))
         by_bundle.append([records for records, _ in results])
     assert by_bundle[0] == by_bundle[1] and all(by_bundle[1])

@@ -346,9 +346,10 @@ def export_bundle(
             if item.name.startswith(MODEL_FILE) or item.name == TOKENIZER_NAME:
                 shutil.move(str(item), output / item.name)
     shutil.copy(checkpoint / EXAMPLES_NAME, output / EXAMPLES_NAME)
-    # auto: the fp16 (GPU) graph returns the whole cache, which IO binding keeps on the device
+    # The fp16 (GPU) graph returns the whole cache, which IO binding keeps on the device.
+    # auto: ragged attention on CPU variants (append-only where the graph cannot take it)
     append_only = cache in ("append", "ragged") or (cache == "auto" and variant != "fp16")
-    ragged = cache == "ragged"
+    ragged = cache == "ragged" or (cache == "auto" and variant != "fp16")
     rewrites = rewrite_graph(checkpoint, output / MODEL_FILE, append_only, ragged)
     note = cache_note(cache, append_only, rewrites)
     if note is not None:
