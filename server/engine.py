@@ -15,7 +15,6 @@ from __future__ import annotations
 import ctypes
 import itertools
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -45,6 +44,9 @@ from condgen.server.sampling import WINDOW, TokenWindows
 log = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "cuda")
 SHARED_CONTEXT_MIN = 8  # context tokens from which scoring computes a context's cache once and shares it
+# The same under ragged attention, whose rows after a kept context each take a pass of their own
+# (several new tokens after a cache go to one row at a time): worth it only for longer contexts.
+SHARED_CONTEXT_MIN_RAGGED = 32
 
 
 class EngineError(CondgenError, RuntimeError):
@@ -248,15 +250,15 @@ class Engine:
         kept); the graph returns logits for the last len(continuation) + 1 positions only, so a
         pass holds at most max_tokens x vocab floats of logits. A context of SHARED_CONTEXT_MIN
         tokens or more (examples before an intent's prefix) is run once and its cache kept
-        (`self.contexts`, LRU): its rows feed only the context's last token and their own."""
+        (`self.contexts`, LRU): its rows feed only the context's last token and their own (under
+        ragged attention from SHARED_CONTEXT_MIN_RAGGED tokens, one row per pass)."""
         if not self.can_score:
             raise EngineError(
                 "this bundle's graph returns last-position logits only; re-export it with this "
                 "version of condgen to score lines"
             )
         means = np.zeros(len(contexts), dtype=np.float64)
-        # A ragged graph feeds several tokens after a cache to one row only: its rows go whole.
-        least = SHARED_CONTEXT_MIN if not self.ragged else math.inf
+        least = SHARED_CONTEXT_MIN_RAGGED if self.ragged else SHARED_CONTEXT_MIN
         shared = [i for i, context in enumerate(contexts) if len(context) >= least]
         whole = [i for i, context in enumerate(contexts) if len(context) < least]
         rows = [list(contexts[i]) + list(continuations[i]) for i in whole]
@@ -280,7 +282,7 @@ class Engine:
         passes: list[list[int]] = []
         for index in ordered:
             width = len(prefixes[index]) + len(suffixes[index])
-            if passes:
+            if passes and not self.ragged:  # ragged: one row per pass after a cache
                 members = passes[-1] + [index]
                 widest = max(len(prefixes[i]) for i in members) + max(len(suffixes[i]) for i in members)
                 if len(members) * widest <= max(max_tokens, width):
@@ -293,7 +295,7 @@ class Engine:
                 count = len(list(rows))
                 parts.append(cached[prefix].fork(list(range(seq, seq + count))))
                 seq += count
-            batch = Batch.concatenate(parts)
+            batch = type(parts[0]).concatenate(parts)
             batch.set_next_rows([suffixes[i] for i in members])
             keep = max(len(continuations[i]) for i in members) + 1
             _take_means(self._window_logits(batch, keep), keep, members, continuations, means)

@@ -238,16 +238,22 @@ def test_scores_prefer_the_intent_a_training_text_belongs_to(engine, train_recor
     assert intents[int(np.argmax(scores))] == "lost_or_stolen_card"
 
 
-@pytest.mark.parametrize("io_binding", ["off", "on"])
-def test_scores_after_kept_contexts_match_transformers(append_bundle, whole_cache_bundle, checkpoint, io_binding):
+@pytest.mark.parametrize("io_binding", ["off", "on", "ragged"])
+def test_scores_after_kept_contexts_match_transformers(
+    append_bundle, whole_cache_bundle, bundle, checkpoint, io_binding, monkeypatch
+):
     """Contexts of examples (long enough to be kept): each is run once, its lines feed only their
-    own tokens after its cache, in passes mixing contexts of different lengths; the scores are
-    transformers' on each whole row, and a second call reads the kept contexts."""
+    own tokens after its cache, in passes mixing contexts of different lengths (under ragged
+    attention one line per pass); the scores are transformers' on each whole row, and a second
+    call reads the kept contexts."""
     from condgen.codec import prompt_text
+    from condgen.server import engine as engine_module
     from condgen.server.engine import SHARED_CONTEXT_MIN, EngineConfig
 
-    chosen = append_bundle if io_binding == "off" else whole_cache_bundle
-    engine = Engine(chosen, read_manifest(chosen), EngineConfig(io_binding=io_binding))
+    monkeypatch.setattr(engine_module, "SHARED_CONTEXT_MIN_RAGGED", SHARED_CONTEXT_MIN)  # these short contexts too
+    chosen = {"off": append_bundle, "on": whole_cache_bundle, "ragged": bundle}[io_binding]
+    engine = Engine(chosen, read_manifest(chosen), EngineConfig(io_binding="on" if io_binding == "on" else "off"))
+    assert engine.ragged == (io_binding == "ragged")
     contexts = [
         engine.encode(prompt_text("card_arrival", ["When does my card come?", "Card still not here"], ",")),
         engine.encode(prompt_text("exchange_rate", ["What rate do you use for euros?"], ",")),
