@@ -37,6 +37,16 @@ shape it expects:
   export by running the graph's own rotary subgraph over positions 0..max_positions - 1, so
   whatever frequencies and scaling the model uses are kept as exported.
 
+- `ragged_attention` (`--cache ragged`, the CPU default; instead of the three attention rewrites
+  above and the rotary fusion): each layer's attention, from its q/k/v projections to its o_proj
+  input, rotary embedding included (cos/sin tables as for the fusion), becomes one
+  com.microsoft `GroupQueryAttention`. It takes each row's length from the right-padded
+  attention mask (`seqlens_k`, `total_sequence_length`), reads only those positions, and writes
+  the new entries after them into `present.*`, which the engine binds to the very buffers it
+  feeds as `past_key_values.*` (server/ragged_batch.py). `position_ids` goes (positions follow
+  from the lengths), and the last-position Slice becomes a gather at each row's own last
+  positions, `num_logits_to_keep` a required input (IO binding cannot override an initializer).
+
 Two rewrites serve the weight-only variants (`w8`, `w4`; training/export.py) and change the
 weights, so their parity is judged as theirs is: `fold_weight_transposes` (a tied LM head's
 Transpose of the embedding folded into a constant MatMulNBits can quantise) and
@@ -777,6 +787,8 @@ def _ragged_last_positions(graph: _Graph) -> bool:
     graph.constant(f"{p}/scalar_shape", np.zeros(0, dtype=np.int64))
     graph.insert_before(sliced, nodes)
     graph.graph.node.remove(sliced)
+    for unused in [t for t in graph.graph.initializer if t.name in sliced.input[2:]]:  # the Slice's ends, axes
+        graph.graph.initializer.remove(unused)
     return True
 
 
