@@ -202,28 +202,25 @@ class RaggedBatch:
         first, newcomers = batches[0], batches[1:]
         count = sum(len(b) for b in newcomers)
         width = max(b.past_len for b in batches)
-        if consume and count <= first.spare_rows and width <= first.capacity:
-            storage = first.storage
-            start = len(first)
+        in_place = consume and count <= first.spare_rows and width <= first.capacity
+        if in_place:
+            storage, start = first.storage, len(first)
         else:
-            spare = _spare_rows(len(first) + count) if consume else 0
-            rows, capacity = len(first) + count + spare, _with_headroom(width)
-            storage = {
-                name: cache_zeros((rows, buffer.shape[1], capacity, buffer.shape[3]), buffer.dtype)
-                for name, buffer in first.storage.items()
-            }
-            start = 0
-            newcomers = batches
-        row = start
-        for batch in newcomers:
-            for name, buffer in storage.items():
+            storage, start, newcomers = {}, 0, batches
+            rows = len(first) + count + (_spare_rows(len(first) + count) if consume else 0)
+        for name in list(first.storage):
+            if not in_place:
+                old = first.storage[name]
+                storage[name] = cache_zeros((rows, old.shape[1], _with_headroom(width), old.shape[3]), old.dtype)
+            row = start
+            for batch in newcomers:
                 length = batch.past_len
-                buffer[row : row + len(batch), :, :length] = batch.storage[name][: len(batch), :, :length]
-            row += len(batch)
-        if consume:
-            for batch in batches:
-                if batch.storage is not storage:
-                    batch.storage = {}
+                storage[name][row : row + len(batch), :, :length] = batch.storage[name][: len(batch), :, :length]
+                row += len(batch)
+            if consume:  # layer by layer: a join holds one layer more than the caches, not two copies
+                for batch in batches:
+                    if batch.storage is not storage:
+                        del batch.storage[name]
         return RaggedBatch(
             [s for b in batches for s in b.seq_ids],
             np.concatenate([b.next_ids for b in batches], axis=0),

@@ -61,8 +61,10 @@ def test_a_full_buffer_grows_and_keeps_every_rows_tokens():
 
 
 def test_consuming_join_and_leave_reuse_the_buffers():
-    running = RaggedBatch.concatenate([prompts([1], [[5, 6, 7]]), prompts([2], [[8]])], consume=True)
+    sources = [prompts([1], [[5, 6, 7]]), prompts([2], [[8]])]
+    running = RaggedBatch.concatenate(sources, consume=True)
     assert running.spare_rows >= 4 and tokens(running) == [[5, 6, 7], [8]]
+    assert all(source.storage == {} for source in sources)  # released layer by layer as copied
     buffer = running.storage[NAMES[0]]
     newcomer = prompts([3], [[9, 9]])
     joined = RaggedBatch.concatenate([running, newcomer], consume=True)
