@@ -164,6 +164,7 @@ class Engine:
             i.name for i in self.session.get_overridable_initializers()
         }
         self.output_names = ["logits", *self.info.present_key_names]
+        self.logits_dtype = np.float16 if "float16" in self.session.get_outputs()[0].type else np.float32
         self.vocab_size = self.session.get_outputs()[0].shape[-1]
         if not isinstance(self.vocab_size, int):
             self.vocab_size = self.tokenizer.get_vocab_size()
@@ -389,7 +390,9 @@ class Engine:
         for name in self.input_names.difference(self.info.past_key_names):
             value = feed[name] if name != LOGITS_TO_KEEP else np.array([keep], dtype=np.int64)
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        binding.bind_output("logits", "cpu")  # first: outputs come back in binding order
+        # Written straight into this array (no copy of ORT's output): (batch, keep, vocab)
+        logits = np.empty((len(batch), keep, self.vocab_size), dtype=self.logits_dtype)
+        binding.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
         for past, present in zip(self.info.past_key_names, self.info.present_key_names):
             buffer = feed[past]  # (rows, kv_heads, capacity, head_dim): the first rows of the batch's buffer
             assert buffer.flags.c_contiguous
@@ -397,7 +400,6 @@ class Engine:
             binding.bind_input(past, "cpu", 0, self.dtype, shape, address)
             binding.bind_output(present, "cpu", 0, self.dtype, shape, address)
         self.session.run_with_iobinding(binding)
-        logits = binding.get_outputs()[0].numpy()
         batch.advance()
         return logits
 
