@@ -7,7 +7,10 @@ With IO binding (on by default under CUDA) the cache outputs stay on the device 
 OrtValues and are bound as the next step's inputs, so only token ids, masks and the
 last logits cross the bus. A bundle exported with the append-only cache (the default on CPUs,
 training/graph.py) returns only each step's new entries, which `Batch.advance` writes into
-host buffers in place: no step copies the cache. No torch or transformers here.
+host buffers in place: no step copies the cache. A ragged bundle (the CPU default) runs its
+attention over right-padded host buffers (`RaggedBatch`) bound as both past and present, so the
+graph itself appends in place and reads each row's own tokens only; it runs on the CPU.
+No torch or transformers here.
 """
 
 from __future__ import annotations
@@ -125,7 +128,7 @@ class Engine:
         bundle_dir = Path(bundle_dir)
         self.manifest = manifest
         self.info = manifest.onnx
-        providers = choose_providers(config.device)
+        providers = self._providers(config.device)
         self.session = ort.InferenceSession(
             str(bundle_dir / self.info.file), session_options(config.threads), providers=providers
         )
@@ -140,9 +143,9 @@ class Engine:
             and not self.ragged
             and (config.io_binding == "on" or (config.io_binding == "auto" and self.device_type == "cuda"))
         )
-        if (self.append_only or self.ragged) and self.device_type == "cuda":
+        if self.append_only and self.device_type == "cuda":
             log.warning(
-                "this bundle's cache lives in host buffers (append-only or ragged): under CUDA every step sends the "
+                "this bundle's cache is append-only (host buffers): under CUDA every step sends the "
                 "cache to the GPU; export with `--variant fp16` or `--cache whole` to keep it there"
             )
         self.tokenizer = Tokenizer.from_file(str(bundle_dir / TOKENIZER_NAME))
@@ -189,6 +192,22 @@ class Engine:
             self.info.head_dim,
             self.vocab_size,
         )
+
+    def _providers(self, device: str) -> list[str]:
+        """`choose_providers`, but a ragged bundle runs on the CPU: its cache buffers are host
+        memory that the graph writes in place."""
+        if RAGGED_ATTENTION not in self.info.rewrites:
+            return choose_providers(device)
+        if device == "cuda":
+            raise EngineError(
+                "--device cuda: this bundle's ragged cache lives in host memory (CPU bundles); "
+                "export it with `--variant fp16` (or `--cache whole`) for the GPU"
+            )
+        if device == "auto" and "CUDAExecutionProvider" in ort.get_available_providers():
+            log.warning(
+                "this bundle has a ragged (host) cache: it runs on the CPU; export `--variant fp16` for the GPU"
+            )
+        return ["CPUExecutionProvider"]
 
     def free_device_bytes(self) -> int | None:
         """Free memory of the CUDA device now (None on the CPU, or where it cannot be read)."""

@@ -302,3 +302,11 @@ def test_ragged_rows_attend_over_their_own_tokens_only(bundle, prompts):
     ragged.forward(alone)
     alone.set_next([7])
     np.testing.assert_allclose(together[0], ragged.forward(alone)[0], atol=1e-4)
+
+
+def test_a_ragged_bundle_refuses_cuda_with_a_clear_error(bundle):
+    """Its cache is host memory written in place by the graph: `--device cuda` says what to export."""
+    from condgen.server.engine import EngineConfig, EngineError
+
+    with pytest.raises(EngineError, match="ragged cache lives in host memory.*--variant fp16"):
+        Engine(bundle, read_manifest(bundle), EngineConfig(device="cuda"))
