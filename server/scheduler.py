@@ -63,6 +63,7 @@ from condgen.server.lines import LineKeeper, Sequence
 from condgen.server.policy import POLICIES, make_policy
 from condgen.server.prefix_cache import PrefixCache
 from condgen.server.prompts import build_prompt
+from condgen.server.ragged_batch import RaggedBatch
 from condgen.server.records import CopyIndex, LengthBounds, RecordJudge
 from condgen.server.requests import GeneratedRecord, GenerationSpec, GenerationSummary, Job, RequestHandle, RequestState
 from condgen.server.sampling import TokenWindows, head_temperature, sequence_rng
@@ -116,11 +117,11 @@ class RoundPlan:
     seq_ids: list[int]
     prompt_ids: list[int]
     recurs: bool = False  # the prompt shows every example of its intent: later rounds repeat it
-    prefill: tuple[Batch, np.ndarray] | None = None
+    prefill: tuple[Batch | RaggedBatch, np.ndarray] | None = None
 
 
 class Scheduler:
-    """Owns the running `Batch` and moves sequences in and out of it."""
+    """Owns the running `Batch` (a `RaggedBatch` for a ragged bundle) and moves sequences in and out of it."""
 
     def __init__(
         self,
@@ -146,7 +147,7 @@ class Scheduler:
         self.policy = make_policy(self.config.policy)
         self.requests: list[RequestState] = []
         self.sequences: dict[int, Sequence] = {}
-        self.batch: Batch | None = None
+        self.batch: Batch | RaggedBatch | None = None
         self._ids = itertools.count()
         self._wake = asyncio.Event()
         self._stopping = False
@@ -457,7 +458,7 @@ class Scheduler:
                 plan.prefill = unique[tuple(plan.prompt_ids)].prefill
                 self.prefix_cache.hits += 1
 
-    def _fork(self, plan: RoundPlan) -> Batch:
+    def _fork(self, plan: RoundPlan) -> Batch | RaggedBatch:
         """The round's n sequences share its prefill; each samples its own first token."""
         assert plan.prefill is not None
         single, last_logits = plan.prefill
@@ -494,7 +495,7 @@ class Scheduler:
             self._fail(seq.request, exc)
             return None
 
-    def _set_next_or_drop(self, batch: Batch, next_tokens: list[int | None]) -> None:
+    def _set_next_or_drop(self, batch: Batch | RaggedBatch, next_tokens: list[int | None]) -> None:
         for seq_id, token in zip(batch.seq_ids, next_tokens):
             if token is None:
                 self._drop_sequence(seq_id)
