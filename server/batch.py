@@ -211,20 +211,14 @@ class Batch:
         """The kept `rows` (indices) in the first len(rows) rows of this batch's own buffers: each
         kept row beyond them moves into the slot of a leaving row, so only the moved rows are
         copied, and the new batch holds first-axis views. Rows change order; this batch is spent."""
-        n = len(rows)
-        kept = set(rows)
-        holes = [i for i in range(n) if i not in kept]
-        movers = [i for i in rows if i >= n]  # as many as holes
+        holes, movers, order = compaction(rows)
         for value in self.past.values():
             value[holes] = value[movers]  # (moved rows, heads, capacity, dim)
-        order = list(range(n))
-        for hole, mover in zip(holes, movers):
-            order[hole] = mover
         return Batch(
             [self.seq_ids[i] for i in order],
             self.next_ids[order],
             self.past_mask[order],
-            {name: value[:n] for name, value in self.past.items()},
+            {name: value[: len(rows)] for name, value in self.past.items()},
             append_only=self.append_only,
             storage=self.storage,
             moves=self.moves,
@@ -391,6 +385,19 @@ class Batch:
             append_only=True,
             storage=self.storage,
         )
+
+
+def compaction(rows: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """How the kept `rows` (ascending indices) fill the first len(rows) rows of their buffers:
+    (holes: the leaving rows' places among them, movers: the kept rows beyond them, one per hole,
+    order: the old index of each new row)."""
+    n, kept = len(rows), set(rows)
+    holes = [i for i in range(n) if i not in kept]
+    movers = [i for i in rows if i >= n]
+    order = list(range(n))
+    for hole, mover in zip(holes, movers):
+        order[hole] = mover
+    return holes, movers, order
 
 
 def cache_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:

@@ -167,6 +167,7 @@ class Engine:
             i.name for i in self.session.get_overridable_initializers()
         }
         self.output_names = ["logits", *self.info.present_key_names]
+        self.token_inputs = sorted(self.input_names.difference(self.info.past_key_names))  # ragged passes bind these
         self.logits_dtype = np.float16 if "float16" in self.session.get_outputs()[0].type else np.float32
         self.vocab_size = self.session.get_outputs()[0].shape[-1]
         if not isinstance(self.vocab_size, int):
@@ -406,7 +407,7 @@ class Engine:
         logits of each row's last `keep` positions (batch, keep, vocab)."""
         feed = batch.feed()
         binding = self.session.io_binding()
-        for name in self.input_names.difference(self.info.past_key_names):
+        for name in self.token_inputs:
             value = feed[name] if name != LOGITS_TO_KEEP else np.array([keep], dtype=np.int64)
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
         # Written straight into this array (no copy of ORT's output): (batch, keep, vocab)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from condgen.server.batch import _spare_rows, _with_headroom, cache_zeros
+from condgen.server.batch import _spare_rows, _with_headroom, cache_zeros, compaction
 
 
 @dataclass
@@ -148,17 +148,11 @@ class RaggedBatch:
         return self._rows(rows, storage=storage)
 
     def _compacted(self, rows: list[int]) -> RaggedBatch:
-        n = len(rows)
-        kept = set(rows)
-        holes = [i for i in range(n) if i not in kept]
-        movers = [i for i in rows if i >= n]  # as many as holes
-        if movers:
+        holes, movers, order = compaction(rows)
+        if movers:  # their cached slots only
             width = int(self.lengths[movers].max())
             for buffer in self.storage.values():
                 buffer[holes, :, :width] = buffer[movers, :, :width]
-        order = list(range(n))
-        for hole, mover in zip(holes, movers):
-            order[hole] = mover
         return self._rows(order)
 
     def fork(self, seq_ids: list[int]) -> RaggedBatch:

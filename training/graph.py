@@ -578,28 +578,44 @@ def _angle_tables(graph: _Graph, cos: str, sin: str, max_positions: int, opset: 
     return tuple(tables)
 
 
-def fuse_rotary_embedding(graph: _Graph, max_positions: int, opset: int) -> bool:
-    """Replace every layer's "rotate half" queries and keys by one RotaryEmbedding each."""
-    from onnx import helper, numpy_helper
+ROTARY_TABLES = ("/condgen/rotary/cos_cache", "/condgen/rotary/sin_cache")
 
+
+def _rotations(graph: _Graph, max_positions: int, opset: int) -> tuple[list, tuple] | str:
+    """Every "rotate half" rotation of the graph and their shared (cos, sin) tables over
+    positions 0..max_positions - 1; or why there are none to take."""
     found = [m for n in list(graph.graph.node) if n.op_type == "Neg" and (m := _rotate_half_pattern(graph, n))]
     if not found or max_positions < 1:
-        log.warning("no rotary embedding of the expected shape; the graph keeps it as exported")
-        return False
+        return "no rotary embedding of the expected shape"
     if len({(cos, sin) for _, cos, sin, _ in found}) != 1:
-        log.warning("the rotary embeddings do not share their angles; the graph keeps them as exported")
-        return False
-    _, cos, sin, _ = found[0]
-    tables = _angle_tables(graph, cos, sin, max_positions, opset)
+        return "the rotary embeddings do not share their angles"
+    tables = _angle_tables(graph, found[0][1], found[0][2], max_positions, opset)
     if tables is None:
-        log.warning("the rotary angles depend on more than the positions; the graph keeps them as exported")
-        return False
-    for name, table in zip(("/condgen/rotary/cos_cache", "/condgen/rotary/sin_cache"), tables):
+        return "the rotary angles depend on more than the positions"
+    return found, tables
+
+
+def _add_rotary_tables(graph: _Graph, tables: tuple) -> None:
+    from onnx import numpy_helper
+
+    for name, table in zip(ROTARY_TABLES, tables):
         graph.graph.initializer.append(numpy_helper.from_array(table, name))
+
+
+def fuse_rotary_embedding(graph: _Graph, max_positions: int, opset: int) -> bool:
+    """Replace every layer's "rotate half" queries and keys by one RotaryEmbedding each."""
+    from onnx import helper
+
+    rotations = _rotations(graph, max_positions, opset)
+    if isinstance(rotations, str):
+        log.warning("%s; the graph keeps it as exported", rotations)
+        return False
+    found, tables = rotations
+    _add_rotary_tables(graph, tables)
     for number, (x, _, _, add) in enumerate(found):
         fused = helper.make_node(
             "RotaryEmbedding",
-            [x, "position_ids", "/condgen/rotary/cos_cache", "/condgen/rotary/sin_cache"],
+            [x, "position_ids", *ROTARY_TABLES],
             list(add.output),
             name=f"/condgen/rotary/RotaryEmbedding_{number}",
             domain="com.microsoft",
@@ -725,8 +741,7 @@ def _ragged_layer(graph: _Graph, layer: int, heads: int, kv_heads: int, lengths:
                     f"past_key_values.{layer}.key",
                     f"past_key_values.{layer}.value",
                     *lengths,
-                    "/condgen/rotary/cos_cache",
-                    "/condgen/rotary/sin_cache",
+                    *ROTARY_TABLES,
                 ],
                 [attended, key, value],
                 name=f"/condgen/ragged/{layer}/GroupQueryAttention",
@@ -797,18 +812,13 @@ def ragged_attention(graph: _Graph, heads: int, kv_heads: int, layers: int, max_
     GroupQueryAttention over a right-padded cache; or none (the graph is left as it was)."""
     import copy
 
-    from onnx import numpy_helper
-
-    if heads % kv_heads or max_positions < 1:
+    if heads % kv_heads:
         return False
-    found = [m for n in list(graph.graph.node) if n.op_type == "Neg" and (m := _rotate_half_pattern(graph, n))]
-    if not found or len({(cos, sin) for _, cos, sin, _ in found}) != 1:
-        log.warning("no shared rotary embedding of the expected shape: the attention stays padded")
+    rotations = _rotations(graph, max_positions, opset)
+    if isinstance(rotations, str):
+        log.warning("%s: the attention stays padded", rotations)
         return False
-    tables = _angle_tables(graph, found[0][1], found[0][2], max_positions, opset)
-    if tables is None:
-        log.warning("the rotary angles depend on more than the positions: the attention stays padded")
-        return False
+    _, tables = rotations
     backup = copy.deepcopy(graph.graph)
     first = _projection(graph, 0, "q_proj")
     lengths = _ragged_lengths(graph, first) if first is not None else ("", "")
@@ -816,8 +826,7 @@ def ragged_attention(graph: _Graph, heads: int, kv_heads: int, layers: int, max_
         graph.graph.CopyFrom(backup)
         log.warning("the attention does not have the expected shape: it stays padded")
         return False
-    for name, table in zip(("/condgen/rotary/cos_cache", "/condgen/rotary/sin_cache"), tables):
-        graph.graph.initializer.append(numpy_helper.from_array(table, name))
+    _add_rotary_tables(graph, tables)
     if LOGITS_TO_KEEP in {i.name for i in graph.graph.input} and _ragged_last_positions(graph):
         # A required input: IO binding (which the shared cache needs) cannot override an initializer.
         default = next(t for t in graph.graph.initializer if t.name == LOGITS_TO_KEEP)
