@@ -168,6 +168,7 @@ class Engine:
         }
         self.output_names = ["logits", *self.info.present_key_names]
         self.token_inputs = sorted(self.input_names.difference(self.info.past_key_names))  # ragged passes bind these
+        self._bound: tuple | None = None  # (buffer layout, IO binding) of the last ragged pass
         self.logits_dtype = np.float16 if "float16" in self.session.get_outputs()[0].type else np.float32
         self.vocab_size = self.session.get_outputs()[0].shape[-1]
         if not isinstance(self.vocab_size, int):
@@ -406,22 +407,34 @@ class Engine:
         and its present output, so the attention appends the new entries in place; returns the
         logits of each row's last `keep` positions (batch, keep, vocab)."""
         feed = batch.feed()
-        binding = self.session.io_binding()
+        binding = self._cache_binding(feed)
         for name in self.token_inputs:
             value = feed[name] if name != LOGITS_TO_KEEP else np.array([keep], dtype=np.int64)
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
         # Written straight into this array (no copy of ORT's output): (batch, keep, vocab)
         logits = np.empty((len(batch), keep, self.vocab_size), dtype=self.logits_dtype)
         binding.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
-        for past, present in zip(self.info.past_key_names, self.info.present_key_names):
-            buffer = feed[past]  # (rows, kv_heads, capacity, head_dim): the first rows of the batch's buffer
-            assert buffer.flags.c_contiguous
-            shape, address = list(buffer.shape), buffer.ctypes.data
-            binding.bind_input(past, "cpu", 0, self.dtype, shape, address)
-            binding.bind_output(present, "cpu", 0, self.dtype, shape, address)
         self.session.run_with_iobinding(binding)
         batch.advance()
         return logits
+
+    def _cache_binding(self, feed: dict) -> ort.IOBinding:
+        """An IO binding with every layer's buffer bound as its past input and present output.
+        It is kept and reused while the buffers stay put (same addresses and shapes: steps between
+        joins, leaves and regrowths), and only the token inputs and the logits are bound anew:
+        binding 2 x layers buffers a pass took ~0.7 ms, 8% of a w8 step at batch 1."""
+        buffers = [feed[name] for name in self.info.past_key_names]  # (rows, kv_heads, capacity, head_dim)
+        layout = tuple((buffer.ctypes.data, buffer.shape) for buffer in buffers)
+        if self._bound is not None and self._bound[0] == layout:
+            return self._bound[1]
+        binding = self.session.io_binding()
+        for buffer, past, present in zip(buffers, self.info.past_key_names, self.info.present_key_names):
+            assert buffer.flags.c_contiguous  # the first rows of the batch's buffer
+            shape, address = list(buffer.shape), buffer.ctypes.data
+            binding.bind_input(past, "cpu", 0, self.dtype, shape, address)
+            binding.bind_output(present, "cpu", 0, self.dtype, shape, address)
+        self._bound = (layout, binding)
+        return binding
 
     def _run_bound(self, feed: dict, logits_on_device: bool = False) -> tuple:
         """One run with IO binding: cache inputs/outputs stay on the device as OrtValues."""

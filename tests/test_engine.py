@@ -310,3 +310,31 @@ def test_a_ragged_bundle_refuses_cuda_with_a_clear_error(bundle):
 
     with pytest.raises(EngineError, match="ragged cache lives in host memory.*--variant fp16"):
         Engine(bundle, read_manifest(bundle), EngineConfig(device="cuda"))
+
+
+def test_a_ragged_engine_keeps_its_cache_binding_while_the_buffers_stay(bundle, prompts):
+    """Steps in a row reuse one IO binding of the cache buffers; a join (other rows, other
+    buffers) binds anew, and the joined batch's logits are those of a fresh engine."""
+    ragged, fresh = Engine(bundle, read_manifest(bundle)), Engine(bundle, read_manifest(bundle))
+    ids = [ragged.encode(p) for p in prompts]
+    [(a, _)] = ragged.prefill([0], ids[:1])
+    a.set_next([7])
+    ragged.forward(a)
+    kept = ragged._bound[1]
+    a.set_next([8])
+    ragged.forward(a)
+    assert ragged._bound[1] is kept
+    [(b, _)] = ragged.prefill([1], ids[1:])
+    joined = type(a).concatenate([a, b], consume=True)
+    joined.set_next([9, 9])
+    logits = ragged.forward(joined)
+    assert ragged._bound[1] is not kept
+
+    [(c, _)] = fresh.prefill([0], ids[:1])
+    for token in (7, 8):
+        c.set_next([token])
+        fresh.forward(c)
+    [(d, _)] = fresh.prefill([1], ids[1:])
+    again = type(c).concatenate([c, d])
+    again.set_next([9, 9])
+    np.testing.assert_allclose(logits, fresh.forward(again), atol=1e-5)
