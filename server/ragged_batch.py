@@ -142,8 +142,7 @@ class RaggedBatch:
             return self._compacted(rows)
         width = int(self.lengths[rows].max()) if rows else 0
         storage = {
-            name: _copied(buffer[rows, :, :width], _with_room(max(width, 1)))
-            for name, buffer in self.storage.items()
+            name: _copied(buffer[rows, :, :width], _with_room(max(width, 1))) for name, buffer in self.storage.items()
         }
         return self._rows(rows, storage=storage)
 
