@@ -19,6 +19,7 @@ from condgen.bench.engines import (
     engine_details,
     optimum_generate,
     our_engine,
+    teacher_forced_agreement,
     transformers_generate,
     transformers_greedy,
 )
@@ -194,6 +195,9 @@ def greedy_figures(args, prompts: list[str], ids: list[list[int]], checkpoint: P
         details = engine_details(bundle, ids[:16], args.new_tokens, args.device)
         figures[f"{prefix}_greedy_match"] = greedy_match(reference, details.pop("greedy"))
         figures.update({f"{prefix}_{k}": v for k, v in details.items()})
+    progress(f"{args.variant} against fp32, teacher-forced over every prompt position")
+    forced = teacher_forced_agreement(args.bundle, variant, ids[:16], args.device)
+    figures.update({f"engine_q_{k}": v for k, v in forced.items()})
     progress(f"server, {args.variant} bundle: 64 concurrent streams")
     intents = sorted(read_examples(variant))
     server = ServerProcess(
@@ -269,6 +273,11 @@ def print_table(report: dict) -> None:
             print(f"  {'server peak RSS, 64 streams, ' + key + ' (MB)':<38} {rss:>8.0f}  <= {limit:<4}  {met}")
     for key in sorted(k for k in report if k.endswith("_greedy_match")):
         print(f"  {key:<38} {report[key]:>8.2f}  (share of {report['new_tokens']} greedy tokens = transformers fp32)")
+    if "engine_q_top1_agreement" in report:
+        print(
+            f"  {report['engine_q_variant']} vs fp32, teacher-forced: top-1 agreement "
+            f"{report['engine_q_top1_agreement']:.2%}, mean KL {report['engine_q_mean_kl']:.5f} nats"
+        )
 
 
 def main(argv=None) -> int:

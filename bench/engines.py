@@ -87,6 +87,28 @@ def engine_details(bundle: Path, prompts: list[list[int]], new_tokens: int, devi
     return out
 
 
+def teacher_forced_agreement(reference: Path, variant: Path, prompts: list[list[int]], device: str) -> dict:
+    """The variant's next-token distributions against the reference bundle's (fp32) at every
+    position of the prompts, each position fed the real text (teacher forcing): one near tie does
+    not end the comparison there, as it ends a greedy continuation. Returns the share of positions
+    whose most likely token is the same (`top1_agreement`) and the mean KL divergence of the
+    variant from the reference, in nats (`mean_kl`)."""
+    engines = [Engine(b, read_manifest(b, verify=False), EngineConfig(device=device)) for b in (reference, variant)]
+    same, divergences = 0, []
+    for prompt in prompts:
+        ours, theirs = (e.position_logits(prompt).astype(np.float64) for e in engines)
+        same += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
+        log_p, log_q = _log_softmax(ours), _log_softmax(theirs)
+        divergences.append((np.exp(log_p) * (log_p - log_q)).sum(-1))
+    kl = np.concatenate(divergences)
+    return {"top1_agreement": same / len(kl), "mean_kl": float(kl.mean())}
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
 def transformers_greedy(checkpoint: Path, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
     """transformers fp32 greedy tokens, one prompt at a time (no padding): the reference."""
     import torch

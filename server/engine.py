@@ -338,6 +338,12 @@ class Engine:
                 found[prefix] = batch
         return found
 
+    def position_logits(self, token_ids: list[int]) -> np.ndarray:
+        """The logits after every prefix of `token_ids`, (len, vocab): one pass, no cache kept."""
+        if not self.can_score:
+            raise EngineError("this bundle's graph returns last-position logits only; re-export it")
+        return self._window_logits(self.prompts_batch([0], [list(token_ids)]), len(token_ids))[0]
+
     def _window_logits(self, batch: Batch | RaggedBatch, keep: int) -> np.ndarray:
         if isinstance(batch, RaggedBatch):
             return self._run_ragged(batch, keep)

@@ -27,6 +27,8 @@ KEYS = [
     "engine_q_tok_s_b1",
     "engine_q_tok_s_b16",
     "engine_q_greedy_match",
+    "engine_q_top1_agreement",
+    "engine_q_mean_kl",
     "engine_greedy_match",
     "engine_prefill_tok_s_b16",
     "engine_decode_ms_b1",
@@ -70,6 +72,7 @@ def test_quick_bench_writes_every_key(bundle, checkpoint, tmp_path, capsys):
     assert report["device"] == "CPUExecutionProvider" and report["peak_rss_mb"] > 10
     assert report["engine_q_variant"] == "w8" and 0 <= report["engine_q_greedy_match"] <= 1
     assert report["engine_greedy_match"] == 1.0  # fp32 engine: transformers' greedy tokens
+    assert 0.5 < report["engine_q_top1_agreement"] <= 1 and 0 < report["engine_q_mean_kl"] < 0.5
     printed = capsys.readouterr().out
     assert "continuous / static, mixed" in printed
     assert "engine fp32 / OpenVINO fp32, batch 1" in printed and "skipped" in printed  # no peers asked for

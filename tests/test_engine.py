@@ -338,3 +338,13 @@ def test_a_ragged_engine_keeps_its_cache_binding_while_the_buffers_stay(bundle, 
     again = type(c).concatenate([c, d])
     again.set_next([9, 9])
     np.testing.assert_allclose(logits, fresh.forward(again), atol=1e-5)
+
+
+def test_position_logits_end_with_the_prefills_next_token_logits(engine, prompts):
+    ids = engine.encode(prompts[1])
+    every = engine.position_logits(ids)
+    [(_, last)] = engine.prefill([0], [ids])
+    assert every.shape == (len(ids), engine.vocab_size)
+    np.testing.assert_allclose(every[-1], last, atol=1e-4)
+    shorter = engine.position_logits(ids[:-2])
+    np.testing.assert_allclose(every[: len(ids) - 2], shorter, atol=1e-4)
