@@ -19,6 +19,7 @@ import numpy as np
 from condgen.bundle import read_examples, read_manifest
 from condgen.server.engine import Engine, EngineConfig
 from condgen.server.prompts import build_prompt
+from condgen.server.sampling import log_normalizer
 
 
 def bench_prompts(bundle: Path, count: int, examples_per_prompt: int, separator: str) -> list[str]:
@@ -98,15 +99,10 @@ def teacher_forced_agreement(reference: Path, variant: Path, prompts: list[list[
     for prompt in prompts:
         ours, theirs = (e.position_logits(prompt).astype(np.float64) for e in engines)
         same += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
-        log_p, log_q = _log_softmax(ours), _log_softmax(theirs)
+        log_p, log_q = (x - log_normalizer(x)[:, None] for x in (ours, theirs))
         divergences.append((np.exp(log_p) * (log_p - log_q)).sum(-1))
     kl = np.concatenate(divergences)
     return {"top1_agreement": same / len(kl), "mean_kl": float(kl.mean())}
-
-
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
 def transformers_greedy(checkpoint: Path, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:

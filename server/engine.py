@@ -42,7 +42,7 @@ from condgen.server.batch import Batch
 from condgen.server.device_cache import CacheMoves
 from condgen.server.prefix_cache import PrefixCache
 from condgen.server.ragged_batch import RaggedBatch
-from condgen.server.sampling import WINDOW, TokenWindows
+from condgen.server.sampling import WINDOW, TokenWindows, log_normalizer
 
 log = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "cuda")
@@ -274,11 +274,7 @@ class Engine:
         tokens or more (examples before an intent's prefix) is run once and its cache kept
         (`self.contexts`, LRU): its rows feed only the context's last token and their own (under
         ragged attention from SHARED_CONTEXT_MIN_RAGGED tokens, one row per pass)."""
-        if not self.can_score:
-            raise EngineError(
-                "this bundle's graph returns last-position logits only; re-export it with this "
-                "version of condgen to score lines"
-            )
+        self._require_all_positions()
         means = np.zeros(len(contexts), dtype=np.float64)
         least = SHARED_CONTEXT_MIN_RAGGED if self.ragged else SHARED_CONTEXT_MIN
         shared = [i for i, context in enumerate(contexts) if len(context) >= least]
@@ -338,10 +334,16 @@ class Engine:
                 found[prefix] = batch
         return found
 
+    def _require_all_positions(self) -> None:
+        if not self.can_score:
+            raise EngineError(
+                "this bundle's graph returns last-position logits only; re-export it with this "
+                "version of condgen to score lines"
+            )
+
     def position_logits(self, token_ids: list[int]) -> np.ndarray:
         """The logits after every prefix of `token_ids`, (len, vocab): one pass, no cache kept."""
-        if not self.can_score:
-            raise EngineError("this bundle's graph returns last-position logits only; re-export it")
+        self._require_all_positions()
         return self._window_logits(self.prompts_batch([0], [list(token_ids)]), len(token_ids))[0]
 
     def _window_logits(self, batch: Batch | RaggedBatch, keep: int) -> np.ndarray:
@@ -493,9 +495,7 @@ def _take_means(logits: np.ndarray, keep: int, members: list[int], continuations
         if not len(tokens):
             continue
         window = logits[row, keep - 1 - len(tokens) : keep - 1].astype(np.float64)  # (n, vocab)
-        top = window.max(axis=-1, keepdims=True)
-        log_norm = top[:, 0] + np.log(np.exp(window - top).sum(axis=-1))
-        means[index] = float((window[np.arange(len(tokens)), tokens] - log_norm).mean())
+        means[index] = float((window[np.arange(len(tokens)), tokens] - log_normalizer(window)).mean())
 
 
 def _length_groups(prompts: list[list[int]], max_tokens: int) -> list[list[int]]:

@@ -79,8 +79,7 @@ class TokenWindows:
         else:
             part = np.broadcast_to(np.arange(vocab), (rows, vocab))
         scaled = logits.astype(np.float64) / np.asarray(temperatures, dtype=np.float64)[:, None]
-        top = scaled.max(axis=1)
-        log_norm = top + np.log(np.exp(scaled - top[:, None]).sum(axis=1))
+        log_norm = log_normalizer(scaled)
         return cls(  # ranked by logit, then by id, in __post_init__
             part.astype(np.int64),
             np.take_along_axis(logits, part, axis=1),
@@ -143,3 +142,9 @@ def sample_token(logits: np.ndarray, settings: SamplingSettings, rng: np.random.
     """Pick the next token from one row of logits (shape: (vocab,)): `TokenWindows` of one row."""
     windows = TokenWindows.from_logits(logits[None, :], np.array([head_temperature(settings)]))
     return windows.sample(0, settings, rng)
+
+
+def log_normalizer(values: np.ndarray) -> np.ndarray:
+    """log(sum(exp(values))) over the last axis, computed stably (shifted by the maximum)."""
+    top = values.max(axis=-1)
+    return top + np.log(np.exp(values - top[..., None]).sum(axis=-1))
