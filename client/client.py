@@ -11,7 +11,9 @@ Records stream in as the server accepts them; the closing summary (acceptance, r
 by reason, tokens, time) is kept in `client.last_summary`. A client may know several
 targets (a list, or one `dns:///name:port` balanced round-robin): when a call fails with
 UNAVAILABLE or RESOURCE_EXHAUSTED it backs off and asks the next target for only the
-records still missing (see `condgen.client.resume`). TLS and a bearer token are optional.
+records still missing (see `condgen.client.resume`); a call that ends short is followed by
+one for what is missing, so a call returns exactly the requested count per intent or raises
+`IncompleteError` naming what is missing. TLS and a bearer token are optional.
 Every `generate` call sends an `x-request-id` (the `request_id` given, else a new random one,
 the same for all its retries) that shows in the server's log line; the id the server used
 (echoed in trailing metadata) lands in `client.last_request_id`.
@@ -29,7 +31,7 @@ from typing import Any
 
 import grpc
 
-from condgen.client.resume import RETRYABLE, Progress, RetryPolicy
+from condgen.client.resume import RETRYABLE, Progress, RetryPolicy, retry_after_seconds
 from condgen.errors import CondgenError
 from condgen.v1 import generator_pb2 as pb
 from condgen.v1 import generator_pb2_grpc as pb_grpc
@@ -63,6 +65,26 @@ class GenerateError(CondgenError, RuntimeError):
     @classmethod
     def from_rpc(cls, exc: grpc.RpcError, sent_id: str | None = None) -> GenerateError:
         return cls(exc.code(), exc.details(), _echoed_request_id(exc.trailing_metadata()) or sent_id)
+
+
+class IncompleteError(CondgenError, RuntimeError):
+    """The servers could not deliver every requested record within the retry policy's attempts
+    or the deadline. `missing` maps intents to the records still missing, `summary` adds up
+    every call; from `generate_df`, `records` and `frame` hold what was received (`generate`
+    has yielded those records already)."""
+
+    def __init__(self, missing: dict[str, int], records: list, summary: pb.Summary | None, why: str):
+        counts = ", ".join(f"{intent}: {count}" for intent, count in sorted(missing.items()))
+        super().__init__(f"incomplete after {why}: records still missing per intent: {counts}")
+        self.missing = missing
+        self.records = records
+        self.summary = summary
+        self.frame = None
+
+
+# gRPC servers refuse messages above 4 MiB unless configured otherwise (condgen serve refuses
+# bigger requests than --max-request-bytes itself, with INVALID_ARGUMENT).
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -170,12 +192,14 @@ class _Base:
         token: str | None = None,
         tls: TlsSettings | None = None,
         retry: RetryPolicy = RetryPolicy(),
+        max_request_bytes: int = MAX_REQUEST_BYTES,
     ):
         self.targets = [target] if isinstance(target, str) else list(target)
         if not self.targets:
             raise ValueError("give at least one target")
         self.timeout = timeout
         self.retry = retry
+        self.max_request_bytes = max_request_bytes
         self._tls = tls
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._current = 0
@@ -203,6 +227,8 @@ class _Base:
 
     def _should_retry(self, exc: grpc.RpcError, progress: Progress, deadline: float | None) -> bool:
         left = self._left(deadline)
+        if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (exc.details() or ""):
+            return False  # gRPC's message size limit: every target would refuse it the same way
         return exc.code() in RETRYABLE and progress.attempt < self.retry.max_attempts and (left is None or left > 0)
 
     def _rotate(self) -> None:
@@ -216,25 +242,64 @@ class _Base:
         self.last_summary = None
         return progress, deadline, request_id or uuid.uuid4().hex[:16]
 
+    def _calls(self, progress: Progress) -> list[pb.GenerateRequest]:
+        """The requests for what is still missing, each checked against the size limit first:
+        a request too big for any server is refused here once, not retried on every target."""
+        requests = progress.next_requests()
+        for request in requests:
+            size = request.ByteSize()
+            if size > self.max_request_bytes:
+                raise GenerateError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"the request is {size} bytes; the limit is {self.max_request_bytes} "
+                    "(Client(max_request_bytes=...)); send fewer or shorter examples",
+                )
+        return requests
+
     def _take(self, progress: Progress, response: pb.GenerateResponse) -> Record | None:
         """A streamed message: a new record to hand out, or None (a summary, a resent record)."""
         if response.HasField("summary"):
-            progress.summaries.append(response.summary)
+            progress.call.summary = response.summary
             return None
         index = progress.accept(response.record)
         return None if index is None else _record(response.record, index)
 
     def _retry_delay(self, exc: grpc.RpcError, progress: Progress, deadline: float | None, request_id: str) -> float:
         """Seconds to wait before resuming on the next target; raises GenerateError when the
-        failure is final (not retryable, attempts or deadline spent)."""
+        failure is final (not retryable, attempts or deadline spent, or the server's
+        `retry-after` hint ends past the deadline on the only target)."""
         self.last_request_id = _echoed_request_id(exc.trailing_metadata()) or request_id
-        if not self._should_retry(exc, progress, deadline):
+        hint = retry_after_seconds(exc.trailing_metadata())
+        delay = self.retry.delay(progress.attempt, self._rng)
+        if hint is not None:  # the server's own estimate; another target need not wait for it
+            delay = hint if len(self.targets) == 1 else min(hint, delay)
+        left = self._left(deadline)
+        if not self._should_retry(exc, progress, deadline) or (left is not None and delay >= left):
             self.last_summary = progress.summary()
             raise GenerateError.from_rpc(exc, request_id) from exc
-        delay = min(self.retry.delay(progress.attempt, self._rng), self._left(deadline) or 1e9)
-        progress.attempt += 1
+        progress.move_on(ended_short=False)
         self._rotate()
         return delay
+
+    def _follow_up(self, progress: Progress, deadline: float | None, allow_incomplete: bool) -> bool:
+        """After calls that ended normally: whether to ask again for what is still missing.
+        False when nothing is missing, or (with `allow_incomplete`) when attempts or time are
+        spent; then raises IncompleteError instead unless `allow_incomplete`."""
+        self.last_summary = progress.summary()
+        if not progress.remaining():
+            return False
+        left = self._left(deadline)
+        spent = (
+            "the deadline"
+            if left is not None and left <= 0
+            else (f"{progress.attempt} follow-up calls" if progress.attempt >= self.retry.max_attempts else None)
+        )
+        if spent is None:
+            progress.move_on(ended_short=True)
+            return True
+        if allow_incomplete:
+            return False
+        raise IncompleteError(progress.remaining(), [], self.last_summary, spent)
 
 
 class Client(_Base):
@@ -258,18 +323,27 @@ class Client(_Base):
         *,
         on_record: Callable[[Record], None] | None = None,
         request_id: str | None = None,
+        allow_incomplete: bool = False,
         **settings,
     ) -> Iterator[Record]:
-        """Stream records (settings: see `build_request`); the summary lands in `last_summary`."""
+        """Stream exactly `num_records` records of each intent (settings: see `build_request`);
+        the summary lands in `last_summary`. When the servers cannot deliver them all within
+        the retry policy and the deadline, raises `IncompleteError` after the last record, or
+        with `allow_incomplete=True` returns short (`last_summary.complete` is False)."""
         progress, deadline, request_id = self._begin(intents, num_records, request_id, settings)
-        while progress.remaining():
-            try:
-                for request in progress.next_requests():
-                    yield from self._one_call(request, progress, deadline, on_record, request_id)
-                break
-            except grpc.RpcError as exc:
-                time.sleep(self._retry_delay(exc, progress, deadline, request_id))
-        self.last_summary = progress.summary()
+        try:
+            while True:
+                try:
+                    for request in self._calls(progress):
+                        progress.start_call()
+                        yield from self._one_call(request, progress, deadline, on_record, request_id)
+                except grpc.RpcError as exc:
+                    time.sleep(self._retry_delay(exc, progress, deadline, request_id))
+                    continue
+                if not self._follow_up(progress, deadline, allow_incomplete):
+                    break
+        finally:
+            self.last_summary = progress.summary()
 
     def _one_call(self, request, progress: Progress, deadline, on_record, request_id) -> Iterator[Record]:
         call = self._stub().Generate(request, timeout=self._left(deadline), metadata=self._call_metadata(request_id))
@@ -298,7 +372,13 @@ class Client(_Base):
         """
         from condgen.client.frames import records_to_frame
 
-        frame = records_to_frame(self.generate(intents, num_records, **settings), with_scores)
+        records: list[Record] = []
+        try:
+            records.extend(self.generate(intents, num_records, **settings))
+        except IncompleteError as exc:
+            exc.records, exc.frame = records, records_to_frame(records, with_scores)
+            raise
+        frame = records_to_frame(records, with_scores)
         return (frame, self.last_summary) if return_summary else frame
 
     def list_intents(self) -> dict[str, int]:
@@ -333,25 +413,36 @@ class AsyncClient(_Base):
         self._channels.clear()
 
     async def generate(
-        self, intents: Sequence[str], num_records: int, *, request_id: str | None = None, **settings
+        self,
+        intents: Sequence[str],
+        num_records: int,
+        *,
+        request_id: str | None = None,
+        allow_incomplete: bool = False,
+        **settings,
     ) -> AsyncIterator[Record]:
         """Stream records, as `Client.generate` does."""
         progress, deadline, request_id = self._begin(intents, num_records, request_id, settings)
-        while progress.remaining():
-            try:
-                for request in progress.next_requests():
-                    call = self._stub().Generate(
-                        request, timeout=self._left(deadline), metadata=self._call_metadata(request_id)
-                    )
-                    async for response in call:
-                        record = self._take(progress, response)
-                        if record is not None:
-                            yield record
-                    self.last_request_id = _echoed_request_id(await call.trailing_metadata())
-                break
-            except grpc.RpcError as exc:
-                await asyncio.sleep(self._retry_delay(exc, progress, deadline, request_id))
-        self.last_summary = progress.summary()
+        try:
+            while True:
+                try:
+                    for request in self._calls(progress):
+                        progress.start_call()
+                        call = self._stub().Generate(
+                            request, timeout=self._left(deadline), metadata=self._call_metadata(request_id)
+                        )
+                        async for response in call:
+                            record = self._take(progress, response)
+                            if record is not None:
+                                yield record
+                        self.last_request_id = _echoed_request_id(await call.trailing_metadata())
+                except grpc.RpcError as exc:
+                    await asyncio.sleep(self._retry_delay(exc, progress, deadline, request_id))
+                    continue
+                if not self._follow_up(progress, deadline, allow_incomplete):
+                    break
+        finally:
+            self.last_summary = progress.summary()
 
     async def generate_df(
         self,
@@ -364,7 +455,13 @@ class AsyncClient(_Base):
     ):
         from condgen.client.frames import records_to_frame
 
-        records = [r async for r in self.generate(intents, num_records, **settings)]
+        records: list[Record] = []
+        try:
+            async for record in self.generate(intents, num_records, **settings):
+                records.append(record)
+        except IncompleteError as exc:
+            exc.records, exc.frame = records, records_to_frame(records, with_scores)
+            raise
         frame = records_to_frame(records, with_scores)
         return (frame, self.last_summary) if return_summary else frame
 

@@ -635,36 +635,42 @@ def recent_duplicates_setting(args) -> bool | None:
 def cmd_generate(args) -> None:
     from tqdm import tqdm
 
+    from condgen.client import IncompleteError
     from condgen.client.frames import check_output_path, read_examples_csv, records_to_frame, write_frame
 
     check_output_path(args.output)
     examples = read_examples_csv(args.examples) if args.examples else None
     total = len(args.intent) * args.num_records
+    records: list = []
+    incomplete = None
     with (
         connect(args, args.timeout) as client,
         tqdm(total=total, unit="rec", desc="generating", file=sys.stderr) as bar,
     ):
-        records = list(
-            client.generate(
-                args.intent,
-                args.num_records,
-                on_record=lambda _: bar.update(1),
-                seed=args.seed,
-                temperature=args.temperature,
-                top_p=args.top_p,
-                top_k=args.top_k,
-                max_new_tokens=args.max_new_tokens,
-                num_prompt_examples=args.prompt_examples,
-                allow_training_copies=args.allow_training_copies,
-                avoid_recent_duplicates=recent_duplicates_setting(args),
-                min_fidelity=args.min_fidelity,
-                require_predicted_intent=args.require_predicted_intent,
-                request_id=args.request_id,
-                examples=examples,
-                label_check=args.label_check,
-                label_margin=args.label_margin,
+        try:
+            records.extend(
+                client.generate(
+                    args.intent,
+                    args.num_records,
+                    on_record=lambda _: bar.update(1),
+                    seed=args.seed,
+                    temperature=args.temperature,
+                    top_p=args.top_p,
+                    top_k=args.top_k,
+                    max_new_tokens=args.max_new_tokens,
+                    num_prompt_examples=args.prompt_examples,
+                    allow_training_copies=args.allow_training_copies,
+                    avoid_recent_duplicates=recent_duplicates_setting(args),
+                    min_fidelity=args.min_fidelity,
+                    require_predicted_intent=args.require_predicted_intent,
+                    request_id=args.request_id,
+                    examples=examples,
+                    label_check=args.label_check,
+                    label_margin=args.label_margin,
+                )
             )
-        )
+        except IncompleteError as exc:
+            incomplete = exc
         summary = client.last_summary
     write_frame(records_to_frame(records), args.output)
     print(f"wrote {len(records)} records to {args.output}")
@@ -675,12 +681,8 @@ def cmd_generate(args) -> None:
             f"accepted {summary.records_accepted} of {summary.lines_parsed} lines ({rate:.0%}); "
             f"rejected {rejected or 'none'}; {summary.tokens_generated} tokens in {summary.elapsed_seconds:.1f} s"
         )
-        if summary.incomplete_intents:
-            print(
-                f"warning: round budget spent before reaching {args.num_records} records for "
-                f"{', '.join(summary.incomplete_intents)}",
-                file=sys.stderr,
-            )
+    if incomplete is not None:
+        raise CliError(f"{incomplete}; the rows received are in {args.output}")
 
 
 def cmd_evaluate(args) -> None:

@@ -58,7 +58,7 @@ class PendingLine:
         return not (self.state.finished or self.state.cancelled or self.job.satisfied)
 
     def to_check(self) -> LineToCheck:
-        return LineToCheck(self.verdict.text, self.job.intent, self.state.spec.examples)
+        return LineToCheck(self.verdict.text, self.job.intent, self.state.spec.label_examples)
 
 
 @dataclass

@@ -37,6 +37,7 @@ class GenerationSpec:
     min_fidelity: float = 0.0
     require_predicted_intent: bool = False
     examples: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # request-supplied, per intent
+    rival_examples: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # of intents not generated
     label_check: bool = False
     label_margin: float = 0.0
 
@@ -45,6 +46,12 @@ class GenerationSpec:
         return JudgeSettings(
             self.allow_training_copies, self.avoid_recent_duplicates, self.min_fidelity, self.require_predicted_intent
         )
+
+    @property
+    def label_examples(self) -> Mapping[str, tuple[str, ...]]:
+        """Every intent the request brought examples of (generated or only a rival): the label
+        check's request-supplied candidates."""
+        return {**self.rival_examples, **self.examples} if self.rival_examples else self.examples
 
     def round_budget(self) -> int:
         if self.max_rounds:

@@ -157,6 +157,19 @@ def test_the_label_check_scores_against_supplied_rivals(fake_bundle_dir):
     assert summary.rejected["label_check"] > 0 and summary.incomplete_intents == ["exchange_rate"]
 
 
+def test_rival_examples_keep_a_complete_intent_as_a_rival_of_the_label_check(fake_bundle_dir):
+    """A resumed call asks only for exchange_rate; crypto_purchase, complete, comes as a rival:
+    exchange_rate lines are still compared with it, as in the first call."""
+    supplied = {"crypto_purchase": ("buy crypto with my card", "can i buy bitcoin", "purchase crypto today")}
+    resumed = spec("exchange_rate", 3, 5, rival_examples=supplied, label_check=True)
+    [(records, summary)], _, _ = run(fake_bundle_dir, [resumed])
+    assert summary.complete and {r.intent for r in records} == {"exchange_rate"}
+    assert all(r.label_margin >= 0 for r in records)  # checked against the rival, not NaN
+    alone = spec("exchange_rate", 3, 5, label_check=True)
+    [(unchecked, _)], _, _ = run(fake_bundle_dir, [alone])
+    assert all(math.isnan(r.label_margin) for r in unchecked)  # no classifier here: no rival without it
+
+
 def test_same_seed_same_records_under_the_label_check(fake_bundle_dir):
     supplied = {"crypto_purchase": ("buy crypto with my card", "can i buy bitcoin")}
     target = spec(("crypto_purchase", "card_arrival"), 3, 7, examples=supplied, label_check=True)

@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from condgen.bundle import read_examples, read_manifest
-from condgen.client import GenerateError
+from condgen.client import GenerateError, IncompleteError
 from condgen.client.frames import read_examples_csv
 from condgen.codec import normalize_for_match
 from condgen.server.engine import Engine
@@ -74,12 +74,14 @@ def test_rivals_are_the_classifier_top_other_intents_and_the_request_new_ones(ch
 
 
 def test_lines_the_model_gives_to_another_intent_are_rejected_and_counted(client):
-    strict = list(
-        client.generate(["card_arrival"], 2, seed=4, label_check=True, label_margin=50.0, max_rounds=3, **BASE)
-    )
+    strict = []
+    with pytest.raises(IncompleteError) as incomplete:
+        strict.extend(
+            client.generate(["card_arrival"], 2, seed=4, label_check=True, label_margin=50.0, max_rounds=3, **BASE)
+        )
     summary = client.last_summary
-    assert strict == [] and not summary.complete
-    assert summary.rejected.label_check > 0
+    assert strict == [] and not summary.complete and incomplete.value.missing == {"card_arrival": 2}
+    assert summary.rejected.label_check > 0 and summary.rounds == 3 * (1 + client.retry.max_attempts)
     lenient = list(
         client.generate(["card_arrival", "exchange_rate"], 3, seed=4, label_check=True, label_margin=-50.0, **BASE)
     )
@@ -231,7 +233,7 @@ def test_the_judge_checks_copies_of_request_examples():
     assert copy.reason == "training_copy" and fresh.reason is None
 
 
-def test_a_retry_sends_the_examples_of_the_missing_intents_only():
+def test_a_retry_sends_the_missing_intents_examples_as_prompts_and_the_others_as_rivals():
     from condgen.client.client import build_request
     from condgen.client.resume import Progress
 
@@ -245,6 +247,8 @@ def test_a_retry_sends_the_examples_of_the_missing_intents_only():
     (retry,) = progress.next_requests()
     assert list(retry.intents) == ["card_arrival"]
     assert [e.intent for e in retry.examples] == ["card_arrival"]
+    # the complete intent's examples stay the label check's rivals
+    assert [(e.intent, list(e.texts)) for e in retry.rival_examples] == [(NEW_INTENT, NEW_TEXTS)]
 
 
 @pytest.mark.parametrize(
