@@ -100,6 +100,7 @@ def _add_serve(sub) -> None:
     from condgen.server.app import ServeConfig
     from condgen.server.engine import DEVICES, EngineConfig
     from condgen.server.heap import HeapConfig
+    from condgen.server.admission import AdmissionConfig
     from condgen.server.scheduler import SchedulerConfig
 
     p = sub.add_parser(
@@ -145,6 +146,21 @@ def _add_serve(sub) -> None:
         default=SchedulerConfig.max_active_requests,
         help=f"requests in flight (default {SchedulerConfig.max_active_requests}); beyond it calls get "
         "RESOURCE_EXHAUSTED",
+    )
+    p.add_argument(
+        "--deadline-admission",
+        action=argparse.BooleanOptionalAction,
+        default=AdmissionConfig.enabled,
+        help="refuse at once (RESOURCE_EXHAUSTED with a retry-after hint) a call with a deadline that the "
+        "rows owed ahead of it, at the measured rows per second, would outlast (default on; "
+        "see docs/operations.md)",
+    )
+    p.add_argument(
+        "--admission-prior-rows-per-second",
+        type=float,
+        default=AdmissionConfig.prior_rows_per_second,
+        help="rows per second assumed until the server has measured its own (default "
+        f"{AdmissionConfig.prior_rows_per_second}; used only by --deadline-admission)",
     )
     p.add_argument(
         "--prefix-cache-tokens",
@@ -587,6 +603,7 @@ def cmd_serve(args) -> None:
             max_active_requests=args.max_active_requests,
             prefix_cache_tokens=args.prefix_cache_tokens,
             max_batch_tokens=args.max_batch_tokens,
+            admission=admission_config(args),
         ),
         grace_seconds=args.grace_seconds,
         metrics_port=args.metrics_port,
@@ -598,6 +615,18 @@ def cmd_serve(args) -> None:
         security=SecurityConfig.from_files(args.tls_cert, args.tls_key, args.tls_client_ca, args.auth_token_file),
     )
     asyncio.run(serve_forever(config))
+
+
+def admission_config(args):
+    """`condgen serve`'s admission flags; a bad value is a one-line error."""
+    from condgen.server.admission import AdmissionConfig
+
+    try:
+        return AdmissionConfig(
+            enabled=args.deadline_admission, prior_rows_per_second=args.admission_prior_rows_per_second
+        )
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
 
 
 def label_check_config(args) -> LabelCheckConfig:

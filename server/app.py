@@ -2,8 +2,11 @@
 
 Besides condgen.v1.Generator the server offers the standard grpc.health.v1.Health
 service and server reflection, and Prometheus metrics over HTTP when `metrics_port` is set.
-SIGTERM/SIGINT turn health to NOT_SERVING, refuse new calls with UNAVAILABLE, let in-flight
-streams finish within the grace period, then exit.
+SIGTERM/SIGINT turn health to NOT_SERVING, refuse new calls with UNAVAILABLE, fail the
+queued requests that have not started with UNAVAILABLE (their callers go to another replica),
+let the started streams finish within the grace period, then exit. If the scheduler itself
+crashes, the server logs the traceback, turns NOT_SERVING, drains and `condgen serve` exits
+non-zero.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from condgen.bundle import read_manifest
+from condgen.errors import CondgenError
 from condgen.server.engine import Engine, EngineConfig
 from condgen.server.heap import HeapConfig, HeapKeeper
 from condgen.server.limits import Defaults, LabelCheckConfig, Limits
@@ -32,6 +36,12 @@ from condgen.v1 import generator_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generator"].full_name
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+RECEIVE_SLACK_BYTES = 64 * 1024  # above --max-request-bytes, so that validation answers (INVALID_ARGUMENT)
+SCHEDULER_STOP_SECONDS = 10.0  # after the grace: for the loop to notice the cancelled streams
+
+
+class SchedulerCrashed(CondgenError, RuntimeError):
+    """The batching loop stopped with an error; the server shut down (traceback in the log)."""
 
 
 @dataclass(frozen=True)
@@ -69,19 +79,40 @@ class RunningServer:
     telemetry: Telemetry
     metrics_port: int | None = None
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    failure: BaseException | None = None  # the scheduler's crash, if it crashed
 
     async def stop(self) -> None:
-        """Drain: NOT_SERVING, refuse new work, finish in-flight streams within the grace."""
+        """Drain: NOT_SERVING, refuse new work and fail what has not started, finish the started
+        streams within the grace, then let the scheduler loop end (cancelled only if it hangs)."""
         if self.stopped.is_set():
             return
         log.info("shutting down: draining for up to %.0f s", self.grace_seconds)
         await self.health.enter_graceful_shutdown()
         self.scheduler.stop()
         await self.server.stop(self.grace_seconds)
-        self.scheduler_task.cancel()
-        await asyncio.gather(self.scheduler_task, return_exceptions=True)
+        done, _ = await asyncio.wait([self.scheduler_task], timeout=SCHEDULER_STOP_SECONDS)
+        if not done:
+            log.warning(
+                "the scheduler did not stop within %.0f s after the grace; cancelling it", SCHEDULER_STOP_SECONDS
+            )
+            self.scheduler_task.cancel()
+            await asyncio.gather(self.scheduler_task, return_exceptions=True)
+        self._note_failure()
         self.telemetry.close()
         self.stopped.set()
+
+    def _note_failure(self) -> None:
+        task = self.scheduler_task
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            self.failure = task.exception()
+
+    def on_scheduler_done(self, task: asyncio.Task) -> None:
+        """The loop ended: fine while stopping; otherwise it crashed, so say so and stop serving."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.critical("the scheduler crashed; the server stops serving", exc_info=task.exception())
+        self.failure = task.exception()
+        asyncio.get_running_loop().create_task(self.health.enter_graceful_shutdown())
 
 
 async def start_server(config: ServeConfig, engine: Engine | None = None) -> RunningServer:
@@ -97,11 +128,13 @@ async def start_server(config: ServeConfig, engine: Engine | None = None) -> Run
         on_step=telemetry.observe_step,
         manifest=manifest,
         engine=engine,
+        on_queue_wait=telemetry.observe_queue_wait,
     )
     engine = scheduler.engine
     telemetry.watch(scheduler)
+    receive_limit = max(MAX_MESSAGE_BYTES, config.limits.max_request_bytes + RECEIVE_SLACK_BYTES)
     options = [
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", receive_limit),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ]
     if config.max_connection_age_seconds is not None:
@@ -138,7 +171,11 @@ async def start_server(config: ServeConfig, engine: Engine | None = None) -> Run
         ", TLS" if credentials else "",
         ", token auth" if config.security.auth_token else "",
     )
-    return RunningServer(server, port, scheduler, task, health_servicer, config.grace_seconds, telemetry, metrics_port)
+    running = RunningServer(
+        server, port, scheduler, task, health_servicer, config.grace_seconds, telemetry, metrics_port
+    )
+    task.add_done_callback(running.on_scheduler_done)
+    return running
 
 
 async def serve_forever(config: ServeConfig) -> None:
@@ -150,8 +187,10 @@ async def serve_forever(config: ServeConfig) -> None:
         heap.stop()
 
 
-async def _serve_until_signalled(config: ServeConfig) -> None:
-    running = await start_server(config)
+async def _serve_until_signalled(config: ServeConfig, engine: Engine | None = None) -> None:
+    """Serve until a signal, the gRPC server's end or the scheduler's crash; then drain.
+    Raises SchedulerCrashed (the CLI exits non-zero) when the scheduler crashed."""
+    running = await start_server(config, engine)
     print(f"condgen server listening on {config.host}:{running.port}", flush=True)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -164,3 +203,7 @@ async def _serve_until_signalled(config: ServeConfig) -> None:
     ]
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     await running.stop()
+    if running.failure is not None:
+        raise SchedulerCrashed(
+            f"the scheduler crashed ({running.failure!r}; traceback in the log above); the server shut down"
+        )

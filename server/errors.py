@@ -1,7 +1,8 @@
 """Server errors and the one place that maps them to gRPC status codes.
 
 Handlers raise these; `grpc_errors` (a decorator for unary and streaming handlers) turns
-them into statuses: bad input INVALID_ARGUMENT, overload RESOURCE_EXHAUSTED, shutting down
+them into statuses: bad input INVALID_ARGUMENT, overload RESOURCE_EXHAUSTED (with a
+`retry-after` hint in the trailing metadata when the server has an estimate), shutting down
 UNAVAILABLE, anything else INTERNAL with the error logged under the call's request id.
 """
 
@@ -15,6 +16,7 @@ import logging
 import grpc
 
 log = logging.getLogger(__name__)
+RETRY_AFTER_KEY = "retry-after"  # trailing metadata: seconds until the server expects room
 
 
 class RequestError(ValueError):
@@ -22,7 +24,12 @@ class RequestError(ValueError):
 
 
 class Overloaded(RuntimeError):
-    """The server's admission queue is full."""
+    """The server's admission queue is full, or the request would not be served before its
+    caller's deadline; `retry_after` (seconds), when known, goes to the caller as a hint."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class ShuttingDown(RuntimeError):
@@ -43,6 +50,12 @@ def status_for(exc: Exception, request_id: str) -> tuple[grpc.StatusCode, str]:
             return code, str(exc)
     log.error("request %s failed", request_id, exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal error (request id {request_id}); see the server log"
+
+
+def _hint_retry_after(exc: Exception, call) -> None:
+    retry_after = getattr(exc, "retry_after", None)
+    if isinstance(exc, Overloaded) and retry_after is not None:
+        call.add_trailing(RETRY_AFTER_KEY, f"{retry_after:.2f}")
 
 
 def _final_code(context) -> grpc.StatusCode:
@@ -79,6 +92,7 @@ def grpc_errors(handler):
                 raise
             except Exception as exc:  # noqa: BLE001 - mapped to a status, never lost
                 code, message = status_for(exc, call.request_id)
+                _hint_retry_after(exc, call)
                 call.end(code, message)
                 await context.abort(code, message)
 
@@ -97,6 +111,7 @@ def grpc_errors(handler):
             raise
         except Exception as exc:  # noqa: BLE001
             code, message = status_for(exc, call.request_id)
+            _hint_retry_after(exc, call)
             call.end(code, message)
             await context.abort(code, message)
         call.end(grpc.StatusCode.OK)

@@ -11,8 +11,12 @@ afresh from the prompt (whose prefill the prefix cache keeps), instead of spendi
 repeats. Only the sequence's own history decides, so a seeded request gets
 the same records whatever shares the batch. A line the label check refused is remembered with
 the job's accepted ones: written again by any sequence, it is a duplicate, not scored again.
-Accepted lines become `GeneratedRecord`s in their request's outbox; every line parsed, record
-accepted and rejection is counted per request and over the server's life (`Totals`).
+Accepted lines become `GeneratedRecord`s in their request's outbox; every record accepted and
+rejection is counted per request and over the server's life (`Totals`), and a line counts as
+parsed when it gets one of those verdicts, so parsed = accepted + rejected. A waiting line
+dropped because its request no longer wants it (its intent complete, the request cancelled)
+gets no verdict and is not counted. The check against the server's recent output is made again
+when a waiting line is accepted: another request may have been given the same text meanwhile.
 """
 
 from __future__ import annotations
@@ -124,8 +128,6 @@ class LineKeeper:
 
     def _judge_line(self, seq: Sequence, line: str) -> None:
         state, job = seq.request, seq.job
-        state.summary.lines_parsed += 1
-        self.totals.lines_parsed += 1
         verdict = self.judge.judge(line, job.intent, state.spec.judging, job.seen, seq.prompt_keys, job.supplied)
         if verdict.reason is not None:
             self.reject(state, verdict.reason)
@@ -150,10 +152,13 @@ class LineKeeper:
 
     def accept(self, state: RequestState, job: Job, verdict: Verdict, label_margin: float = NOT_CHECKED) -> None:
         if job.satisfied or state.cancelled or state.finished:
-            return
+            return  # no longer wanted: no verdict, not counted
         if self.judge.seen_before(verdict.text, job.seen):  # an earlier line of this step
             return self.reject(state, "duplicate")
+        if self.judge.recently_sent(job.intent, verdict.text, state.spec.judging):  # to another request
+            return self.reject(state, "duplicate")
         self.judge.remember(job.intent, verdict.text, job.seen)
+        self._count_parsed(state)
         state.outbox.put_nowait(
             GeneratedRecord(
                 job.intent, verdict.text, job.accepted, verdict.fidelity, verdict.predicted_intent, label_margin
@@ -166,3 +171,8 @@ class LineKeeper:
     def reject(self, state: RequestState, reason: str) -> None:
         state.summary.rejected[reason] += 1
         self.totals.rejected[reason] += 1
+        self._count_parsed(state)
+
+    def _count_parsed(self, state: RequestState) -> None:
+        state.summary.lines_parsed += 1
+        self.totals.lines_parsed += 1

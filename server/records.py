@@ -36,6 +36,7 @@ REJECTION_REASONS = (
     "label_check",
 )
 RECENT_PER_INTENT = 5000
+RECENT_INTENTS = 1000  # intents remembered (request-supplied ones come and go); least recent forgotten
 
 
 @dataclass(frozen=True)
@@ -75,22 +76,32 @@ class JudgeSettings:
 
 
 class RecentOutput:
-    """The server's recent accepted texts per intent (bounded, oldest forgotten first)."""
+    """The server's recent accepted texts per intent, bounded both ways: `per_intent` texts
+    (oldest forgotten first) of at most `intents` intents (the one written to least recently
+    forgotten first), so that intents brought by requests do not pile up."""
 
-    def __init__(self, per_intent: int = RECENT_PER_INTENT):
+    def __init__(self, per_intent: int = RECENT_PER_INTENT, intents: int = RECENT_INTENTS):
         self.per_intent = per_intent
-        self._texts: dict[str, OrderedDict] = {}
+        self.intents = intents
+        self._texts: OrderedDict[str, OrderedDict] = OrderedDict()
 
     def __contains__(self, item: tuple[str, str]) -> bool:
         intent, key = item
         return key in self._texts.get(intent, ())
 
+    def __len__(self) -> int:
+        """Intents remembered."""
+        return len(self._texts)
+
     def add(self, intent: str, key: str) -> None:
         texts = self._texts.setdefault(intent, OrderedDict())
+        self._texts.move_to_end(intent)
         texts[key] = None
         texts.move_to_end(key)
         while len(texts) > self.per_intent:
             texts.popitem(last=False)
+        while len(self._texts) > self.intents:
+            self._texts.popitem(last=False)
 
 
 class RecordJudge:
@@ -140,7 +151,7 @@ class RecordJudge:
         key = normalize_for_match(text)
         if key in prompt_texts:
             return Verdict(reason="prompt_echo")
-        if key in seen or (settings.avoid_recent_duplicates and (intent, key) in self.recent):
+        if key in seen or self.recently_sent(intent, text, settings):
             return Verdict(reason="duplicate")
         if not settings.allow_training_copies and (
             self.copies.is_copy(text) or (supplied is not None and supplied.is_copy(text))
@@ -150,6 +161,10 @@ class RecordJudge:
         if fidelity < settings.min_fidelity or (settings.require_predicted_intent and predicted != intent):
             return Verdict(reason="low_fidelity", fidelity=fidelity, predicted_intent=predicted)
         return Verdict(text=text, fidelity=fidelity, predicted_intent=predicted)
+
+    def recently_sent(self, intent: str, text: str, settings: JudgeSettings) -> bool:
+        """Whether the server sent `text` for `intent` recently, when the request avoids that."""
+        return settings.avoid_recent_duplicates and (intent, normalize_for_match(text)) in self.recent
 
     @staticmethod
     def seen_before(text: str, seen: set[str]) -> bool:

@@ -115,6 +115,7 @@ class RequestState:
         self.summary = GenerationSummary()
         self.outbox: asyncio.Queue = asyncio.Queue()
         self.started = time.monotonic()
+        self.first_round_at: float | None = None  # when its first prompt round started
         self.cancelled = False
         self.finished = False
 

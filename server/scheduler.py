@@ -31,8 +31,16 @@ copies of them. Under the label check (server/label_check.py), a line that passe
 checks waits until the end of its step; then all such lines are scored together by the
 engine and each is accepted or rejected (`label_check`) by its margin.
 
+Admission: `submit` refuses a request at once when the queue is full, and (server/admission.py)
+when the rows owed ahead of it, at the measured rows per second, would outlast its caller's
+deadline. Rounds start in arrival order: a round that does not fit the batch's free rows (or
+its token budget) stops the pass, so later, smaller rounds cannot take the rows it waits for.
+`stop` fails at once the requests that have not started (UNAVAILABLE: their callers go to
+another replica) and lets the started ones finish.
+
 All state lives on the event loop thread; only the engine's passes (`Engine.forward`,
-`Engine.prefill`, `Engine.score`) run in a worker thread.
+`Engine.prefill`, `Engine.score`) run in a worker thread; the loop never touches the batch
+while a pass is running, even when it is cancelled.
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ import numpy as np
 
 from condgen.bundle import read_examples, read_manifest
 from condgen.codec import line_prefix, normalize_for_match
+from condgen.server.admission import Admission, AdmissionConfig
 from condgen.server.batch import Batch
 from condgen.server.engine import Engine, EngineConfig
 from condgen.server.errors import Overloaded, ShuttingDown
@@ -87,6 +96,7 @@ class SchedulerConfig:
     # the device's free memory on a GPU (`for_device`)
     max_batch_tokens: int = 0
     policy: str = "continuous"  # or "static": whole requests at a time (a baseline)
+    admission: AdmissionConfig = AdmissionConfig()  # refusing requests that would miss their deadline
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -132,6 +142,7 @@ class Scheduler:
         judge: RecordJudge | None = None,
         on_step: Callable[[str, int, float], None] | None = None,
         label_checker: LabelChecker | None = None,
+        on_queue_wait: Callable[[float], None] | None = None,
     ):
         self.engine = engine
         self.examples = examples
@@ -155,7 +166,9 @@ class Scheduler:
         self.prefix_cache = PrefixCache(self.config.prefix_cache_tokens)
         self.steps = 0
         self._on_step = on_step or (lambda phase, rows, seconds: None)
+        self._on_queue_wait = on_queue_wait or (lambda seconds: None)
         self.label_checker = label_checker  # None: the label check is not available
+        self.admission = Admission(self.config.admission)
 
     @property
     def judge(self) -> RecordJudge:
@@ -171,6 +184,7 @@ class Scheduler:
         on_step: Callable[[str, int, float], None] | None = None,
         manifest=None,
         engine: Engine | None = None,
+        on_queue_wait: Callable[[float], None] | None = None,
     ) -> Scheduler:
         """A scheduler over a bundle: its engine, judge and (where the graph can score) label check.
         `manifest`: the bundle's, when the caller has read (and verified) it already; `engine`: one
@@ -185,7 +199,7 @@ class Scheduler:
             checker = LabelChecker(engine, judge.scorer, examples, manifest.separator, label_check)
         else:
             log.warning("this bundle's graph keeps only the last logits: no label check (re-export the bundle)")
-        return cls(engine, examples, manifest.separator, config, judge, on_step, checker)
+        return cls(engine, examples, manifest.separator, config, judge, on_step, checker, on_queue_wait)
 
     @classmethod
     def for_bundle(
@@ -221,7 +235,10 @@ class Scheduler:
         return records, summary
 
     # ---- public API -------------------------------------------------------------------
-    def submit(self, spec: GenerationSpec) -> RequestHandle:
+    def submit(self, spec: GenerationSpec, time_left: float | None = None) -> RequestHandle:
+        """Queue a request; `time_left`: seconds until its caller's deadline (None: none).
+        Raises ShuttingDown, or Overloaded when the queue is full or the request would not be
+        done before the deadline (see server/admission.py)."""
         if self._stopping:
             raise ShuttingDown("the server is shutting down; retry on another server")
         if len(self.requests) >= self.config.max_active_requests:
@@ -231,6 +248,7 @@ class Scheduler:
             )
         if spec.label_check and self.label_checker is None:
             raise ValueError("this server has no label check (its bundle cannot score lines)")
+        self.admission.check(self.rows_owed(), spec.num_records * len(spec.intents), time_left)
         jobs = [self._job(spec, number, intent) for number, intent in enumerate(spec.intents)]
         state = RequestState(next(self._ids), spec, jobs)
         self.requests.append(state)
@@ -247,6 +265,10 @@ class Scheduler:
             examples=list(supplied) if supplied else self.examples[intent],
             supplied=CopyIndex(supplied) if supplied else None,
         )
+
+    def rows_owed(self) -> int:
+        """Records still owed to the requests in flight."""
+        return sum(max(0, job.target - job.accepted) for state in self.requests for job in state.jobs)
 
     def cancel(self, state: RequestState) -> None:
         if not state.finished:
@@ -266,6 +288,8 @@ class Scheduler:
             "reserved_batch_tokens": self._footprint(sequences),
             "batch_rows": rows,
             "steps": self.steps,
+            "rows_owed": self.rows_owed(),
+            "rows_per_second": self.admission.rate.rows_per_second,
             "policy": self.config.policy,
             "prefix_cache": self.prefix_cache.stats(),
         }
@@ -282,8 +306,11 @@ class Scheduler:
         }
 
     def stop(self) -> None:
-        """Take no new requests; `run` returns once the ones in flight are done."""
+        """Take no new requests and fail the queued ones that have not started (UNAVAILABLE, so
+        their callers go to another replica); `run` returns once the started ones are done."""
         self._stopping = True
+        for state in [r for r in self.requests if r.first_round_at is None]:
+            self._finish(state, error=ShuttingDown("the server is shutting down; retry on another server"))
         self._wake.set()
 
     async def run(self) -> None:
@@ -296,18 +323,28 @@ class Scheduler:
                     self._wake.clear()
                     await self._wake.wait()
                     continue
-                await self._admit_rounds(loop)
-                await self._check_labels(loop)
-                if self.batch is not None and len(self.batch):
-                    await self._decode_step(loop)
-                    await self._check_labels(loop)
-                else:  # nothing to decode: requests whose budget is spent finish; never spin
-                    self._retire_requests()
-                    await asyncio.sleep(0)
+                started, delivered = time.perf_counter(), self.lines.totals.records_accepted
+                await self._iterate(loop)
+                self.admission.rate.observe(
+                    self.lines.totals.records_accepted - delivered, time.perf_counter() - started
+                )
         finally:
-            self._executor.shutdown(wait=False)
+            # A pass may still run in the engine thread (the loop was cancelled while awaiting
+            # it): wait for it before the requests' rows leave the batch it is working on.
+            await asyncio.shield(asyncio.to_thread(self._executor.shutdown, True))
             for state in list(self.requests):
                 self._finish(state, error=ShuttingDown("the server stopped before this request finished"))
+
+    async def _iterate(self, loop) -> None:
+        """One turn of the loop: admit rounds, decode a step, check the lines that ended."""
+        await self._admit_rounds(loop)
+        await self._check_labels(loop)
+        if self.batch is not None and len(self.batch):
+            await self._decode_step(loop)
+            await self._check_labels(loop)
+        else:  # nothing to decode: requests whose budget is spent finish; never spin
+            self._retire_requests()
+            await asyncio.sleep(0)
 
     async def _decode_step(self, loop) -> None:
         """One forward pass for the whole batch. If the pass itself fails, every request in the
@@ -367,14 +404,16 @@ class Scheduler:
             self.batch = self.batch.filter([s for s in self.batch.seq_ids if s in self.sequences], consume=True)
 
     def _plan_rounds(self) -> list[RoundPlan]:
-        """Rounds to start now, in request order. The first round that does not fit the token
-        budget stops the pass, so later rounds cannot take the budget it waits for."""
+        """Rounds to start now, in request order. The first round that does not fit the free
+        rows or the token budget stops the pass, so later rounds cannot take what it waits for."""
         plans: list[RoundPlan] = []
         for state in self.policy.admissible(self.requests, self.config.max_batch_size):
             for job in state.jobs:
                 n = min(state.spec.sequences_per_round, self.config.max_batch_size, job.target - job.accepted)
-                if state.finished or not self.policy.wants_round(state, job) or n > self._room():
+                if state.finished or not self.policy.wants_round(state, job):
                     continue
+                if n > self._room():
+                    return plans
                 try:
                     plan = self._plan_round(state, job, n)
                 except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
@@ -416,6 +455,9 @@ class Scheduler:
             job.active.add(seq_id)
         job.rounds += 1
         state.summary.rounds += 1
+        if state.first_round_at is None:
+            state.first_round_at = time.monotonic()
+            self._on_queue_wait(state.first_round_at - state.started)
         return RoundPlan(state, seq_ids, prompt_ids, recurs=len(shown) == len(examples) and job.supplied is None)
 
     @staticmethod

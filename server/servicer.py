@@ -60,7 +60,7 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
             self.manifest.separator,
             self.scheduler.label_checker is not None,
         )
-        handle = self.scheduler.submit(spec)
+        handle = self.scheduler.submit(spec, time_left=context.time_remaining())
         try:
             async for item in handle:
                 if isinstance(item, GeneratedRecord):

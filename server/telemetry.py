@@ -116,6 +116,12 @@ class Telemetry:
             buckets=_BATCH_BUCKETS,
             registry=self.registry,
         )
+        self.queue_wait_seconds = Histogram(
+            "condgen_queue_wait_seconds",
+            "From a Generate request's admission to the start of its first prompt round",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.step_seconds = Histogram(
             "condgen_engine_step_seconds",
             "Engine pass time by phase",
@@ -134,6 +140,10 @@ class Telemetry:
         self.step_seconds.labels(phase).observe(seconds)
         if phase == "decode":
             self.batch_size.observe(rows)
+
+    def observe_queue_wait(self, seconds: float) -> None:
+        """Called by the scheduler when a request starts its first round."""
+        self.queue_wait_seconds.observe(seconds)
 
     def serve_http(self, host: str, port: int) -> int:
         """Serve /metrics on host:port (0 picks a free port); returns the bound port."""
@@ -180,7 +190,14 @@ class CallTracker:
         self._last_record = self.started
         self._counts = _CallCounts()
         self._ended = False
-        context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
+        self._context = context
+        self._trailing: tuple[tuple[str, str], ...] = ((REQUEST_ID_KEY, self.request_id),)
+        context.set_trailing_metadata(self._trailing)
+
+    def add_trailing(self, key: str, value: str) -> None:
+        """One more entry of the trailing metadata (beside the echoed request id)."""
+        self._trailing += ((key, value),)
+        self._context.set_trailing_metadata(self._trailing)
 
     def sent(self, response) -> None:
         """Note a streamed response (records feed the latency histograms)."""
