@@ -97,10 +97,10 @@ def _add_export(sub) -> None:
 
 
 def _add_serve(sub) -> None:
+    from condgen.server.admission import AdmissionConfig
     from condgen.server.app import ServeConfig
     from condgen.server.engine import DEVICES, EngineConfig
     from condgen.server.heap import HeapConfig
-    from condgen.server.admission import AdmissionConfig
     from condgen.server.scheduler import SchedulerConfig
 
     p = sub.add_parser(

@@ -36,7 +36,6 @@ from condgen.v1 import generator_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generator"].full_name
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
-RECEIVE_SLACK_BYTES = 64 * 1024  # above --max-request-bytes, so that validation answers (INVALID_ARGUMENT)
 SCHEDULER_STOP_SECONDS = 10.0  # after the grace: for the loop to notice the cancelled streams
 
 
@@ -132,7 +131,9 @@ async def start_server(config: ServeConfig, engine: Engine | None = None) -> Run
     )
     engine = scheduler.engine
     telemetry.watch(scheduler)
-    receive_limit = max(MAX_MESSAGE_BYTES, config.limits.max_request_bytes + RECEIVE_SLACK_BYTES)
+    # twice --max-request-bytes: a request over that limit gets validation's INVALID_ARGUMENT, which
+    # says which flag sets it, rather than gRPC's RESOURCE_EXHAUSTED (which clients would retry)
+    receive_limit = max(MAX_MESSAGE_BYTES, 2 * config.limits.max_request_bytes)
     options = [
         ("grpc.max_receive_message_length", receive_limit),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

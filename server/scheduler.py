@@ -317,9 +317,11 @@ class Scheduler:
         """The batching loop; runs until `stop` and the last request finishes."""
         loop = asyncio.get_running_loop()
         try:
-            while not (self._stopping and not self.requests):
+            while True:
                 self._retire_requests()
                 if not self.requests:
+                    if self._stopping:  # stopped, and the last request just retired
+                        break
                     self._wake.clear()
                     await self._wake.wait()
                     continue

@@ -4,10 +4,12 @@ request examples and the label check, in seconds and without a model (`make test
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import math
 
 import pytest
+from conftest import FAKE_EXAMPLES
 from fake_engine import FakeEngine
 
 from condgen.bundle import read_manifest
@@ -17,6 +19,7 @@ from condgen.server.sampling import SamplingSettings
 from condgen.server.scheduler import Scheduler, SchedulerConfig
 
 pytestmark = pytest.mark.fast
+FAKE_INTENTS = tuple(FAKE_EXAMPLES)
 
 
 def spec(intent, n, seed, **kw) -> GenerationSpec:
@@ -197,3 +200,198 @@ def test_automatic_batch_limits_follow_the_device():
     assert (unread.max_batch_size, unread.max_batch_tokens) == (256, 0)
     with pytest.raises(ValueError):
         SchedulerConfig(max_batch_size=-1)
+
+
+# ---- admission, fairness, drain and shutdown (issue 29) ---------------------------------------
+
+
+def test_stop_fails_the_queued_requests_at_once_and_lets_started_ones_finish(fake_bundle_dir):
+    """One request runs (the batch holds 3 rows); the other waits. `stop` fails the waiting one
+    with ShuttingDown at once, not when the running one is done."""
+
+    async def main():
+        config = SchedulerConfig(max_batch_size=3)
+        async with Scheduler.for_bundle(
+            fake_bundle_dir, config, engine=FakeEngine(read_manifest(fake_bundle_dir))
+        ) as s:
+            running = asyncio.create_task(s.collect(spec("card_arrival", 40, 1)))
+            while not s.sequences:
+                await asyncio.sleep(0.001)
+            queued = asyncio.create_task(s.collect(spec("exchange_rate", 3, 2)))
+            await asyncio.sleep(0.01)
+            s.stop()
+            await asyncio.sleep(0)  # the queued request's outbox is already failed
+            assert queued.done() and isinstance(queued.exception(), ShuttingDown)
+            assert not running.done()
+            return await running
+
+    records, summary = asyncio.run(main())
+    assert len(records) == summary.records_accepted > 0
+
+
+def test_a_wide_round_is_not_starved_by_later_narrow_ones(fake_bundle_dir):
+    """A 6-row round waits for 6 free rows; 2-row rounds that arrive after it must not take
+    rows first, or it waits while they keep the batch busy."""
+
+    async def main():
+        config = SchedulerConfig(max_batch_size=6)
+        async with Scheduler.for_bundle(
+            fake_bundle_dir, config, engine=FakeEngine(read_manifest(fake_bundle_dir))
+        ) as s:
+            first = asyncio.create_task(s.collect(spec("card_arrival", 4, 1, sequences_per_round=2)))
+            while not s.sequences:
+                await asyncio.sleep(0.001)
+            states = {}
+            wide = s.submit(spec("exchange_rate", 6, 2, sequences_per_round=6))
+            states["wide"] = wide._state
+            narrow = [s.submit(spec("lost_or_stolen_card", 2, 3 + n, sequences_per_round=2)) for n in range(3)]
+            states.update({f"narrow{n}": h._state for n, h in enumerate(narrow)})
+
+            async def drain(handle):
+                return [item async for item in handle]
+
+            await asyncio.gather(first, drain(wide), *[drain(h) for h in narrow])
+            return states
+
+    states = asyncio.run(main())
+    starts = {name: state.first_round_at for name, state in states.items()}
+    assert all(starts["wide"] <= start for name, start in starts.items() if name != "wide")
+
+
+def test_requests_past_their_deadline_are_refused_at_once_with_a_retry_after(fake_bundle_dir):
+    """With 1 row/s assumed, a 10 s deadline admits about 8 rows owed ahead (80% of 10 s); beyond
+    that, requests are refused as they arrive. Requests without a deadline still queue, and
+    every admitted one finishes."""
+    from condgen.server.admission import AdmissionConfig
+
+    config = SchedulerConfig(max_batch_size=3, admission=AdmissionConfig(prior_rows_per_second=1.0))
+
+    async def main():
+        engine = FakeEngine(read_manifest(fake_bundle_dir))
+        async with Scheduler.for_bundle(fake_bundle_dir, config, engine=engine) as s:
+            admitted, refused = [], []
+            for n in range(6):
+                try:
+                    admitted.append(s.submit(spec("card_arrival", 3, n), time_left=10.0))
+                except Overloaded as exc:
+                    refused.append(exc)
+            no_deadline = s.submit(spec("exchange_rate", 3, 9))
+
+            async def drain(handle):
+                return [item async for item in handle]
+
+            results = await asyncio.gather(*[drain(h) for h in admitted + [no_deadline]])
+            return admitted, refused, results
+
+    admitted, refused, results = asyncio.run(main())
+    # 0 owed: admitted; 3: 6 s; 6: 9 s > 8 s allowed: refused, and so is everything after it
+    assert len(admitted) == 2 and len(refused) == 4
+    assert all(exc.retry_after is not None and exc.retry_after > 0 for exc in refused)
+    assert "deadline" in str(refused[0])
+    assert all(sum(isinstance(i, GeneratedRecord) for i in items) == 3 for items in results)
+
+
+def test_the_row_rate_replaces_the_prior_once_measured():
+    from condgen.server.admission import Admission, AdmissionConfig
+
+    admission = Admission(AdmissionConfig(prior_rows_per_second=1.0, window_seconds=2.0))
+    admission.rate.observe(10, 1.0)  # half a window: not yet a measurement
+    assert admission.rows_per_second == 1.0
+    admission.rate.observe(10, 1.0)
+    assert admission.rows_per_second == 10.0
+    admission.rate.observe(40, 2.0)
+    assert admission.rows_per_second == 15.0  # half weight to the newest window (20 rows/s)
+    admission.check(rows_ahead=100, own_rows=10, time_left=None)  # no deadline: always queued
+    admission.check(rows_ahead=0, own_rows=10_000, time_left=1.0)  # idle: starts at once
+    admission.check(rows_ahead=100, own_rows=20, time_left=10.0)  # 8 s of 8 allowed
+    with pytest.raises(Overloaded) as refused:
+        admission.check(rows_ahead=100, own_rows=21, time_left=10.0)
+    assert refused.value.retry_after == pytest.approx(121 / 15 - 8)
+
+
+def test_concurrent_requests_never_get_the_same_text_under_the_label_check(fake_bundle_dir):
+    """Two identical requests that avoid the server's recent output: their lines wait for the
+    label check together; each text goes to one of them only."""
+    same = spec("card_arrival", 6, 4, label_check=True, avoid_recent_duplicates=True)
+    (first, _), (second, _) = run(fake_bundle_dir, [same, same])[0]
+    assert len(first) == len(second) == 6
+    assert not {r.text for r in first} & {r.text for r in second}
+
+
+def test_lines_parsed_is_accepted_plus_rejected(fake_bundle_dir):
+    """Under the label check many lines of a round wait while the intent fills up; those no
+    longer wanted are not counted as parsed."""
+    specs = [spec(intent, 2, seed, sequences_per_round=6, label_check=True) for seed, intent in enumerate(FAKE_INTENTS)]
+    results, _, totals = run(fake_bundle_dir, specs)
+    for _, summary in results:
+        assert summary.lines_parsed == summary.records_accepted + sum(summary.rejected.values())
+    assert totals["lines_parsed"] == totals["records_accepted"] + sum(totals["rejected"].values())
+
+
+def test_a_cancelled_loop_waits_for_the_running_pass_before_touching_the_batch(fake_bundle_dir):
+    """The server cancels the scheduler task at shutdown; the pass in the engine thread goes on.
+    The loop's cleanup (dropping the rows of unfinished requests) must wait for it."""
+    import threading
+
+    events: list[str] = []
+
+    class SlowEngine(FakeEngine):
+        def __init__(self, manifest):
+            super().__init__(manifest)
+            self.entered, self.release = threading.Event(), threading.Event()
+
+        def step(self, batch, temperatures):
+            self.entered.set()
+            self.release.wait(10)
+            events.append("pass done")
+            return super().step(batch, temperatures)
+
+    engine = SlowEngine(read_manifest(fake_bundle_dir))
+
+    async def main():
+        scheduler = Scheduler.build(fake_bundle_dir, engine=engine)
+        original = scheduler._finish
+        scheduler._finish = lambda state, error=None: (events.append("finish"), original(state, error))[1]
+        task = asyncio.create_task(scheduler.run())
+        scheduler.submit(spec("card_arrival", 50, 1))
+        await asyncio.get_running_loop().run_in_executor(None, engine.entered.wait, 10)
+        threading.Timer(0.3, engine.release.set).start()  # from another thread: the loop may be blocked
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert events[:2] == ["pass done", "finish"]
+
+
+def test_the_loop_ends_when_the_last_request_retires_after_stop(fake_bundle_dir):
+    """`stop` while a request is in flight: once it is done, the loop ends by itself (it used to
+    wait for a wake-up that never came, and only a cancel ended it)."""
+
+    async def main():
+        engine = FakeEngine(read_manifest(fake_bundle_dir))
+        async with Scheduler.for_bundle(fake_bundle_dir, engine=engine) as s:
+            request = asyncio.create_task(s.collect(spec("card_arrival", 3, 1)))
+            while not s.sequences:
+                await asyncio.sleep(0.001)
+            s.stop()
+            return await request
+
+    records, summary = asyncio.run(asyncio.wait_for(main(), 20))
+    assert summary.complete and len(records) == 3
+
+
+def test_recent_output_forgets_the_least_recent_intents():
+    from condgen.server.records import RecentOutput
+
+    recent = RecentOutput(per_intent=2, intents=3)
+    for n in range(5):
+        recent.add(f"new_intent_{n}", "same text")
+    recent.add("new_intent_2", "a second text")  # written to again: the most recent now
+    recent.add("new_intent_5", "text")
+    assert len(recent) == 3
+    assert ("new_intent_2", "same text") in recent and ("new_intent_5", "text") in recent
+    assert ("new_intent_0", "same text") not in recent and ("new_intent_3", "same text") not in recent
+    for text in ("a", "b", "c"):
+        recent.add("new_intent_5", text)
+    assert ("new_intent_5", "a") not in recent and ("new_intent_5", "c") in recent

@@ -3,6 +3,8 @@ in seconds (`make test-fast`); tests/test_rpc.py runs the same path over a real 
 
 from __future__ import annotations
 
+import json
+
 import grpc
 import pytest
 from fake_engine import FakeEngine
@@ -71,3 +73,102 @@ def test_the_async_client_gets_the_same_records_as_the_blocking_one(fake_server)
     records, summary = asyncio.run(fetch())
     assert [r.text for r in records] == [r.text for r in fake_server.generate(["card_arrival"], 3, **SETTINGS)]
     assert summary.records_accepted == 3
+
+
+# ---- overload, crash and size limits (issue 29) -------------------------------------------------
+
+
+def test_a_call_that_would_miss_its_deadline_is_refused_at_once_with_a_retry_after(fake_bundle_dir):
+    """A busy server (30 rows owed, 1 row/s assumed) refuses a call with a 5 s deadline within a
+    second, hinting when to come back; the running call still finishes, and its queue wait
+    is in the metrics."""
+    import threading
+    import time
+
+    from condgen.server.admission import AdmissionConfig
+    from condgen.server.app import ServeConfig
+    from condgen.server.scheduler import SchedulerConfig
+    from condgen.v1 import generator_pb2 as pb
+    from condgen.v1 import generator_pb2_grpc as pb_grpc
+
+    class SlowEngine(FakeEngine):  # 20 ms a step: the busy call lasts seconds, not milliseconds
+        def step(self, batch, temperatures):
+            time.sleep(0.02)
+            return super().step(batch, temperatures)
+
+    scheduler = SchedulerConfig(max_batch_size=3, admission=AdmissionConfig(prior_rows_per_second=1.0))
+    config = ServeConfig(bundle=fake_bundle_dir, port=0, grace_seconds=2.0, scheduler=scheduler)
+    with LocalServer(config, timeout=60, engine=SlowEngine(read_manifest(fake_bundle_dir))) as server:
+        busy = threading.Thread(
+            target=lambda: list(server.generate(["card_arrival"], 30, sequences_per_round=3, **SETTINGS))
+        )
+        busy.start()
+        give_up = time.monotonic() + 10
+        while json.loads(server.model_info().scheduler_json)["rows_owed"] == 0:
+            assert time.monotonic() < give_up and busy.is_alive(), "the busy call never showed in the queue"
+            time.sleep(0.005)
+        request = pb.GenerateRequest(intents=["exchange_rate"], num_records=10, sequences_per_round=3)
+        with grpc.insecure_channel(server.target) as channel:
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as refused:
+                list(pb_grpc.GeneratorStub(channel).Generate(request, timeout=5))
+            waited = time.monotonic() - started
+        busy.join(60)
+        registry = server.running.telemetry.registry
+        queue_waits = registry.get_sample_value("condgen_queue_wait_seconds_count")
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and waited < 1.0
+    assert "deadline" in refused.value.details()
+    hint = dict(refused.value.trailing_metadata())["retry-after"]
+    assert float(hint) > 0
+    assert queue_waits >= 1
+
+
+def test_a_scheduler_crash_is_logged_stops_serving_and_fails_serve(fake_bundle_dir, monkeypatch, caplog):
+    import asyncio
+
+    from condgen.server import app
+    from condgen.server.scheduler import Scheduler
+
+    def crash(self):
+        raise RuntimeError("injected scheduler bug")
+
+    monkeypatch.setattr(Scheduler, "_retire_requests", crash)
+    started = []
+    real_start = app.start_server
+
+    async def keep(config, engine=None):
+        started.append(await real_start(config, engine))
+        return started[-1]
+
+    monkeypatch.setattr(app, "start_server", keep)
+    config = app.ServeConfig(bundle=fake_bundle_dir, port=0, grace_seconds=1.0)
+    with pytest.raises(app.SchedulerCrashed, match="injected scheduler bug"):
+        asyncio.run(app._serve_until_signalled(config, FakeEngine(read_manifest(fake_bundle_dir))))
+    crashed = [r for r in caplog.records if "scheduler crashed" in r.getMessage()]
+    assert crashed and crashed[0].exc_info is not None  # the traceback is in the log
+    health = started[0].health
+    assert health._server_status[""] == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_a_request_over_max_request_bytes_gets_invalid_argument_even_past_4_mib(fake_bundle_dir):
+    """--max-request-bytes at 4 MiB: a slightly bigger request reaches validation, which says
+    which flag limits it (gRPC's own 4 MiB limit would answer RESOURCE_EXHAUSTED, retried)."""
+    from condgen.server.app import ServeConfig
+    from condgen.server.limits import Limits
+    from condgen.v1 import generator_pb2 as pb
+    from condgen.v1 import generator_pb2_grpc as pb_grpc
+
+    limits = Limits(max_request_bytes=4 * 1024 * 1024, max_examples_per_intent=10_000)
+    config = ServeConfig(bundle=fake_bundle_dir, port=0, grace_seconds=2.0, limits=limits)
+    texts = ["x" * 900] * 4700  # 4.2 MB
+    request = pb.GenerateRequest(
+        intents=["card_arrival"], num_records=1, examples=[pb.IntentExamples(intent="card_arrival", texts=texts)]
+    )
+    with (
+        LocalServer(config, timeout=60, engine=FakeEngine(read_manifest(fake_bundle_dir))) as server,
+        grpc.insecure_channel(server.target) as channel,
+        pytest.raises(grpc.RpcError) as refused,
+    ):
+        list(pb_grpc.GeneratorStub(channel).Generate(request, timeout=30))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "--max-request-bytes" in refused.value.details()
