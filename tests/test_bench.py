@@ -96,3 +96,22 @@ def test_gpu_engine_script_rehearses_on_the_cpu(bundle, checkpoint, tmp_path):
     split = report["step_b16"]
     assert split["model_ms"] > 0 and split["head_ms"] > 0
     assert split["model_ms"] + split["head_ms"] + split["host_ms"] == pytest.approx(split["decode_ms"], abs=0.01)
+
+
+def test_overload_bench_reports_every_call(bundle, tmp_path, capsys):
+    """A small overload run against the tiny bundle: every call is accounted for, and with a
+    prior of 1 row/s and a 10 s deadline, 8 calls of 20 rows each cannot all be admitted."""
+    from condgen.bench.overload import main
+
+    output = tmp_path / "overload.json"
+    argv = ["--bundle", str(bundle), "--streams", "8", "--deadline", "10", "--records", "20", "--output", str(output)]
+    argv += ["--intents", "card_arrival,exchange_rate", "--serve-arg=--admission-prior-rows-per-second=1"]
+    assert main(argv) == 0
+    figures = json.loads(output.read_text())
+    assert sum(figures["by_status"].values()) == figures["calls"] == 8
+    assert set(figures["by_status"]) <= {"OK", "RESOURCE_EXHAUSTED"}
+    assert figures["by_status"]["RESOURCE_EXHAUSTED"] >= 4
+    assert figures["refusals_with_retry_after"] == figures["by_status"]["RESOURCE_EXHAUSTED"]
+    assert figures["ok_calls_complete"] == figures["by_status"]["OK"] >= 1
+    assert figures["slowest_refusal_s"] < 2.0 and figures["server_serving_after"]
+    assert "wrote" in capsys.readouterr().out
