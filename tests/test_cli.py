@@ -113,3 +113,15 @@ def test_help_explains_every_command(capsys):
     out = capsys.readouterr().out
     for command in ("train", "export", "serve", "generate", "intents", "info", "health"):
         assert command in out
+
+
+def test_generate_that_cannot_complete_writes_what_it_has_and_exits_2(server, tmp_path, capsys):
+    """A label margin no line can reach: every follow-up call comes back empty; the command
+    says which counts are missing, writes the (empty) rows it has and fails."""
+    out = tmp_path / "strict.csv"
+    argv = ["generate", "--target", server.target, "--intent", "card_arrival", "--num-records", "2"]
+    argv += ["--seed", "4", "--max-new-tokens", "32", "--label-margin", "50", "--output", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "records still missing per intent: card_arrival: 2" in err and "Traceback" not in err
+    assert out.exists() and len(pd.read_csv(out)) == 0
