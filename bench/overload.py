@@ -129,9 +129,7 @@ def main(argv=None) -> int:
         "--intents", default=",".join(OverloadLoad.intents), help="comma-separated; call n asks for intent n mod k"
     )
     parser.add_argument("--output", type=Path, default=Path("bench/results/overload.json"))
-    parser.add_argument(
-        "--serve-arg", action="append", default=[], help="a further `condgen serve` flag (repeatable)"
-    )
+    parser.add_argument("--serve-arg", action="append", default=[], help="a further `condgen serve` flag (repeatable)")
     args = parser.parse_args(argv)
     if not (args.bundle / "condgen.json").is_file():
         parser.error(f"no bundle at {args.bundle}: run `make demo` first, or pass --bundle")
