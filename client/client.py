@@ -67,18 +67,30 @@ class GenerateError(CondgenError, RuntimeError):
         return cls(exc.code(), exc.details(), _echoed_request_id(exc.trailing_metadata()) or sent_id)
 
 
-class IncompleteError(CondgenError, RuntimeError):
+class IncompleteError(GenerateError):
     """The servers could not deliver every requested record within the retry policy's attempts
     or the deadline. `missing` maps intents to the records still missing, `summary` adds up
     every call; from `generate_df`, `records` and `frame` hold what was received (`generate`
-    has yielded those records already)."""
+    has yielded those records already). `code` is the status of the last call when it failed
+    (DEADLINE_EXCEEDED, say), None when the calls ended normally but short."""
 
-    def __init__(self, missing: dict[str, int], records: list, summary: pb.Summary | None, why: str):
+    def __init__(
+        self,
+        missing: dict[str, int],
+        summary: pb.Summary | None,
+        why: str,
+        code: grpc.StatusCode | None = None,
+        request_id: str | None = None,
+    ):
         counts = ", ".join(f"{intent}: {count}" for intent, count in sorted(missing.items()))
-        super().__init__(f"incomplete after {why}: records still missing per intent: {counts}")
+        message = f"incomplete after {why}: records still missing per intent: {counts}"
+        CondgenError.__init__(self, message)
+        self.code = code
+        self.details = message
+        self.request_id = request_id
         self.missing = missing
-        self.records = records
         self.summary = summary
+        self.records: list = []
         self.frame = None
 
 
@@ -264,10 +276,13 @@ class _Base:
         index = progress.accept(response.record)
         return None if index is None else _record(response.record, index)
 
-    def _retry_delay(self, exc: grpc.RpcError, progress: Progress, deadline: float | None, request_id: str) -> float:
-        """Seconds to wait before resuming on the next target; raises GenerateError when the
-        failure is final (not retryable, attempts or deadline spent, or the server's
-        `retry-after` hint ends past the deadline on the only target)."""
+    def _retry_delay(
+        self, exc: grpc.RpcError, progress: Progress, deadline: float | None, request_id: str, allow_incomplete: bool
+    ) -> float | None:
+        """Seconds to wait before resuming on the next target. When the failure is final (not
+        retryable, attempts or deadline spent, or the server's `retry-after` hint ends past the
+        deadline on the only target): GenerateError if nothing was received, else
+        IncompleteError, or None (stop, short) with `allow_incomplete`."""
         self.last_request_id = _echoed_request_id(exc.trailing_metadata()) or request_id
         hint = retry_after_seconds(exc.trailing_metadata())
         delay = self.retry.delay(progress.attempt, self._rng)
@@ -276,7 +291,12 @@ class _Base:
         left = self._left(deadline)
         if not self._should_retry(exc, progress, deadline) or (left is not None and delay >= left):
             self.last_summary = progress.summary()
-            raise GenerateError.from_rpc(exc, request_id) from exc
+            if not progress.received_any:
+                raise GenerateError.from_rpc(exc, request_id) from exc
+            if allow_incomplete:
+                return None
+            why = f"{exc.code().name} ({exc.details()})"
+            raise IncompleteError(progress.remaining(), self.last_summary, why, exc.code(), request_id) from exc
         progress.move_on(ended_short=False)
         self._rotate()
         return delay
@@ -299,7 +319,7 @@ class _Base:
             return True
         if allow_incomplete:
             return False
-        raise IncompleteError(progress.remaining(), [], self.last_summary, spent)
+        raise IncompleteError(progress.remaining(), self.last_summary, spent)
 
 
 class Client(_Base):
@@ -338,7 +358,10 @@ class Client(_Base):
                         progress.start_call()
                         yield from self._one_call(request, progress, deadline, on_record, request_id)
                 except grpc.RpcError as exc:
-                    time.sleep(self._retry_delay(exc, progress, deadline, request_id))
+                    delay = self._retry_delay(exc, progress, deadline, request_id, allow_incomplete)
+                    if delay is None:
+                        break
+                    time.sleep(delay)
                     continue
                 if not self._follow_up(progress, deadline, allow_incomplete):
                     break
@@ -437,7 +460,10 @@ class AsyncClient(_Base):
                                 yield record
                         self.last_request_id = _echoed_request_id(await call.trailing_metadata())
                 except grpc.RpcError as exc:
-                    await asyncio.sleep(self._retry_delay(exc, progress, deadline, request_id))
+                    delay = self._retry_delay(exc, progress, deadline, request_id, allow_incomplete)
+                    if delay is None:
+                        break
+                    await asyncio.sleep(delay)
                     continue
                 if not self._follow_up(progress, deadline, allow_incomplete):
                     break

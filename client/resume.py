@@ -77,6 +77,7 @@ class Progress:
         self.calls: list[CallTally] = []
         self.attempt = 0  # follow-up calls made so far (the policy's max_attempts bounds it)
         self.reseeds = 0  # how often the seed moved on (only after records came back)
+        self._since_move = 0  # index of the first call since the last `move_on`
 
     @property
     def call(self) -> CallTally:
@@ -121,12 +122,16 @@ class Progress:
         return request
 
     def move_on(self, *, ended_short: bool) -> None:
-        """Before a follow-up call: count the attempt; take a new seed if the last call sent
-        records (or ended short: the same seed would draw the same texts again)."""
+        """Before a follow-up call: count the attempt; take a new seed if any call since the last
+        follow-up sent records (or one ended short: the same seed would draw the same texts again)."""
         self.attempt += 1
-        last = self.call
-        if ended_short or last.kept or last.dropped:
+        recent, self._since_move = self.calls[self._since_move :], len(self.calls)
+        if ended_short or any(call.kept or call.dropped for call in recent):
             self.reseeds += 1
+
+    @property
+    def received_any(self) -> bool:
+        return any(self.received.values())
 
     def accept(self, record: pb.Record):
         """The record renumbered for the caller, or None if it is a repeat or beyond the count."""

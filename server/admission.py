@@ -5,9 +5,10 @@ The scheduler measures the rows (accepted records) it delivers per second while 
 be done: the rows still owed to the requests already in flight (they are ahead of it: rounds
 start in arrival order) plus its own rows, at the measured rate. If that is later than
 `deadline_share` of the time its caller has left, it is refused with RESOURCE_EXHAUSTED and a
-`retry-after` hint: how long until the work ahead has shrunk enough that a call with the same
-time budget would fit. The caller can go to another replica or come back then, instead of
-waiting out its deadline in the queue.
+`retry-after` hint: how long the same caller, its deadline unchanged, should wait before the
+work ahead has drained enough for its call to be admitted (or the server to be idle). The
+caller can go to another replica, come back then, or give up at once when that is past its
+deadline, instead of waiting out its deadline in the queue.
 
 Rules that keep it safe:
 - A request without a deadline is queued as before, up to `max_active_requests`.
@@ -15,15 +16,20 @@ Rules that keep it safe:
   serve it sooner.
 - Until a rate has been measured, `prior_rows_per_second` stands in for it (a conservative
   guess: refusing a call that would have fitted costs the caller a retry; admitting one that
-  will not fit costs it its deadline).
+  will not fit costs it its deadline). The measured rate never counts as less than a quarter of
+  the prior: one request whose rows all fail their checks for a while must not shut out every
+  caller with a deadline.
 - Requests once admitted are never shed: they run to the end.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from condgen.server.errors import Overloaded
+
+RATE_FLOOR_SHARE = 0.25  # of the prior: the least the measured rate counts as
 
 
 @dataclass(frozen=True)
@@ -74,8 +80,9 @@ class Admission:
 
     @property
     def rows_per_second(self) -> float:
+        prior = self.config.prior_rows_per_second
         measured = self.rate.rows_per_second
-        return measured if measured else self.config.prior_rows_per_second
+        return prior if measured is None else max(measured, RATE_FLOOR_SHARE * prior)
 
     def estimate_seconds(self, rows_ahead: int, own_rows: int) -> float:
         """Seconds until a request with `own_rows` behind `rows_ahead` would be done."""
@@ -86,10 +93,13 @@ class Admission:
         if not self.config.enabled or time_left is None or rows_ahead == 0:
             return
         needed = self.estimate_seconds(rows_ahead, own_rows)
-        allowed = self.config.deadline_share * time_left
+        share = self.config.deadline_share
+        allowed = share * time_left
         if needed <= allowed:
             return
-        retry_after = needed - allowed
+        # After waiting h (nobody else arriving): needed - h <= share * (time_left - h), or idle.
+        until_fits = (needed - allowed) / (1 - share) if share < 1 else math.inf
+        retry_after = min(rows_ahead / self.rows_per_second, until_fits)
         raise Overloaded(
             f"the server would not finish this request before its deadline: {rows_ahead} rows are owed "
             f"ahead of it, at {self.rows_per_second:.1f} rows/s about {needed:.0f} s with its own "

@@ -79,6 +79,7 @@ class RunningServer:
     metrics_port: int | None = None
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
     failure: BaseException | None = None  # the scheduler's crash, if it crashed
+    _not_serving: asyncio.Task | None = None  # health turning NOT_SERVING after a crash
 
     async def stop(self) -> None:
         """Drain: NOT_SERVING, refuse new work and fail what has not started, finish the started
@@ -111,7 +112,8 @@ class RunningServer:
             return
         log.critical("the scheduler crashed; the server stops serving", exc_info=task.exception())
         self.failure = task.exception()
-        asyncio.get_running_loop().create_task(self.health.enter_graceful_shutdown())
+        self.scheduler.stop()  # new calls get UNAVAILABLE: nothing would run them
+        self._not_serving = asyncio.get_running_loop().create_task(self.health.enter_graceful_shutdown())
 
 
 async def start_server(config: ServeConfig, engine: Engine | None = None) -> RunningServer:

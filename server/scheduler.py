@@ -82,6 +82,7 @@ log = logging.getLogger(__name__)
 
 CPU_BATCH_SIZE = 32
 GPU_BATCH_SIZE = 256
+ENGINE_PASS_WAIT_SECONDS = 60.0  # at shutdown, for a pass still running in the engine thread
 CACHE_SHARE = 0.6  # of the free device memory, for the KV cache by default (the rest: activations)
 
 
@@ -333,7 +334,10 @@ class Scheduler:
         finally:
             # A pass may still run in the engine thread (the loop was cancelled while awaiting
             # it): wait for it before the requests' rows leave the batch it is working on.
-            await asyncio.shield(asyncio.to_thread(self._executor.shutdown, True))
+            waiting = asyncio.ensure_future(asyncio.to_thread(self._executor.shutdown, True))
+            _, hung = await asyncio.wait([waiting], timeout=ENGINE_PASS_WAIT_SECONDS)
+            if hung:
+                log.error("an engine pass did not end within %.0f s of shutdown", ENGINE_PASS_WAIT_SECONDS)
             for state in list(self.requests):
                 self._finish(state, error=ShuttingDown("the server stopped before this request finished"))
 

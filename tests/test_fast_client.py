@@ -181,3 +181,37 @@ def test_a_message_size_refusal_from_grpc_is_not_retried(scripted):
             list(client.generate(["a"], 1, examples=over_grpc_limit))
     assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and calls == []
     assert len(stubs) == 1  # one call, not one per attempt
+
+
+def test_a_deadline_mid_stream_raises_incomplete_with_the_rows_received(scripted):
+    deadline = sends(record("a", "one"), fail=grpc.StatusCode.DEADLINE_EXCEEDED)
+    targets, calls = scripted([deadline, deadline], count=1)
+    with Client(targets, timeout=30, retry=FAST_RETRY) as client, pytest.raises(IncompleteError) as raised:
+        client.generate_df(["a"], 3, seed=1)
+    error = raised.value
+    assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED and error.missing == {"a": 2}
+    assert isinstance(error, GenerateError) and list(error.frame["text"]) == ["one"] and len(calls) == 1
+    with Client(targets, timeout=30, retry=FAST_RETRY) as client:
+        frame, got = client.generate_df(["a"], 3, seed=1, allow_incomplete=True, return_summary=True)
+    assert list(frame["text"]) == ["one"] and not got.complete and got.records_accepted == 1
+
+
+def test_a_failure_after_a_short_end_in_another_group_still_moves_the_seed_on(scripted):
+    """Intents missing different counts go out as separate calls: a's ends short after a
+    repeat, b's fails before sending anything. The next round must not reuse the seed that
+    just drew a's repeat."""
+    targets, calls = scripted(
+        [
+            sends(record("a", "one"), summary(1, 1)),  # a: 1 of 2, b: 0 of 2
+            sends(record("a", "one"), summary(1, 1)),  # a's follow-up: a repeat
+            sends(fail=grpc.StatusCode.UNAVAILABLE),  # b's: nothing
+            sends(record("a", "two"), summary(1, 1)),
+            sends(record("b", "uno"), record("b", "dos"), summary(2, 2)),
+        ]
+    )
+    with Client(targets, timeout=30, retry=FAST_RETRY) as client:
+        frame = client.generate_df(["a", "b"], 2, seed=3)
+    assert sorted(frame["text"]) == ["dos", "one", "two", "uno"]
+    assert [list(r.intents) for _, r in calls] == [["a", "b"], ["a"], ["b"], ["a"], ["b"]]
+    seeds = [r.sampling.seed for _, r in calls]
+    assert seeds[1] == seeds[2] != seeds[0] and seeds[3] == seeds[4] != seeds[1]

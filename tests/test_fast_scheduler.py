@@ -306,7 +306,11 @@ def test_the_row_rate_replaces_the_prior_once_measured():
     admission.check(rows_ahead=100, own_rows=20, time_left=10.0)  # 8 s of 8 allowed
     with pytest.raises(Overloaded) as refused:
         admission.check(rows_ahead=100, own_rows=21, time_left=10.0)
-    assert refused.value.retry_after == pytest.approx(121 / 15 - 8)
+    # the same caller, waiting h: 121/15 - h <= 0.8 (10 - h) from h = (121/15 - 8) / 0.2 on
+    assert refused.value.retry_after == pytest.approx((121 / 15 - 8) / 0.2)
+    for _ in range(6):  # windows in which nothing passed its checks: the rate keeps a floor
+        admission.rate.observe(0, 2.0)
+    assert admission.rows_per_second == 0.25
 
 
 def test_concurrent_requests_never_get_the_same_text_under_the_label_check(fake_bundle_dir):

@@ -127,6 +127,8 @@ def test_a_scheduler_crash_is_logged_stops_serving_and_fails_serve(fake_bundle_d
     import asyncio
 
     from condgen.server import app
+    from condgen.server.errors import ShuttingDown
+    from condgen.server.requests import GenerationSpec
     from condgen.server.scheduler import Scheduler
 
     def crash(self):
@@ -148,6 +150,8 @@ def test_a_scheduler_crash_is_logged_stops_serving_and_fails_serve(fake_bundle_d
     assert crashed and crashed[0].exc_info is not None  # the traceback is in the log
     health = started[0].health
     assert health._server_status[""] == health_pb2.HealthCheckResponse.NOT_SERVING
+    with pytest.raises(ShuttingDown):  # nothing would run it
+        started[0].scheduler.submit(GenerationSpec(intents=("card_arrival",), num_records=1))
 
 
 def test_a_request_over_max_request_bytes_gets_invalid_argument_even_past_4_mib(fake_bundle_dir):
