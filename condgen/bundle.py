@@ -60,6 +60,9 @@ class OnnxInfo:
     rewrites: list[str] = field(default_factory=list)  # graph rewrites applied at export (training/graph.py)
 
 
+OPTIONAL_KEYS = ("lora",)  # left out of condgen.json when None
+
+
 @dataclass
 class Manifest:
     """`condgen.json`: everything the server needs to know about a bundle."""
@@ -74,9 +77,11 @@ class Manifest:
     text_length: dict = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    lora: dict | None = None  # {"r", "alpha", "target_modules", ...} when trained with LoRA; absent otherwise
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        fields_ = {k: v for k, v in asdict(self).items() if not (k in OPTIONAL_KEYS and v is None)}
+        return json.dumps(fields_, indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, raw: dict) -> Manifest:

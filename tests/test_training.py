@@ -237,3 +237,61 @@ def test_lighter_variants_export_with_their_parity_figures(workdir, checkpoint, 
     batch = engine.new_batch(0, engine.encode("card_arrival,"))
     logits = engine.forward(batch)
     assert logits.shape == (1, engine.vocab_size) and np.isfinite(logits.astype(np.float32)).all()
+
+
+def test_lora_from_peft_params_trains_adapters_merges_them_and_exports_with_parity(workdir, train_csv, tiny_base):
+    """Gretel's peft_params take effect: only the adapters train (the embeddings stay the
+    base's), the checkpoint is a plain model with the adapters merged (the target weights
+    moved), it records LoRA's settings, and the bundle passes the same parity checks."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from condgen.training.config import parse_config
+    from condgen.training.export import export_bundle
+    from condgen.training.finetune import finetune
+
+    gretel = parse_config(
+        {
+            "models": [
+                {
+                    "gpt_x": {
+                        "peft_params": {"lora_r": 4, "lora_alpha_over_r": 2, "target_modules": ["q_proj", "v_proj"]}
+                    }
+                }
+            ]
+        }
+    )
+    config = tiny_config(
+        train_csv,
+        tiny_base,
+        steps=60,
+        lora_r=gretel.lora_r,
+        lora_alpha_over_r=gretel.lora_alpha_over_r,
+        lora_target_modules=gretel.lora_target_modules,
+    )
+    result = finetune(config, workdir / "lora-run")
+    lora = result.stats["lora"]
+    assert lora["r"] == 4 and lora["alpha"] == 8 and lora["target_modules"] == ["q_proj", "v_proj"]
+    assert 0 < lora["trainable_parameters"] < lora["total_parameters"] / 5
+    base = AutoModelForCausalLM.from_pretrained(tiny_base).state_dict()
+    tuned = AutoModelForCausalLM.from_pretrained(result.output_dir).state_dict()
+    assert not any("lora" in name for name in tuned)  # merged: a plain checkpoint
+    assert torch.equal(base["model.embed_tokens.weight"], tuned["model.embed_tokens.weight"])
+    query = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(base[query], tuned[query])
+    assert torch.equal(base["model.layers.0.mlp.up_proj.weight"], tuned["model.layers.0.mlp.up_proj.weight"])
+    manifest = export_bundle(result.output_dir, workdir / "lora-bundle").manifest
+    assert manifest.lora == lora and manifest.onnx.parity_top1_agreement == 1.0
+    assert json.loads((workdir / "lora-bundle" / "condgen.json").read_text())["lora"]["r"] == 4
+
+
+def test_peft_params_are_checked_and_full_fine_tuning_records_no_lora(workdir, checkpoint):
+    from condgen.training.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match="did you mean `lora_r`"):
+        parse_config({"models": [{"gpt_x": {"peft_params": {"lora_rank": 8}}}]})
+    with pytest.raises(ConfigError, match="lora_r"):
+        parse_config({"models": [{"gpt_x": {"peft_params": {"lora_r": -1}}}]})
+    assert parse_config({"models": [{"gpt_x": {"peft_params": None}}]}).lora_r == 0
+    info = json.loads((checkpoint / "condgen_training.json").read_text())
+    assert "lora" not in info["stats"]

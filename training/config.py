@@ -19,6 +19,11 @@ service works here unchanged:
             max_tokens: 128  # tokens per packed training block
           seed: 42
 
+Gretel's `peft_params` block (`lora_r`, `lora_alpha_over_r`, `target_modules`) trains LoRA
+adapters with the peft library instead of every weight; they are merged into the base weights
+before the checkpoint is written, so export and serving do not change. `lora_r: 0` (or no
+block) is full fine-tuning.
+
 Numbers may be written as YAML 1.2 does (`5e-6`, `1E-4`, `.5`), which YAML 1.1 loaders read as
 strings, and a numeric field given as a numeric string (`"0.001"`) is accepted. Unknown or
 mistyped fields are errors that name the field and its closest valid name.
@@ -55,7 +60,9 @@ TOP_LEVEL_KEYS = ("schema_version", "name", "models")
 # Top-level keys of Gretel's service that a training run does not use (accepted, ignored).
 IGNORED_TOP_LEVEL = ("notifications", "label_predictors")
 # Blocks of Gretel configs that describe features condgen handles elsewhere or not at all.
-IGNORED_BLOCKS = ("peft_params", "generate")
+IGNORED_BLOCKS = ("generate",)
+# Gretel's peft_params keys -> TrainingConfig fields.
+PEFT_KEYS = {"lora_r": "lora_r", "lora_alpha_over_r": "lora_alpha_over_r", "target_modules": "lora_target_modules"}
 # gpt_x fields of Gretel's that condgen accepts only unset (null or empty), with the reason.
 UNSET_ONLY = {
     "prompt_template": "condgen fine-tunes on `intent,text` lines and has no prompt templates",
@@ -109,6 +116,11 @@ class TrainingConfig:
     # model learns to write a new line of the intent its context shows.
     group_by_intent: bool = False
     precision: str = "auto"  # one of PRECISIONS
+    # LoRA (Gretel's peft_params): rank 0 is full fine-tuning. Target modules: a list of module
+    # names, a regular expression (peft matches it against full module names) or "all-linear".
+    lora_r: int = 0
+    lora_alpha_over_r: float = 1.0
+    lora_target_modules: str | list[str] = "all-linear"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -139,6 +151,16 @@ class TrainingConfig:
             raise ConfigError(f"`validation_fraction` must be in [0, 0.5), got {self.validation_fraction}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"`precision` {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.lora_r < 0 or self.lora_alpha_over_r <= 0:
+            raise ConfigError("`lora_r` must be 0 (full fine-tuning) or positive, `lora_alpha_over_r` positive")
+        targets = self.lora_target_modules
+        if not (isinstance(targets, str) and targets.strip()) and not (
+            isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)
+        ):
+            raise ConfigError(
+                "`target_modules` must be a list of module names, a regular expression or all-linear, "
+                f"got {targets!r}"
+            )
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ConfigError(f"`lr_scheduler` {self.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}")
 
@@ -214,6 +236,8 @@ def _flatten_gpt_x(block: dict) -> dict:
                 flat[inner] = _check_value(inner, inner_value, kinds)
         elif key == "column_name":
             flat["text_column"] = _check_value("text_column", value, kinds)
+        elif key == "peft_params":
+            flat.update(_peft_fields(value))
         elif key == "privacy_params":
             if isinstance(value, dict) and value.get("dp"):
                 raise ConfigError(
@@ -238,6 +262,27 @@ def _flatten_gpt_x(block: dict) -> dict:
                 "models[0].gpt_x",
             )
     return flat
+
+
+def _peft_fields(block: Any) -> dict:
+    """Gretel's `peft_params` as TrainingConfig fields (an empty or null block: LoRA's defaults
+    are not switched on; `lora_r` must be given)."""
+    if block in (None, {}):
+        return {}
+    if not isinstance(block, dict):
+        raise ConfigError("`peft_params` must be a mapping")
+    kinds = {"lora_r": int, "lora_alpha_over_r": (int, float)}
+    fields_: dict[str, Any] = {}
+    for key, value in block.items():
+        if key not in PEFT_KEYS:
+            raise _unknown(key, PEFT_KEYS, "models[0].gpt_x.peft_params")
+        if value is None:
+            continue
+        if key == "target_modules":
+            fields_["lora_target_modules"] = list(value) if isinstance(value, (list, tuple)) else value
+        else:
+            fields_[PEFT_KEYS[key]] = _check_value(key, value, kinds)
+    return fields_
 
 
 def parse_config(raw: Any) -> TrainingConfig:

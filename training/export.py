@@ -393,6 +393,7 @@ def export_bundle(
         training_config=info_json["config"],
         training_stats=info_json["stats"],
         text_length=info_json["stats"].get("text_length", {}),
+        lora=info_json["stats"].get("lora"),
     )
     write_manifest(output, manifest)
     return ExportResult(output, manifest)

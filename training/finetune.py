@@ -30,7 +30,7 @@ from pathlib import Path
 
 from condgen.bundle import EXAMPLES_NAME
 from condgen.training.base_models import load_base_model
-from condgen.training.config import TrainingConfig
+from condgen.training.config import ConfigError, TrainingConfig
 from condgen.training.data import (
     encode_lines,
     examples_by_intent,
@@ -263,6 +263,37 @@ def final_validation_loss(trainer) -> float:
     return logged[-1] if logged else trainer.evaluate()["eval_loss"]
 
 
+def with_lora(model, config: TrainingConfig):
+    """`model` with LoRA adapters on the configured modules (peft); only they train. Returns the
+    peft model and what the checkpoint records of it."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = config.lora_target_modules
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha_over_r * config.lora_r,
+        target_modules=targets,
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as exc:  # no module matched the targets
+        raise ConfigError(f"`target_modules` {targets!r}: {exc}") from exc
+    trainable, total = model.get_nb_trainable_parameters()
+    resolved = sorted(model.peft_config["default"].target_modules)
+    log.info("LoRA r=%d on %s: %d of %d parameters train", config.lora_r, ", ".join(resolved), trainable, total)
+    record = {
+        "r": config.lora_r,
+        "alpha": lora.lora_alpha,
+        "target_modules": resolved,
+        "trainable_parameters": int(trainable),
+        "total_parameters": int(total),
+        "merged": True,
+    }
+    return model, record
+
+
 def finetune(config: TrainingConfig, output_dir: str | Path, resume: bool = False) -> TrainResult:
     """Run one fine-tuning job as configured and save the result to `output_dir`."""
     from transformers import Trainer, default_data_collator, set_seed
@@ -283,6 +314,9 @@ def finetune(config: TrainingConfig, output_dir: str | Path, resume: bool = Fals
         len(val_records),
     )
     model, tokenizer = load_base_model(config.pretrained_model)
+    lora = None
+    if config.lora_r:
+        model, lora = with_lora(model, config)
     processes = world_size()
     train_blocks, steps = training_blocks(tokenizer, train_records, config, processes)
     val_blocks = pack_blocks(tokenize_lines(tokenizer, val_records, config), config.max_tokens) if val_records else []
@@ -338,6 +372,8 @@ def finetune(config: TrainingConfig, output_dir: str | Path, resume: bool = Fals
         "precision": "bf16" if args.bf16 else "fp32",
         "text_length": text_length_stats([r.text for r in records]),
     }
+    if lora is not None:
+        stats["lora"] = lora
     metrics = training_metrics(
         trainer.state.log_history,
         global_step=int(trainer.state.global_step),
@@ -354,9 +390,15 @@ def save_checkpoint(
 ) -> None:
     """Write the final files from the main process; every process returns once they exist.
 
-    `condgen_training.json` goes last: its presence marks a complete checkpoint.
+    `condgen_training.json` goes last: its presence marks a complete checkpoint. LoRA adapters
+    are merged into the base weights first, so export reads it as any other checkpoint.
     """
-    trainer.save_model(str(output_dir))  # every process calls it; the Trainer writes from the main one
+    if "lora" in stats:  # the adapters merged into the base weights: a plain checkpoint
+        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+        if trainer.is_world_process_zero():
+            merged.save_pretrained(str(output_dir))
+    else:
+        trainer.save_model(str(output_dir))  # every process calls it; the Trainer writes from the main one
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(output_dir))
         (output_dir / EXAMPLES_NAME).write_text(json.dumps(examples_by_intent(records), ensure_ascii=False))
