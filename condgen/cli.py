@@ -49,7 +49,27 @@ def _add_train(sub) -> None:
         help="compute of the training passes: auto (default) takes bf16 mixed precision where the "
         "GPU or CPU computes bf16 natively (AVX-512 BF16, AMX), else fp32; weights stay fp32",
     )
+    p.add_argument(
+        "--lora-r",
+        type=int,
+        help="train LoRA adapters of this rank instead of every weight (peft_params.lora_r; 0: full "
+        "fine-tuning, the default); they are merged into the weights before the checkpoint is written",
+    )
+    p.add_argument("--lora-alpha-over-r", type=float, help="LoRA alpha / r (peft_params.lora_alpha_over_r; default 1)")
+    p.add_argument(
+        "--lora-target-modules",
+        help="modules that get adapters: comma-separated names (q_proj,v_proj), a regular expression, "
+        "or all-linear (the default)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUTPUT/trainer")
+
+
+def lora_targets(text: str | None) -> str | list[str] | None:
+    """--lora-target-modules: a comma-separated list of names, or one regex / all-linear."""
+    if text is None:
+        return None
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    return names if len(names) > 1 else (names[0] if names else text)
 
 
 def _add_export(sub) -> None:
@@ -557,6 +577,9 @@ def cmd_train(args) -> None:
         learning_rate=args.learning_rate,
         seed=args.seed,
         precision=args.precision,
+        lora_r=args.lora_r,
+        lora_alpha_over_r=args.lora_alpha_over_r,
+        lora_target_modules=lora_targets(args.lora_target_modules),
     )
     result = finetune(config, args.output, resume=args.resume)
     if not result.main_process:

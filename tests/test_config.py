@@ -287,10 +287,16 @@ def test_gretel_blueprint_with_every_default_written_out(tmp_path):
     config = _load(tmp_path, GRETEL_FULL_DEFAULTS)
     assert (config.steps, config.max_tokens, config.gradient_accumulation_steps) == (750, 512, 8)
     assert config.data_source is None  # Gretel's placeholder: the data comes from --data
+    # peft_params take effect: LoRA r=8, alpha/r 1, adapters on every linear layer (target_modules null)
+    assert (config.lora_r, config.lora_alpha_over_r, config.lora_target_modules) == (8, 1.0, "all-linear")
+
+
+def test_validation_as_a_fraction_is_the_held_out_share(tmp_path):
+    assert _load(tmp_path, "models:\n  - gpt_x:\n      validation: 0.1\n").validation_fraction == 0.1
 
 
 @pytest.mark.parametrize(
-    "field, value", [("prompt_template", "'{text}'"), ("validation", "0.1"), ("ref_data", "{data: x.csv}")]
+    "field, value", [("prompt_template", "'{text}'"), ("validation", "{split: 0.1}"), ("ref_data", "{data: x.csv}")]
 )
 def test_gretel_fields_condgen_cannot_honour_are_refused_in_one_line(tmp_path, field, value):
     with pytest.raises(ConfigError, match=f"`{field}` is set, which condgen cannot honour") as caught:

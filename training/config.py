@@ -66,7 +66,7 @@ PEFT_KEYS = {"lora_r": "lora_r", "lora_alpha_over_r": "lora_alpha_over_r", "targ
 # gpt_x fields of Gretel's that condgen accepts only unset (null or empty), with the reason.
 UNSET_ONLY = {
     "prompt_template": "condgen fine-tunes on `intent,text` lines and has no prompt templates",
-    "validation": "condgen holds out `validation_fraction` of the lines instead",
+    "validation": "condgen holds out a share of the lines: give `validation` as a fraction below 0.5",
     "ref_data": "condgen takes no reference data",
 }
 # Gretel's placeholders for "the data comes with the API call": condgen takes it from --data.
@@ -236,6 +236,8 @@ def _flatten_gpt_x(block: dict) -> dict:
                 flat[inner] = _check_value(inner, inner_value, kinds)
         elif key == "column_name":
             flat["text_column"] = _check_value("text_column", value, kinds)
+        elif key == "validation" and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            flat["validation_fraction"] = _check_value("validation_fraction", value, kinds)
         elif key == "peft_params":
             flat.update(_peft_fields(value))
         elif key == "privacy_params":
