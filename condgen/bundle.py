@@ -60,7 +60,7 @@ class OnnxInfo:
     rewrites: list[str] = field(default_factory=list)  # graph rewrites applied at export (training/graph.py)
 
 
-OPTIONAL_KEYS = ("lora",)  # left out of condgen.json when None
+OPTIONAL_KEYS = ("lora", "generate_defaults")  # left out of condgen.json when None
 
 
 @dataclass
@@ -78,6 +78,8 @@ class Manifest:
     files: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     lora: dict | None = None  # {"r", "alpha", "target_modules", ...} when trained with LoRA; absent otherwise
+    # the training config's `generate` block: defaults of requests that leave a field unset
+    generate_defaults: dict | None = None
 
     def to_json(self) -> str:
         fields_ = {k: v for k, v in asdict(self).items() if not (k in OPTIONAL_KEYS and v is None)}

@@ -321,10 +321,19 @@ def _add_generate(sub) -> None:
     )
     _add_connection(p)
     p.add_argument("--intent", action="append", required=True, help="an intent; repeat for several")
-    p.add_argument("--num-records", type=int, required=True, help="records per intent")
+    p.add_argument(
+        "--num-records",
+        type=int,
+        help="records per intent (default: the served bundle's, from its training config's generate block)",
+    )
     p.add_argument("--output", type=Path, required=True, help="file to write: .csv, .parquet or .jsonl")
     p.add_argument("--seed", type=int)
-    p.add_argument("--temperature", type=float)
+    p.add_argument(
+        "--temperature",
+        type=float,
+        help="unset --temperature/--top-p/--top-k/--max-new-tokens take the served bundle's defaults "
+        "(its config's generate block; `condgen info` shows them), else 1.0 / 1.0 / 0 / 128",
+    )
     p.add_argument("--top-p", type=float)
     p.add_argument("--top-k", type=int)
     p.add_argument("--max-new-tokens", type=int)
@@ -692,13 +701,12 @@ def cmd_generate(args) -> None:
 
     check_output_path(args.output)
     examples = read_examples_csv(args.examples) if args.examples else None
-    total = len(args.intent) * args.num_records
     records: list = []
     incomplete = None
-    with (
-        connect(args, args.timeout) as client,
-        tqdm(total=total, unit="rec", desc="generating", file=sys.stderr) as bar,
-    ):
+    with connect(args, args.timeout) as client:
+        if args.num_records is None:
+            args.num_records = served_num_records(client)
+        bar = tqdm(total=len(args.intent) * args.num_records, unit="rec", desc="generating", file=sys.stderr)
         try:
             records.extend(
                 client.generate(
@@ -723,6 +731,8 @@ def cmd_generate(args) -> None:
             )
         except IncompleteError as exc:
             incomplete = exc
+        finally:
+            bar.close()
         summary = client.last_summary
     write_frame(records_to_frame(records), args.output)
     print(f"wrote {len(records)} records to {args.output}")
@@ -735,6 +745,14 @@ def cmd_generate(args) -> None:
         )
     if incomplete is not None:
         raise CliError(f"{incomplete}; the rows received are in {args.output}")
+
+
+def served_num_records(client) -> int:
+    """The served bundle's default records per intent; an error when it has none."""
+    defaults = json.loads(client.model_info().limits_json).get("defaults", {})
+    if not defaults.get("num_records"):
+        raise CliError("give --num-records: the served bundle's config has no generate.num_records")
+    return int(defaults["num_records"])
 
 
 def cmd_evaluate(args) -> None:

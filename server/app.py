@@ -146,7 +146,10 @@ async def start_server(config: ServeConfig, engine: Engine | None = None) -> Run
         options.append(("grpc.max_connection_age_ms", int(config.max_connection_age_seconds * 1000)))
     server = grpc.aio.server(interceptors=config.security.interceptors(on_denied=telemetry.denied), options=options)
     pb_grpc.add_GeneratorServicer_to_server(
-        GeneratorServicer(scheduler, manifest, config.limits, config.defaults, telemetry), server
+        GeneratorServicer(
+            scheduler, manifest, config.limits, config.defaults.with_bundle(manifest.generate_defaults), telemetry
+        ),
+        server,
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -3,7 +3,7 @@ so the CLI can build its flags from them)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,8 @@ class Limits:
 
 @dataclass(frozen=True)
 class Defaults:
+    """What a request that leaves a field unset gets."""
+
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -36,6 +38,17 @@ class Defaults:
     sequences_per_round: int = 8
     label_check: bool = True  # the served model checks each line's label (request field label_check)
     label_margin: float = 0.0  # nats per token the requested intent must win by
+    num_records: int = 0  # for a request with num_records 0; 0: such a request is invalid
+
+    def with_bundle(self, generate: dict | None) -> Defaults:
+        """These defaults with the bundle's (its training config's `generate` block) on top:
+        `maximum_text_length` (tokens of one record) caps max_new_tokens, so no record is longer."""
+        if not generate:
+            return self
+        changes = {k: generate[k] for k in ("temperature", "top_p", "top_k", "num_records") if k in generate}
+        if "maximum_text_length" in generate:
+            changes["max_new_tokens"] = int(generate["maximum_text_length"])
+        return replace(self, **changes)
 
 
 @dataclass(frozen=True)

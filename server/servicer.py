@@ -95,7 +95,8 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
             "max_batch_size": self.scheduler.config.max_batch_size,
             "max_batch_tokens": self.scheduler.config.max_batch_tokens,
             "max_active_requests": self.scheduler.config.max_active_requests,
-            "defaults": asdict(self.defaults),
+            "defaults": asdict(self.defaults),  # with the bundle's generate block applied
+            "bundle_generate_defaults": m.generate_defaults,
             "label_check": (asdict(self.scheduler.label_checker.config) if self.scheduler.label_checker else None),
         }
         return pb.ModelInfo(

@@ -157,7 +157,12 @@ def to_spec(
             f"the limit is {limits.max_intents}"
         )
     intents = check_intents(list(request.intents), known, limits, frozenset(examples))
-    _check_range("num_records", request.num_records, 1, limits.max_records_per_intent)
+    num_records = request.num_records or defaults.num_records  # 0: the bundle's generate.num_records
+    if not num_records:
+        raise RequestError(
+            f"`num_records` must be between 1 and {limits.max_records_per_intent}, got 0 (this bundle has no default)"
+        )
+    _check_range("num_records", num_records, 1, limits.max_records_per_intent)
     settings, max_new_tokens, seed = check_sampling(request, limits, defaults)
     shots = request.num_prompt_examples if request.HasField("num_prompt_examples") else defaults.num_prompt_examples
     _check_range("num_prompt_examples", shots, 0, limits.max_prompt_examples)
@@ -175,7 +180,7 @@ def to_spec(
     label_check, label_margin = check_label_check(request, defaults, label_check_available)
     return GenerationSpec(
         intents=intents,
-        num_records=int(request.num_records),
+        num_records=int(num_records),
         sampling=settings,
         seed=seed,
         max_new_tokens=max_new_tokens,

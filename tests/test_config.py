@@ -320,3 +320,20 @@ def test_an_unreachable_hub_id_fails_at_once_saying_to_pass_base_model(monkeypat
     with pytest.raises(BaseModelError, match="--base-model smollm2-135m"):
         load_base_model("EleutherAI/gpt-neo-125M")
     assert time.monotonic() - started < 30
+
+
+def test_the_generate_block_is_read_checked_and_exported_as_the_bundle_defaults():
+    from condgen.training.export import bundle_generate_defaults
+
+    config = parse_config(_one_block(generate={"num_records": 80, "maximum_text_length": 100, "top_p": 0.9}))
+    assert config.generate.as_set() == {"num_records": 80, "maximum_text_length": 100, "top_p": 0.9}
+    assert bundle_generate_defaults(config.to_dict()) == {"num_records": 80, "top_p": 0.9, "maximum_text_length": 100}
+    assert bundle_generate_defaults(parse_config(_one_block()).to_dict()) is None
+    with pytest.raises(ConfigError, match="did you mean `temperature`"):
+        parse_config(_one_block(generate={"temprature": 0.5}))
+    with pytest.raises(ConfigError, match="generate.top_p"):
+        parse_config(_one_block(generate={"top_p": 1.5}))
+
+
+def _one_block(**blocks):
+    return {"models": [{"gpt_x": dict(blocks)}]}

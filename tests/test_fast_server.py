@@ -176,3 +176,36 @@ def test_a_request_over_max_request_bytes_gets_invalid_argument_even_past_4_mib(
         list(pb_grpc.GeneratorStub(channel).Generate(request, timeout=30))
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "--max-request-bytes" in refused.value.details()
+
+
+def test_the_bundle_generate_block_fills_the_fields_a_request_leaves_unset(fake_bundle_dir, tmp_path):
+    """Gretel's `generate` block, in the manifest: GetModelInfo shows it, a request without
+    num_records gets the bundle's count, and so does `condgen generate` without --num-records."""
+    import shutil
+
+    import pandas as pd
+
+    from condgen.cli import main
+    from condgen.server.app import ServeConfig
+    from condgen.v1 import generator_pb2 as pb
+    from condgen.v1 import generator_pb2_grpc as pb_grpc
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(fake_bundle_dir, bundle)
+    manifest_path = bundle / "condgen.json"
+    raw = json.loads(manifest_path.read_text())
+    raw["generate_defaults"] = {"num_records": 2, "temperature": 0.7, "top_k": 5, "maximum_text_length": 40}
+    manifest_path.write_text(json.dumps(raw))
+    config = ServeConfig(bundle=bundle, port=0, grace_seconds=2.0)
+    with LocalServer(config, timeout=60, engine=FakeEngine(read_manifest(bundle))) as server:
+        limits = json.loads(server.model_info().limits_json)
+        defaults = limits["defaults"]
+        assert (defaults["num_records"], defaults["temperature"], defaults["top_k"]) == (2, 0.7, 5)
+        assert defaults["max_new_tokens"] == 40 and limits["bundle_generate_defaults"]["num_records"] == 2
+        request = pb.GenerateRequest(intents=["card_arrival"], sampling=pb.SamplingParams(seed=1))
+        with grpc.insecure_channel(server.target) as channel:
+            responses = list(pb_grpc.GeneratorStub(channel).Generate(request, timeout=30))
+        assert sum(r.HasField("record") for r in responses) == 2
+        out = tmp_path / "rows.csv"
+        assert main(["generate", "--target", server.target, "--intent", "exchange_rate", "--output", str(out)]) == 0
+        assert len(pd.read_csv(out)) == 2

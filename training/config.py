@@ -60,7 +60,8 @@ TOP_LEVEL_KEYS = ("schema_version", "name", "models")
 # Top-level keys of Gretel's service that a training run does not use (accepted, ignored).
 IGNORED_TOP_LEVEL = ("notifications", "label_predictors")
 # Blocks of Gretel configs that describe features condgen handles elsewhere or not at all.
-IGNORED_BLOCKS = ("generate",)
+# Gretel's `generate` block: the bundle's default request settings (server/limits.py Defaults).
+GENERATE_KEYS = ("num_records", "temperature", "top_p", "top_k", "maximum_text_length")
 # Gretel's peft_params keys -> TrainingConfig fields.
 PEFT_KEYS = {"lora_r": "lora_r", "lora_alpha_over_r": "lora_alpha_over_r", "target_modules": "lora_target_modules"}
 # gpt_x fields of Gretel's that condgen accepts only unset (null or empty), with the reason.
@@ -86,6 +87,35 @@ class _GretelYamlLoader(yaml.SafeLoader):
 
 
 _GretelYamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789."))
+
+
+@dataclass
+class GenerateDefaults:
+    """Gretel's `generate` block: what a request that leaves a field unset gets from the served
+    bundle. `maximum_text_length` (tokens of one record) caps `max_new_tokens`, the tokens a
+    sequence samples per round, so no record is longer. None: the server's own default."""
+
+    num_records: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    maximum_text_length: int | None = None
+
+    def validate(self) -> None:
+        checks = {
+            "num_records": self.num_records is None or self.num_records >= 1,
+            "temperature": self.temperature is None or 0 <= self.temperature <= 5,
+            "top_p": self.top_p is None or 0 < self.top_p <= 1,
+            "top_k": self.top_k is None or self.top_k >= 0,
+            "maximum_text_length": self.maximum_text_length is None or 1 <= self.maximum_text_length <= 512,
+        }
+        for key, fine in checks.items():
+            if not fine:
+                raise ConfigError(f"`generate.{key}` is out of range: {getattr(self, key)!r}")
+
+    def as_set(self) -> dict:
+        """The fields the config sets."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 @dataclass
@@ -121,6 +151,7 @@ class TrainingConfig:
     lora_r: int = 0
     lora_alpha_over_r: float = 1.0
     lora_target_modules: str | list[str] = "all-linear"
+    generate: GenerateDefaults = dataclasses.field(default_factory=GenerateDefaults)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -151,6 +182,9 @@ class TrainingConfig:
             raise ConfigError(f"`validation_fraction` must be in [0, 0.5), got {self.validation_fraction}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"`precision` {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if isinstance(self.generate, dict):  # read back from a checkpoint's config
+            self.generate = GenerateDefaults(**self.generate)
+        self.generate.validate()
         if self.lora_r < 0 or self.lora_alpha_over_r <= 0:
             raise ConfigError("`lora_r` must be 0 (full fine-tuning) or positive, `lora_alpha_over_r` positive")
         targets = self.lora_target_modules
@@ -158,8 +192,7 @@ class TrainingConfig:
             isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)
         ):
             raise ConfigError(
-                "`target_modules` must be a list of module names, a regular expression or all-linear, "
-                f"got {targets!r}"
+                f"`target_modules` must be a list of module names, a regular expression or all-linear, got {targets!r}"
             )
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ConfigError(f"`lr_scheduler` {self.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}")
@@ -240,14 +273,14 @@ def _flatten_gpt_x(block: dict) -> dict:
             flat["validation_fraction"] = _check_value("validation_fraction", value, kinds)
         elif key == "peft_params":
             flat.update(_peft_fields(value))
+        elif key == "generate":
+            flat["generate"] = _generate_defaults(value)
         elif key == "privacy_params":
             if isinstance(value, dict) and value.get("dp"):
                 raise ConfigError(
                     "`privacy_params.dp: true` (differentially private training) "
                     "is not supported by condgen; set it to false"
                 )
-        elif key in IGNORED_BLOCKS:
-            continue
         elif key in UNSET_ONLY:
             if value not in (None, {}, [], ""):
                 raise ConfigError(
@@ -260,7 +293,7 @@ def _flatten_gpt_x(block: dict) -> dict:
         else:
             raise _unknown(
                 key,
-                list(kinds) + ["params", "column_name", "privacy_params", *IGNORED_BLOCKS, *UNSET_ONLY],
+                list(kinds) + ["params", "column_name", "privacy_params", "peft_params", "generate", *UNSET_ONLY],
                 "models[0].gpt_x",
             )
     return flat
@@ -285,6 +318,25 @@ def _peft_fields(block: Any) -> dict:
         else:
             fields_[PEFT_KEYS[key]] = _check_value(key, value, kinds)
     return fields_
+
+
+def _generate_defaults(block: Any) -> GenerateDefaults:
+    """Gretel's `generate` block, checked."""
+    if block in (None, {}):
+        return GenerateDefaults()
+    if not isinstance(block, dict):
+        raise ConfigError("`generate` must be a mapping")
+    kinds = {"num_records": int, "temperature": (int, float), "top_p": (int, float), "top_k": int}
+    kinds["maximum_text_length"] = int
+    values = {}
+    for key, value in block.items():
+        if key not in GENERATE_KEYS:
+            raise _unknown(key, GENERATE_KEYS, "models[0].gpt_x.generate")
+        values[key] = _check_value(key, value, kinds)
+    for key in ("temperature", "top_p"):
+        if values.get(key) is not None:
+            values[key] = float(values[key])
+    return GenerateDefaults(**values)
 
 
 def parse_config(raw: Any) -> TrainingConfig:

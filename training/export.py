@@ -311,6 +311,12 @@ def write_fidelity_classifier(bundle_dir: Path, examples: dict[str, list[str]]) 
     save_classifier(fit_classifier(texts, labels), bundle_dir)
 
 
+def bundle_generate_defaults(config: dict) -> dict | None:
+    """The fields the training config's `generate` block sets, for the manifest; None if none."""
+    block = {k: v for k, v in (config.get("generate") or {}).items() if v is not None}
+    return block or None
+
+
 def export_bundle(
     checkpoint: str | Path,
     output: str | Path,
@@ -394,6 +400,7 @@ def export_bundle(
         training_stats=info_json["stats"],
         text_length=info_json["stats"].get("text_length", {}),
         lora=info_json["stats"].get("lora"),
+        generate_defaults=bundle_generate_defaults(info_json["config"]),
     )
     write_manifest(output, manifest)
     return ExportResult(output, manifest)
