@@ -24,6 +24,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from condgen.bench.load import ServerProcess
+from condgen.client.resume import retry_after_seconds
 from condgen.v1 import generator_pb2 as pb
 from condgen.v1 import generator_pb2_grpc as pb_grpc
 
@@ -65,13 +66,6 @@ def _request(load: OverloadLoad, index: int) -> pb.GenerateRequest:
     )
 
 
-def _retry_after(metadata) -> float | None:
-    for key, value in metadata or ():
-        if key == "retry-after":
-            return float(value)
-    return None
-
-
 async def one_call(stub: pb_grpc.GeneratorStub, load: OverloadLoad, index: int) -> CallOutcome:
     started = time.monotonic()
     call = stub.Generate(_request(load, index), timeout=load.deadline_seconds)
@@ -82,7 +76,7 @@ async def one_call(stub: pb_grpc.GeneratorStub, load: OverloadLoad, index: int) 
         code = grpc.StatusCode.OK
     except grpc.aio.AioRpcError as exc:
         code = exc.code()
-    retry_after = _retry_after(await call.trailing_metadata())
+    retry_after = retry_after_seconds(await call.trailing_metadata())
     return CallOutcome(code.name, time.monotonic() - started, records, load.num_records, retry_after)
 
 

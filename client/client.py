@@ -33,6 +33,7 @@ import grpc
 
 from condgen.client.resume import RETRYABLE, Progress, RetryPolicy, retry_after_seconds
 from condgen.errors import CondgenError
+from condgen.metadata import REQUEST_ID_KEY
 from condgen.v1 import generator_pb2 as pb
 from condgen.v1 import generator_pb2_grpc as pb_grpc
 
@@ -47,9 +48,6 @@ class Record:
     fidelity: float = 0.0
     predicted_intent: str = ""
     label_margin: float = float("nan")  # the label check's margin (nats per token); NaN: not checked
-
-
-REQUEST_ID_KEY = "x-request-id"
 
 
 class GenerateError(CondgenError, RuntimeError):

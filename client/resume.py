@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import grpc
 
 from condgen.codec import normalize_for_match
+from condgen.metadata import RETRY_AFTER_KEY
 from condgen.v1 import generator_pb2 as pb
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
-RETRY_AFTER_KEY = "retry-after"  # trailing metadata of a refusal: seconds until the server expects room
 SEED_STRIDE = 1_000_003
 SUMMED_FIELDS = ("lines_parsed", "tokens_generated", "elapsed_seconds", "rounds")
 

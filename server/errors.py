@@ -15,8 +15,9 @@ import logging
 
 import grpc
 
+from condgen.metadata import RETRY_AFTER_KEY
+
 log = logging.getLogger(__name__)
-RETRY_AFTER_KEY = "retry-after"  # trailing metadata: seconds until the server expects room
 
 
 class RequestError(ValueError):

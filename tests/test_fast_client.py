@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from condgen.client import AsyncClient, Client, GenerateError, IncompleteError, RetryPolicy
-from condgen.client.resume import RETRY_AFTER_KEY
+from condgen.metadata import RETRY_AFTER_KEY
 from condgen.v1 import generator_pb2 as pb
 from condgen.v1 import generator_pb2_grpc as pb_grpc
 
