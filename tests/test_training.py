@@ -295,3 +295,14 @@ def test_peft_params_are_checked_and_full_fine_tuning_records_no_lora(workdir, c
     assert parse_config({"models": [{"gpt_x": {"peft_params": None}}]}).lora_r == 0
     info = json.loads((checkpoint / "condgen_training.json").read_text())
     assert "lora" not in info["stats"]
+
+
+def test_a_lora_run_resumes_from_its_adapter_checkpoint(workdir, train_csv, tiny_base):
+    from condgen.training.finetune import finetune
+
+    out = workdir / "lora-resumable"
+    lora = dict(lora_r=4, save_steps=2, logging_steps=2)
+    assert finetune(tiny_config(train_csv, tiny_base, steps=4, **lora), out).stats["optimizer_steps"] == 4
+    resumed = finetune(tiny_config(train_csv, tiny_base, steps=8, **lora), out, resume=True)
+    assert resumed.stats["resumed_from"] == "checkpoint-4" and resumed.stats["optimizer_steps"] == 8
+    assert resumed.stats["lora"]["r"] == 4
