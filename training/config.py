@@ -60,10 +60,8 @@ TOP_LEVEL_KEYS = ("schema_version", "name", "models")
 # Top-level keys of Gretel's service that a training run does not use (accepted, ignored).
 IGNORED_TOP_LEVEL = ("notifications", "label_predictors")
 # Blocks of Gretel configs that describe features condgen handles elsewhere or not at all.
-# Gretel's `generate` block: the bundle's default request settings (server/limits.py Defaults).
-GENERATE_KEYS = ("num_records", "temperature", "top_p", "top_k", "maximum_text_length")
-# Gretel's peft_params keys -> TrainingConfig fields.
-PEFT_KEYS = {"lora_r": "lora_r", "lora_alpha_over_r": "lora_alpha_over_r", "target_modules": "lora_target_modules"}
+# Gretel's peft_params keys whose TrainingConfig field has another name.
+PEFT_FIELDS = {"target_modules": "lora_target_modules"}
 # gpt_x fields of Gretel's that condgen accepts only unset (null or empty), with the reason.
 UNSET_ONLY = {
     "prompt_template": "condgen fine-tunes on `intent,text` lines and has no prompt templates",
@@ -299,42 +297,40 @@ def _flatten_gpt_x(block: dict) -> dict:
     return flat
 
 
-def _peft_fields(block: Any) -> dict:
-    """Gretel's `peft_params` as TrainingConfig fields (an empty or null block: LoRA's defaults
-    are not switched on; `lora_r` must be given)."""
+def _checked_block(name: str, block: Any, kinds: dict[str, Any]) -> dict:
+    """A Gretel sub-block (`peft_params`, `generate`) as {key: value}: unknown keys are errors,
+    null values are left out, values of keys with a kind are checked (None: taken as written)."""
     if block in (None, {}):
         return {}
     if not isinstance(block, dict):
-        raise ConfigError("`peft_params` must be a mapping")
-    kinds = {"lora_r": int, "lora_alpha_over_r": (int, float)}
-    fields_: dict[str, Any] = {}
+        raise ConfigError(f"`{name}` must be a mapping")
+    values = {}
     for key, value in block.items():
-        if key not in PEFT_KEYS:
-            raise _unknown(key, PEFT_KEYS, "models[0].gpt_x.peft_params")
-        if value is None:
-            continue
-        if key == "target_modules":
-            fields_["lora_target_modules"] = list(value) if isinstance(value, (list, tuple)) else value
-        else:
-            fields_[PEFT_KEYS[key]] = _check_value(key, value, kinds)
-    return fields_
+        if key not in kinds:
+            raise _unknown(key, kinds, f"models[0].gpt_x.{name}")
+        if value is not None:
+            values[key] = value if kinds[key] is None else _check_value(key, value, kinds)
+    return values
+
+
+def _peft_fields(block: Any) -> dict:
+    """Gretel's `peft_params` as TrainingConfig fields (an empty or null block: full fine-tuning)."""
+    values = _checked_block(
+        "peft_params", block, {"lora_r": int, "lora_alpha_over_r": (int, float), "target_modules": None}
+    )
+    targets = values.get("target_modules")
+    if isinstance(targets, (list, tuple)):
+        values["target_modules"] = list(targets)
+    return {PEFT_FIELDS.get(key, key): value for key, value in values.items()}
 
 
 def _generate_defaults(block: Any) -> GenerateDefaults:
     """Gretel's `generate` block, checked."""
-    if block in (None, {}):
-        return GenerateDefaults()
-    if not isinstance(block, dict):
-        raise ConfigError("`generate` must be a mapping")
-    kinds = {"num_records": int, "temperature": (int, float), "top_p": (int, float), "top_k": int}
-    kinds["maximum_text_length"] = int
-    values = {}
-    for key, value in block.items():
-        if key not in GENERATE_KEYS:
-            raise _unknown(key, GENERATE_KEYS, "models[0].gpt_x.generate")
-        values[key] = _check_value(key, value, kinds)
+    number = (int, float)
+    kinds = {"num_records": int, "temperature": number, "top_p": number, "top_k": int, "maximum_text_length": int}
+    values = _checked_block("generate", block, kinds)
     for key in ("temperature", "top_p"):
-        if values.get(key) is not None:
+        if key in values:
             values[key] = float(values[key])
     return GenerateDefaults(**values)
 
