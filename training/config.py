@@ -117,6 +117,49 @@ class GenerateDefaults:
 
 
 @dataclass
+class PrivacyConfig:
+    """Gretel's `privacy_params`: differentially private fine-tuning (DP-SGD with Opacus).
+
+    Each optimiser step samples units (rows, or all rows of one entity when
+    `entity_column_name` names a column) with probability batch / units (Poisson sampling),
+    clips each unit's gradient to `per_sample_max_grad_norm` and adds Gaussian noise whose
+    scale makes the whole run (`epsilon`, `delta`)-DP. `delta: auto` is 1 / units^1.2."""
+
+    dp: bool = False
+    epsilon: float = 8.0
+    delta: float | str = "auto"
+    per_sample_max_grad_norm: float = 1.0
+    entity_column_name: str | None = None
+    poisson_sampling: bool = True
+
+    def validate(self) -> None:
+        if not self.dp:
+            return
+        if not 0 < self.epsilon <= 100:
+            raise ConfigError(f"`privacy_params.epsilon` must be in (0, 100], got {self.epsilon}")
+        if self.delta != "auto" and not (isinstance(self.delta, (int, float)) and 0 < self.delta < 1):
+            raise ConfigError(f"`privacy_params.delta` must be `auto` or in (0, 1), got {self.delta!r}")
+        if not self.per_sample_max_grad_norm > 0:
+            raise ConfigError(
+                f"`privacy_params.per_sample_max_grad_norm` must be positive, got {self.per_sample_max_grad_norm}"
+            )
+        if not self.poisson_sampling:
+            raise ConfigError(
+                "`privacy_params.poisson_sampling: false` is not supported: the privacy accounting of "
+                "condgen's DP-SGD assumes Poisson sampling; set it to true"
+            )
+
+    def resolved_delta(self, units: int) -> float:
+        """`delta`, with `auto` as 1 / units^1.2 (smaller than 1/units, as DP needs)."""
+        return 1.0 / units**1.2 if self.delta == "auto" else float(self.delta)
+
+    @property
+    def unit(self) -> str:
+        """What one unit of privacy is: `row`, or the entity column's name."""
+        return self.entity_column_name or "row"
+
+
+@dataclass
 class TrainingConfig:
     """Settings of one fine-tuning run (the `gpt_x` block, flattened)."""
 
@@ -150,6 +193,7 @@ class TrainingConfig:
     lora_alpha_over_r: float = 1.0
     lora_target_modules: str | list[str] = "all-linear"
     generate: GenerateDefaults = dataclasses.field(default_factory=GenerateDefaults)
+    privacy: PrivacyConfig = dataclasses.field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -183,6 +227,9 @@ class TrainingConfig:
         if isinstance(self.generate, dict):  # read back from a checkpoint's config
             self.generate = GenerateDefaults(**self.generate)
         self.generate.validate()
+        if isinstance(self.privacy, dict):
+            self.privacy = PrivacyConfig(**self.privacy)
+        self.privacy.validate()
         if self.lora_r < 0 or self.lora_alpha_over_r <= 0:
             raise ConfigError("`lora_r` must be 0 (full fine-tuning) or positive, `lora_alpha_over_r` positive")
         targets = self.lora_target_modules
@@ -274,11 +321,7 @@ def _flatten_gpt_x(block: dict) -> dict:
         elif key == "generate":
             flat["generate"] = _generate_defaults(value)
         elif key == "privacy_params":
-            if isinstance(value, dict) and value.get("dp"):
-                raise ConfigError(
-                    "`privacy_params.dp: true` (differentially private training) "
-                    "is not supported by condgen; set it to false"
-                )
+            flat["privacy"] = _privacy_params(value)
         elif key in UNSET_ONLY:
             if value not in (None, {}, [], ""):
                 raise ConfigError(
@@ -333,6 +376,30 @@ def _generate_defaults(block: Any) -> GenerateDefaults:
         if key in values:
             values[key] = float(values[key])
     return GenerateDefaults(**values)
+
+
+def _privacy_params(block: Any) -> PrivacyConfig:
+    """Gretel's `privacy_params` block, checked (`delta` is a number or `auto`)."""
+    number = (int, float)
+    kinds = {
+        "dp": bool,
+        "epsilon": number,
+        "delta": None,
+        "per_sample_max_grad_norm": number,
+        "entity_column_name": str,
+        "poisson_sampling": bool,
+    }
+    values = _checked_block("privacy_params", block, kinds)
+    delta = values.get("delta")
+    if isinstance(delta, str) and delta != "auto":
+        delta = _number_from_text(delta, (int, float))
+        if delta is None:
+            raise ConfigError(f"`privacy_params.delta` must be `auto` or a number, got {values['delta']!r}")
+        values["delta"] = delta
+    for key in ("epsilon", "per_sample_max_grad_norm"):
+        if key in values:
+            values[key] = float(values[key])
+    return PrivacyConfig(**values)
 
 
 def parse_config(raw: Any) -> TrainingConfig:

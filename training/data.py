@@ -36,7 +36,11 @@ def _pick_column(available: Sequence[str], wanted: str | None, guesses: Sequence
     )
 
 
-def _to_records(rows: Iterable[dict], text_column: str, label_column: str, separator: str) -> list[LabelledText]:
+def _to_records(
+    rows: Iterable[dict], text_column: str, label_column: str, separator: str, entities: list | None = None
+) -> list[LabelledText]:
+    """Rows as records (rows with an empty text are dropped). `entities`, when given, receives
+    each kept row's `entity` value (the key `_entity` of the row), in the records' order."""
     records = []
     for number, row in enumerate(rows, start=2):
         label, text = row.get(label_column), row.get(text_column)
@@ -49,6 +53,8 @@ def _to_records(rows: Iterable[dict], text_column: str, label_column: str, separ
         folded = fold_text(str(text))
         if folded:
             records.append(LabelledText(intent, folded))
+            if entities is not None:
+                entities.append(row["_entity"])
     if not records:
         raise DataError("the data holds no records with a non-empty text")
     return records
@@ -105,6 +111,34 @@ def load_records(
     if source.startswith("hf:"):
         return read_hf_records(source[3:], text_column, label_column, separator, split)
     return read_csv_records(source, text_column, label_column, separator)
+
+
+def read_csv_units(
+    path: str | Path,
+    entity_column: str,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    separator: str = ",",
+) -> list[list[LabelledText]]:
+    """The records of a CSV grouped by the value of `entity_column`: one list per entity (the
+    unit of privacy of DP training), entities and their rows in data order."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        columns = reader.fieldnames or []
+        if entity_column not in columns:
+            raise DataError(f"entity column {entity_column!r} not found; the data has columns {list(columns)}")
+        text_col = _pick_column(columns, text_column, TEXT_COLUMN_GUESSES, "text")
+        label_col = _pick_column(columns, label_column, LABEL_COLUMN_GUESSES, "label")
+        rows = ({**row, "_entity": row[entity_column] or ""} for row in reader)
+        entities: list[str] = []
+        records = _to_records(rows, text_col, label_col, separator, entities)
+    grouped: dict[str, list[LabelledText]] = {}
+    for entity, record in zip(entities, records, strict=True):
+        grouped.setdefault(entity, []).append(record)
+    return list(grouped.values())
 
 
 def split_validation(records: Sequence[LabelledText], fraction: float, seed: int):

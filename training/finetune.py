@@ -298,6 +298,10 @@ def finetune(config: TrainingConfig, output_dir: str | Path, resume: bool = Fals
     """Run one fine-tuning job as configured and save the result to `output_dir`."""
     from transformers import Trainer, default_data_collator, set_seed
 
+    if config.privacy.dp:
+        from condgen.training.private import finetune_private
+
+        return finetune_private(config, output_dir, resume)
     output_dir = Path(output_dir)
     trainer_dir = output_dir / TRAINER_DIR
     if config.data_source is None:
@@ -390,8 +394,7 @@ def save_checkpoint(
 ) -> None:
     """Write the final files from the main process; every process returns once they exist.
 
-    `condgen_training.json` goes last: its presence marks a complete checkpoint. LoRA adapters
-    are merged into the base weights first, so export reads it as any other checkpoint.
+    LoRA adapters are merged into the base weights first, so export reads it as any other checkpoint.
     """
     if "lora" in stats:  # the adapters merged into the base weights: a plain checkpoint
         merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
@@ -400,20 +403,36 @@ def save_checkpoint(
     else:
         trainer.save_model(str(output_dir))  # every process calls it; the Trainer writes from the main one
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(str(output_dir))
-        (output_dir / EXAMPLES_NAME).write_text(json.dumps(examples_by_intent(records), ensure_ascii=False))
-        if metrics is not None:
-            write_metrics(output_dir, metrics)
-            write_loss_curve(output_dir, metrics)
-        info = {
-            "base_model": config.pretrained_model,
-            "separator": config.separator,
-            "config": config.to_dict(),
-            "stats": stats,
-            "intents": intent_counts(records),
-        }
-        (output_dir / TRAINING_INFO_NAME).write_text(json.dumps(info, indent=2))
+        write_checkpoint_files(
+            output_dir, tokenizer, config, stats, examples_by_intent(records), intent_counts(records), metrics
+        )
     trainer.accelerator.wait_for_everyone()
+
+
+def write_checkpoint_files(
+    output_dir: Path,
+    tokenizer,
+    config: TrainingConfig,
+    stats: dict,
+    examples: dict[str, list[str]],
+    intents: dict[str, int],
+    metrics: dict | None = None,
+) -> None:
+    """Everything of a checkpoint but the weights. `condgen_training.json` goes last: its
+    presence marks a complete checkpoint."""
+    tokenizer.save_pretrained(str(output_dir))
+    (output_dir / EXAMPLES_NAME).write_text(json.dumps(examples, ensure_ascii=False))
+    if metrics is not None:
+        write_metrics(output_dir, metrics)
+        write_loss_curve(output_dir, metrics)
+    info = {
+        "base_model": config.pretrained_model,
+        "separator": config.separator,
+        "config": config.to_dict(),
+        "stats": stats,
+        "intents": intents,
+    }
+    (output_dir / TRAINING_INFO_NAME).write_text(json.dumps(info, indent=2))
 
 
 def read_training_info(checkpoint: str | Path) -> dict:
