@@ -60,7 +60,7 @@ class OnnxInfo:
     rewrites: list[str] = field(default_factory=list)  # graph rewrites applied at export (training/graph.py)
 
 
-OPTIONAL_KEYS = ("lora", "generate_defaults")  # left out of condgen.json when None
+OPTIONAL_KEYS = ("lora", "generate_defaults", "privacy")  # left out of condgen.json when None
 
 
 @dataclass
@@ -80,6 +80,19 @@ class Manifest:
     lora: dict | None = None  # {"r", "alpha", "target_modules", ...} when trained with LoRA; absent otherwise
     # the training config's `generate` block: defaults of requests that leave a field unset
     generate_defaults: dict | None = None
+    # differential privacy of the fine-tuning ({"epsilon": spent, "delta", "noise_multiplier",
+    # "max_grad_norm", "unit": "row" or the entity column, ...}); absent without DP
+    privacy: dict | None = None
+
+    def privacy_line(self) -> str | None:
+        """One line saying the bundle's DP guarantee, for logs; None without DP."""
+        p = self.privacy
+        if not p:
+            return None
+        return (
+            f"trained with differential privacy: epsilon {p['epsilon']:.2f} at delta {p['delta']:.3g} per "
+            f"{p['unit']} (noise multiplier {p['noise_multiplier']:.3f}, clipping norm {p['max_grad_norm']})"
+        )
 
     def to_json(self) -> str:
         fields_ = {k: v for k, v in asdict(self).items() if not (k in OPTIONAL_KEYS and v is None)}

@@ -181,6 +181,8 @@ async def start_server(config: ServeConfig, engine: Engine | None = None) -> Run
         server, port, scheduler, task, health_servicer, config.grace_seconds, telemetry, metrics_port
     )
     task.add_done_callback(running.on_scheduler_done)
+    if manifest.privacy_line():
+        log.info("bundle %s", manifest.privacy_line())
     return running
 
 

@@ -109,4 +109,5 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
             num_intents=len(m.intents),
             limits_json=json.dumps(limits),
             scheduler_json=json.dumps(self.scheduler.stats()),
+            privacy_json=json.dumps(m.privacy) if m.privacy else "",
         )

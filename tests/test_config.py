@@ -107,9 +107,24 @@ def test_bad_values(gpt_x, message):
         parse_config(_one(**gpt_x))
 
 
-def test_dp_is_refused():
-    with pytest.raises(ConfigError, match="privacy"):
-        parse_config(_one(privacy_params={"dp": True}))
+def test_privacy_params_are_read_and_checked():
+    privacy = parse_config(_one(privacy_params={"dp": True})).privacy
+    assert (privacy.dp, privacy.epsilon, privacy.delta, privacy.per_sample_max_grad_norm) == (True, 8.0, "auto", 1.0)
+    assert privacy.unit == "row" and privacy.resolved_delta(1000) == pytest.approx(1000**-1.2)
+    written = {"dp": True, "epsilon": "5", "delta": "1e-6", "entity_column_name": "customer_id"}
+    privacy = parse_config(_one(privacy_params=written)).privacy
+    assert (privacy.epsilon, privacy.delta, privacy.unit) == (5.0, 1e-6, "customer_id")
+    assert parse_config(_one(privacy_params={"dp": False, "epsilon": 8})).privacy.dp is False
+    for bad, message in [
+        ({"dp": True, "epsilon": 0}, "epsilon"),
+        ({"dp": True, "delta": 1.5}, "delta"),
+        ({"dp": True, "delta": "often"}, "delta"),
+        ({"dp": True, "per_sample_max_grad_norm": 0}, "per_sample_max_grad_norm"),
+        ({"dp": True, "poisson_sampling": False}, "poisson_sampling"),
+        ({"dp": True, "epsilom": 8}, "did you mean `epsilon`"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            parse_config(_one(privacy_params=bad))
 
 
 def test_models_must_hold_one_gpt_x_block():
@@ -223,10 +238,10 @@ def test_gretel_gpt_auto_blueprint_loads_and_maps_to_the_default_model(tmp_path)
     assert resolve_model_name("distilgpt2") == "distilgpt2"
 
 
-def test_gretel_dp_blueprint_is_refused_in_one_line(tmp_path):
-    with pytest.raises(ConfigError, match=r"privacy_params.dp: true") as caught:
-        _load(tmp_path, GRETEL_DP)
-    assert "\n" not in str(caught.value)
+def test_gretel_dp_blueprint_loads_with_lora_and_its_epsilon(tmp_path):
+    config = _load(tmp_path, GRETEL_DP)
+    assert config.privacy.dp and config.privacy.epsilon == 5.0 and config.privacy.delta == "auto"
+    assert (config.lora_r, config.batch_size * config.gradient_accumulation_steps, config.epochs) == (8, 128, 3)
 
 
 @pytest.mark.parametrize(

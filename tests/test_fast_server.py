@@ -209,3 +209,29 @@ def test_the_bundle_generate_block_fills_the_fields_a_request_leaves_unset(fake_
         out = tmp_path / "rows.csv"
         assert main(["generate", "--target", server.target, "--intent", "exchange_rate", "--output", str(out)]) == 0
         assert len(pd.read_csv(out)) == 2
+
+
+def test_a_dp_bundle_states_its_privacy_in_model_info_and_at_start(fake_bundle_dir, tmp_path, caplog):
+    """The manifest's `privacy` block (a DP fine-tune) is shown by GetModelInfo and logged when
+    serving starts; a bundle without it shows nothing."""
+    import logging
+    import shutil
+
+    from condgen.server.app import ServeConfig
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(fake_bundle_dir, bundle)
+    manifest_path = bundle / "condgen.json"
+    raw = json.loads(manifest_path.read_text())
+    assert "privacy" not in raw
+    privacy = {"epsilon": 7.98, "delta": 1.6e-5, "noise_multiplier": 0.5, "max_grad_norm": 1.0, "unit": "row"}
+    raw["privacy"] = privacy
+    manifest_path.write_text(json.dumps(raw))
+    config = ServeConfig(bundle=bundle, port=0, grace_seconds=2.0)
+    with caplog.at_level(logging.INFO, logger="condgen.server.app"):
+        with LocalServer(config, timeout=60, engine=FakeEngine(read_manifest(bundle))) as server:
+            assert json.loads(server.model_info().privacy_json) == privacy
+    assert "differential privacy: epsilon 7.98 at delta 1.6e-05 per row" in caplog.text
+    plain = ServeConfig(bundle=fake_bundle_dir, port=0, grace_seconds=2.0)
+    with LocalServer(plain, timeout=60, engine=FakeEngine(read_manifest(fake_bundle_dir))) as server:
+        assert server.model_info().privacy_json == ""

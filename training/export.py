@@ -400,6 +400,7 @@ def export_bundle(
         training_stats=info_json["stats"],
         text_length=info_json["stats"].get("text_length", {}),
         lora=info_json["stats"].get("lora"),
+        privacy=info_json["stats"].get("privacy"),
         generate_defaults=bundle_generate_defaults(info_json["config"]),
     )
     write_manifest(output, manifest)

@@ -297,11 +297,15 @@ def finetune_private(config: TrainingConfig, output_dir: str | Path, resume: boo
         for number, chunk in enumerate(chunks):
             optimizer.zero_grad(set_to_none=True)  # per-sample gradients only; clipped sums carry over
             optimizer.signal_skip_step(do_skip=number < len(chunks) - 1)
-            losses = per_unit_loss(module, [sequences[i] for i in chunk], pad_id, bf16)
-            (losses.mean() if chunk else losses.sum()).backward()
+            if chunk:
+                losses = per_unit_loss(module, [sequences[i] for i in chunk], pad_id, bf16)
+                losses.mean().backward()
+                window_loss += float(losses.detach().sum())
+                window_units += len(chunk)
+            else:  # Poisson sampling drew no unit: the step still adds its noise (and counts)
+                for parameter in trainable:
+                    parameter.grad_sample = torch.zeros((0, *parameter.shape), dtype=parameter.dtype)
             optimizer.step()
-            window_loss += float(losses.detach().sum())
-            window_units += len(chunk)
         units_seen += len(indices)
         scheduler.step()
         if step % config.logging_steps == 0 or step == plan.steps:
