@@ -231,34 +231,32 @@ def refuse_unsupported(config: TrainingConfig, resume: bool) -> None:
         raise ConfigError("no data: pass --data or set `data_source` in the config")
 
 
-def finetune_private(config: TrainingConfig, output_dir: str | Path, resume: bool = False) -> TrainResult:
-    """Fine-tune with DP-SGD as `config.privacy` says and write a checkpoint to `output_dir`."""
+@dataclass
+class PrivateRun:
+    """What `train_private` returns: the fine-tuned model (adapters merged) and its record."""
+
+    model: object
+    tokenizer: object
+    history: list[dict]  # logged steps: step, epoch, loss, learning_rate, epsilon
+    validation_loss: float | None
+    epsilon: float | None  # spent; None when the plan adds no noise (a non-private comparison run)
+    units_cut: int
+    lora: dict | None
+
+
+def train_private(config: TrainingConfig, train_units: list, val_units: list, plan: PrivacyPlan, metrics_dir=None):
+    """Run DP-SGD over the units as `plan` says; `metrics_dir` gets metrics.json as it goes.
+
+    A plan with noise multiplier 0 and a clipping norm no gradient reaches is the same loop without privacy (the
+    canary bench's comparison run)."""
     import torch
     from opacus import GradSampleModule
     from opacus.accountants import PRVAccountant
     from opacus.optimizers import DPOptimizer
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
     from tqdm.auto import tqdm
-    from transformers import get_scheduler, set_seed
+    from transformers import get_scheduler
 
-    refuse_unsupported(config, resume)
-    output_dir = Path(output_dir)
-    started = time.time()
-    set_seed(config.seed)
-    units = load_units(config)
-    train_units, val_units = split_validation(units, config.validation_fraction, config.seed)
-    plan = plan_privacy(config, len(train_units))
-    log.info(
-        "DP-SGD: %d %s units, q=%.4f, %d steps, noise multiplier %.3f, clipping %.2f, target epsilon %.2f at delta %.3g",
-        plan.units,
-        plan.unit,
-        plan.sample_rate,
-        plan.steps,
-        plan.noise_multiplier,
-        plan.max_grad_norm,
-        plan.target_epsilon,
-        plan.delta,
-    )
     model, tokenizer = load_base_model(config.pretrained_model)
     lora = None
     if config.lora_r:
@@ -268,6 +266,7 @@ def finetune_private(config: TrainingConfig, output_dir: str | Path, resume: boo
     val_sequences, _ = unit_sequences(tokenizer, val_units, config)
     lengths = [len(s) for s in sequences]
     bf16 = uses_bf16(config.precision) and not torch.cuda.is_available()
+    private = plan.noise_multiplier > 0
 
     model.train()
     module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
@@ -283,7 +282,8 @@ def finetune_private(config: TrainingConfig, output_dir: str | Path, resume: boo
         generator=generator,
     )
     accountant = PRVAccountant()
-    optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
+    if private:
+        optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
     scheduler = get_scheduler(config.lr_scheduler, optimizer, config.warmup_steps, plan.steps)
     sampler = UniformWithReplacementSampler(
         num_samples=len(sequences), sample_rate=plan.sample_rate, generator=generator, steps=plan.steps
@@ -291,7 +291,7 @@ def finetune_private(config: TrainingConfig, output_dir: str | Path, resume: boo
 
     history: list[dict] = []
     window_loss, window_units, units_seen = 0.0, 0, 0
-    progress = tqdm(total=plan.steps, desc="DP fine-tuning", unit="step")
+    progress = tqdm(total=plan.steps, desc="DP fine-tuning" if private else "fine-tuning", unit="step")
     for step, indices in enumerate(sampler, start=1):
         chunks = physical_batches(list(indices), lengths, config.batch_size)
         for number, chunk in enumerate(chunks):
@@ -314,26 +314,54 @@ def finetune_private(config: TrainingConfig, output_dir: str | Path, resume: boo
                 "epoch": round(units_seen / len(sequences), 4),
                 "loss": window_loss / max(1, window_units),
                 "learning_rate": scheduler.get_last_lr()[0],
-                "epsilon": accountant.get_epsilon(plan.delta),
+                "epsilon": float(accountant.get_epsilon(plan.delta)) if private else None,
             }
             history.append(entry)
-            progress.set_postfix(loss=f"{entry['loss']:.3f}", eps=f"{entry['epsilon']:.2f}")
-            write_metrics(output_dir, training_metrics(history, global_step=step, max_steps=plan.steps, complete=False))
+            progress.set_postfix(loss=f"{entry['loss']:.3f}", eps=entry["epsilon"])
+            if metrics_dir is not None:
+                metrics = training_metrics(history, global_step=step, max_steps=plan.steps, complete=False)
+                write_metrics(Path(metrics_dir), metrics)
             window_loss, window_units = 0.0, 0
         progress.update(1)
     progress.close()
 
     model = module.to_standard_module()  # the hooks off, grad_sample attributes deleted
     eval_loss = validation_loss(model, val_sequences, pad_id, config.batch_size, bf16)
-    spent = accountant.get_epsilon(plan.delta)
-    log.info("DP training spent epsilon %.3f of %.2f at delta %.3g", spent, plan.target_epsilon, plan.delta)
+    spent = float(accountant.get_epsilon(plan.delta)) if private else None
     if lora is not None:
         model = model.merge_and_unload()
-    examples = sample_examples(model, tokenizer, sorted({r.intent for unit in units for r in unit}), config)
+    return PrivateRun(model, tokenizer, history, eval_loss, spent, cut, lora)
+
+
+def finetune_private(config: TrainingConfig, output_dir: str | Path, resume: bool = False) -> TrainResult:
+    """Fine-tune with DP-SGD as `config.privacy` says and write a checkpoint to `output_dir`."""
+    from transformers import set_seed
+
+    refuse_unsupported(config, resume)
+    output_dir = Path(output_dir)
+    started = time.time()
+    set_seed(config.seed)
+    units = load_units(config)
+    train_units, val_units = split_validation(units, config.validation_fraction, config.seed)
+    plan = plan_privacy(config, len(train_units))
+    log.info(
+        "DP-SGD: %d %s units, q=%.4f, %d steps, noise multiplier %.3f, clipping %.2f, epsilon %.2f at delta %.3g",
+        plan.units,
+        plan.unit,
+        plan.sample_rate,
+        plan.steps,
+        plan.noise_multiplier,
+        plan.max_grad_norm,
+        plan.target_epsilon,
+        plan.delta,
+    )
+    run = train_private(config, train_units, val_units, plan, metrics_dir=output_dir)
+    log.info("DP training spent epsilon %.3f of %.2f at delta %.3g", run.epsilon, plan.target_epsilon, plan.delta)
+    examples = sample_examples(run.model, run.tokenizer, sorted({r.intent for unit in units for r in unit}), config)
     if not examples:
         raise RuntimeError("the DP model wrote no usable line for any intent: train longer or raise epsilon")
     privacy = {
-        "epsilon": round(float(spent), 4),
+        "epsilon": round(run.epsilon, 4),
         "delta": plan.delta,
         "noise_multiplier": round(plan.noise_multiplier, 5),
         "max_grad_norm": plan.max_grad_norm,
@@ -344,7 +372,7 @@ def finetune_private(config: TrainingConfig, output_dir: str | Path, resume: boo
         "expected_batch": plan.batch,
         "steps": plan.steps,
         "accountant": ACCOUNTANT,
-        "units_cut_at_max_tokens": cut,
+        "units_cut_at_max_tokens": run.units_cut,
         "examples": "sampled from the DP model",
     }
     stats = {
@@ -352,21 +380,23 @@ def finetune_private(config: TrainingConfig, output_dir: str | Path, resume: boo
         "train_records": sum(len(u) for u in train_units),
         "validation_records": sum(len(u) for u in val_units),
         "optimizer_steps": plan.steps,
-        "train_loss": history[-1]["loss"] if history else None,
-        "validation_loss": eval_loss,
+        "train_loss": run.history[-1]["loss"] if run.history else None,
+        "validation_loss": run.validation_loss,
         "seconds": round(time.time() - started, 1),
         "resumed_from": None,
         "world_size": 1,
-        "precision": "bf16" if bf16 else "fp32",
+        "precision": "bf16" if uses_bf16(config.precision) else "fp32",
         "text_length": text_length_stats([t for texts in examples.values() for t in texts]),
         "privacy": privacy,
     }
-    if lora is not None:
-        stats["lora"] = lora
-    metrics = training_metrics(history, global_step=plan.steps, max_steps=plan.steps, complete=True, privacy=privacy)
+    if run.lora is not None:
+        stats["lora"] = run.lora
+    metrics = training_metrics(
+        run.history, global_step=plan.steps, max_steps=plan.steps, complete=True, privacy=privacy
+    )
     output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(output_dir))
+    run.model.save_pretrained(str(output_dir))
     intents = {intent: len(texts) for intent, texts in examples.items()}
-    write_checkpoint_files(output_dir, tokenizer, config, stats, examples, intents, metrics)
+    write_checkpoint_files(output_dir, run.tokenizer, config, stats, examples, intents, metrics)
     log.info("wrote %s (privacy: %s)", output_dir, json.dumps(privacy))
     return TrainResult(output_dir, stats)
