@@ -22,7 +22,8 @@ service works here unchanged:
 Gretel's `peft_params` block (`lora_r`, `lora_alpha_over_r`, `target_modules`) trains LoRA
 adapters with the peft library instead of every weight; they are merged into the base weights
 before the checkpoint is written, so export and serving do not change. `lora_r: 0` (or no
-block) is full fine-tuning.
+block) is full fine-tuning. Its `privacy_params` block with `dp: true` trains with DP-SGD
+(`condgen.training.private`); its `generate` block becomes the bundle's request defaults.
 
 Numbers may be written as YAML 1.2 does (`5e-6`, `1E-4`, `.5`), which YAML 1.1 loaders read as
 strings, and a numeric field given as a numeric string (`"0.001"`) is accepted. Unknown or
@@ -59,7 +60,6 @@ LR_SCHEDULERS = (
 TOP_LEVEL_KEYS = ("schema_version", "name", "models")
 # Top-level keys of Gretel's service that a training run does not use (accepted, ignored).
 IGNORED_TOP_LEVEL = ("notifications", "label_predictors")
-# Blocks of Gretel configs that describe features condgen handles elsewhere or not at all.
 # Gretel's peft_params keys whose TrainingConfig field has another name.
 PEFT_FIELDS = {"target_modules": "lora_target_modules"}
 # gpt_x fields of Gretel's that condgen accepts only unset (null or empty), with the reason.
