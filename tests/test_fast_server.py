@@ -228,9 +228,9 @@ def test_a_dp_bundle_states_its_privacy_in_model_info_and_at_start(fake_bundle_d
     raw["privacy"] = privacy
     manifest_path.write_text(json.dumps(raw))
     config = ServeConfig(bundle=bundle, port=0, grace_seconds=2.0)
-    with caplog.at_level(logging.INFO, logger="condgen.server.app"):
-        with LocalServer(config, timeout=60, engine=FakeEngine(read_manifest(bundle))) as server:
-            assert json.loads(server.model_info().privacy_json) == privacy
+    engine = FakeEngine(read_manifest(bundle))
+    with caplog.at_level(logging.INFO, logger="condgen.server.app"), LocalServer(config, 60, engine=engine) as server:
+        assert json.loads(server.model_info().privacy_json) == privacy
     assert "differential privacy: epsilon 7.98 at delta 1.6e-05 per row" in caplog.text
     plain = ServeConfig(bundle=fake_bundle_dir, port=0, grace_seconds=2.0)
     with LocalServer(plain, timeout=60, engine=FakeEngine(read_manifest(fake_bundle_dir))) as server:
