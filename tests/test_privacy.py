@@ -97,3 +97,29 @@ def test_entities_are_the_units_when_an_entity_column_is_named(workdir, train_cs
         finetune(missing, workdir / "dp-missing")
     with pytest.raises(ConfigError, match="cannot resume"):
         finetune(config, workdir / "dp-entities", resume=True)
+
+
+def test_the_canary_bench_trains_with_and_without_dp_and_ranks_every_canary(workdir, tiny_base, tmp_path):
+    """`python -m condgen.bench.privacy` end to end on the tiny model: both runs on the same rows
+    and steps, every canary ranked among its candidates, the DP run's epsilon within the target."""
+    import math
+
+    from conftest import BANKING77_TRAIN
+
+    from condgen.bench.privacy import main
+
+    out = tmp_path / "privacy.json"
+    argv = ["--data", str(BANKING77_TRAIN), "--base-model", str(tiny_base), "--rows", "60", "--canaries", "2"]
+    argv += ["--repeats", "3", "--epochs", "1", "--batch-size", "8", "--candidates", "31", "--samples", "2"]
+    assert main([*argv, "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["settings"]["units"] == 66 and report["plan"]["steps"] == 9
+    plain, private = report["without_dp"], report["with_dp"]
+    assert plain["epsilon"] is None and plain["noise_multiplier"] == 0 and plain["max_grad_norm"] is None
+    assert 0 < private["epsilon"] <= 8 and private["max_grad_norm"] == 1.0
+    for run in (plain, private):
+        assert len(run["canaries"]) == 2
+        for canary in run["canaries"]:
+            assert 1 <= canary["rank"] <= 32 and canary["candidates"] == 31
+            assert canary["exposure"] == pytest.approx(math.log2(32) - math.log2(canary["rank"]), abs=1e-3)
+            assert canary["samples"] == 2 and len(canary["secret"]) == 6
