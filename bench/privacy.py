@@ -100,7 +100,7 @@ def line_scores(model, tokenizer, lines: list[str], batch_size: int = 256) -> li
             ids[row, : len(tokens)] = torch.tensor(tokens)
             mask[row, : len(tokens)] = 1
         with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float().cpu()
         logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
         scores += (logp * mask[:, 1:]).sum(dim=1).tolist()
     return scores
@@ -138,8 +138,8 @@ def generations(model, tokenizer, prompts: list[str], count: int, greedy: bool, 
     encoded = tokenizer([p for p in prompts for _ in range(count)], return_tensors="pt", padding=True)
     with torch.no_grad():
         out = model.generate(
-            input_ids=encoded["input_ids"],
-            attention_mask=encoded["attention_mask"],
+            input_ids=encoded["input_ids"].to(model.device),
+            attention_mask=encoded["attention_mask"].to(model.device),
             do_sample=not greedy,
             temperature=None if greedy else 1.0,
             top_p=None,

@@ -145,12 +145,26 @@ def padded_batch(sequences: list[list[int]], pad_id: int):
     return ids, mask, labels
 
 
-def per_unit_loss(model, sequences: list[list[int]], pad_id: int, bf16: bool):
+@dataclass(frozen=True)
+class Compute:
+    """Where the passes run: `cuda` when a GPU is there, else `cpu`; bf16 autocast or not."""
+
+    device: str
+    bf16: bool
+
+    @classmethod
+    def for_config(cls, config: TrainingConfig) -> Compute:
+        import torch
+
+        return cls("cuda" if torch.cuda.is_available() else "cpu", uses_bf16(config.precision))
+
+
+def per_unit_loss(model, sequences: list[list[int]], pad_id: int, compute: Compute):
     """Each sequence's mean next-token loss: one unit's loss depends on that unit alone."""
     import torch
 
-    ids, mask, labels = padded_batch(sequences, pad_id)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    ids, mask, labels = (t.to(compute.device) for t in padded_batch(sequences, pad_id))
+    with torch.autocast(compute.device, dtype=torch.bfloat16, enabled=compute.bf16):
         logits = model(input_ids=ids, attention_mask=mask).logits
     targets = labels[:, 1:]
     token_loss = torch.nn.functional.cross_entropy(
@@ -165,7 +179,7 @@ def physical_batches(indices: list[int], lengths: list[int], size: int) -> list[
     return [ordered[i : i + size] for i in range(0, len(ordered), size)] or [[]]
 
 
-def validation_loss(model, sequences: list[list[int]], pad_id: int, batch_size: int, bf16: bool) -> float | None:
+def validation_loss(model, sequences: list[list[int]], pad_id: int, batch_size: int, compute: Compute) -> float | None:
     import torch
 
     if not sequences:
@@ -174,7 +188,7 @@ def validation_loss(model, sequences: list[list[int]], pad_id: int, batch_size: 
     total = 0.0
     with torch.no_grad():
         for start in range(0, len(sequences), batch_size):
-            total += float(per_unit_loss(model, sequences[start : start + batch_size], pad_id, bf16).sum())
+            total += float(per_unit_loss(model, sequences[start : start + batch_size], pad_id, compute).sum())
     model.train()
     return total / len(sequences)
 
@@ -201,8 +215,8 @@ def sample_examples(model, tokenizer, intents: list[str], config: TrainingConfig
         encoded = tokenizer(prefixes, return_tensors="pt", add_special_tokens=False, padding=True)
         with torch.no_grad():
             out = model.generate(
-                input_ids=encoded["input_ids"],
-                attention_mask=encoded["attention_mask"],
+                input_ids=encoded["input_ids"].to(model.device),
+                attention_mask=encoded["attention_mask"].to(model.device),
                 do_sample=True,
                 temperature=SAMPLE_TEMPERATURE,
                 top_p=0.95,
@@ -265,28 +279,30 @@ def train_private(config: TrainingConfig, train_units: list, val_units: list, pl
     sequences, cut = unit_sequences(tokenizer, train_units, config)
     val_sequences, _ = unit_sequences(tokenizer, val_units, config)
     lengths = [len(s) for s in sequences]
-    bf16 = uses_bf16(config.precision) and not torch.cuda.is_available()
+    compute = Compute.for_config(config)
+    model.to(compute.device)
     private = plan.noise_multiplier > 0
 
     model.train()
     module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     trainable = [p for p in module.parameters() if p.requires_grad]
     base_optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
-    generator = torch.Generator().manual_seed(config.seed)
+    noise_generator = torch.Generator(device=compute.device).manual_seed(config.seed)
+    sampling_generator = torch.Generator().manual_seed(config.seed + 1)
     optimizer = DPOptimizer(
         base_optimizer,
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=plan.max_grad_norm,
         expected_batch_size=plan.batch,
         loss_reduction="mean",
-        generator=generator,
+        generator=noise_generator,
     )
     accountant = PRVAccountant()
     if private:
         optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
     scheduler = get_scheduler(config.lr_scheduler, optimizer, config.warmup_steps, plan.steps)
     sampler = UniformWithReplacementSampler(
-        num_samples=len(sequences), sample_rate=plan.sample_rate, generator=generator, steps=plan.steps
+        num_samples=len(sequences), sample_rate=plan.sample_rate, generator=sampling_generator, steps=plan.steps
     )
 
     history: list[dict] = []
@@ -298,13 +314,13 @@ def train_private(config: TrainingConfig, train_units: list, val_units: list, pl
             optimizer.zero_grad(set_to_none=True)  # per-sample gradients only; clipped sums carry over
             optimizer.signal_skip_step(do_skip=number < len(chunks) - 1)
             if chunk:
-                losses = per_unit_loss(module, [sequences[i] for i in chunk], pad_id, bf16)
+                losses = per_unit_loss(module, [sequences[i] for i in chunk], pad_id, compute)
                 losses.mean().backward()
                 window_loss += float(losses.detach().sum())
                 window_units += len(chunk)
             else:  # Poisson sampling drew no unit: the step still adds its noise (and counts)
                 for parameter in trainable:
-                    parameter.grad_sample = torch.zeros((0, *parameter.shape), dtype=parameter.dtype)
+                    parameter.grad_sample = parameter.new_zeros((0, *parameter.shape))
             optimizer.step()
         units_seen += len(indices)
         scheduler.step()
@@ -326,7 +342,7 @@ def train_private(config: TrainingConfig, train_units: list, val_units: list, pl
     progress.close()
 
     model = module.to_standard_module()  # the hooks off, grad_sample attributes deleted
-    eval_loss = validation_loss(model, val_sequences, pad_id, config.batch_size, bf16)
+    eval_loss = validation_loss(model, val_sequences, pad_id, config.batch_size, compute)
     spent = float(accountant.get_epsilon(plan.delta)) if private else None
     if lora is not None:
         model = model.merge_and_unload()
