@@ -16,7 +16,13 @@ each model and canary it reports:
 - **emitted**: whether the secret appears in `--samples` lines sampled after `intent,`;
 - **completed**: whether greedy decoding after the canary's text up to the secret writes it.
 
-Writes bench/results/privacy.json.
+Each copy of a canary is its own unit, so epsilon bounds one copy; the repeats are covered only
+as a group (about repeats x epsilon). What the test shows for them is empirical: whether DP-SGD's
+clipping and noise keep a repeated secret out of the model in practice.
+
+Both runs draw the same Poisson batches and (with DP) reproducible noise from `--seed`, which
+suits an experiment; a product run draws them from the OS's randomness. Writes
+bench/results/privacy.json.
 
 `--judge-rows DP.csv PLAIN.csv --judge-bundle BUNDLE` instead scores two generated sets (the
 demo's rows from a DP bundle and from the non-DP one) with one bundle's label classifier, the
@@ -160,18 +166,18 @@ def leak_checks(model, tokenizer, canary: Canary, samples: int, separator: str) 
     torch.manual_seed(0)
     intent_prompt = training_line(canary.intent, "", separator).rstrip("\n")
     sampled = generations(model, tokenizer, [intent_prompt], samples, greedy=False)
-    completion = generations(model, tokenizer, [intent_prompt + canary.prefix()], 1, greedy=True)[0]
+    completion = generations(model, tokenizer, [intent_prompt + canary.prefix().rstrip()], 1, greedy=True)[0]
     return {
         "emitted": sum(canary.secret in text for text in sampled),
         "samples": samples,
-        "completed": completion.startswith(canary.secret),
+        "completed": completion.strip().startswith(canary.secret),
         "greedy_completion": completion.split("\n")[0][:40],
     }
 
 
 def run_one(name: str, config: TrainingConfig, units: list, plan: PrivacyPlan, canaries, args) -> dict:
     started = time.time()
-    run = train_private(config, units, [], plan)
+    run = train_private(config, units, [], plan, randomness_seed=args.seed)  # both runs draw the same batches
     seconds = time.time() - started
     per_canary = []
     for number, canary in enumerate(canaries):

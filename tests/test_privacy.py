@@ -90,8 +90,16 @@ def test_entities_are_the_units_when_an_entity_column_is_named(workdir, train_cs
     config = tiny_config(
         by_customer, tiny_base, steps=4, batch_size=2, privacy=PrivacyConfig(dp=True, entity_column_name="customer")
     )
-    privacy = finetune(config, workdir / "dp-entities").stats["privacy"]
-    assert (privacy["unit"], privacy["units"], privacy["units_cut_at_max_tokens"]) == ("customer", 6, 0)
+    result = finetune(config, workdir / "dp-entities")
+    privacy = result.stats["privacy"]
+    assert (privacy["unit"], privacy["units"]) == ("customer", 6)
+    kept_back = json.loads((result.output_dir / "metrics.json").read_text())["not_private"]
+    assert (kept_back["records"], kept_back["units_cut_at_max_tokens"]) == (18, 0)
+    assert "train_loss" not in result.stats and "records" not in result.stats  # no plain statistic in the bundle
+    blank = workdir / "customers-blank.csv"
+    blank.write_text(by_customer.read_text().replace("\nc3,", "\n  ,", 1))
+    with pytest.raises(ValueError, match="no value in the entity column 'customer'"):
+        finetune(dataclasses.replace(config, data_source=str(blank)), workdir / "dp-blank")
     missing = dataclasses.replace(config, privacy=PrivacyConfig(dp=True, entity_column_name="account"))
     with pytest.raises(ValueError, match="entity column 'account' not found"):
         finetune(missing, workdir / "dp-missing")

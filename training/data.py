@@ -132,13 +132,21 @@ def read_csv_units(
             raise DataError(f"entity column {entity_column!r} not found; the data has columns {list(columns)}")
         text_col = _pick_column(columns, text_column, TEXT_COLUMN_GUESSES, "text")
         label_col = _pick_column(columns, label_column, LABEL_COLUMN_GUESSES, "label")
-        rows = ({**row, "_entity": row[entity_column] or ""} for row in reader)
+        rows = ({**row, "_entity": _entity_of(row, entity_column, number)} for number, row in enumerate(reader, 2))
         entities: list[str] = []
         records = _to_records(rows, text_col, label_col, separator, entities)
     grouped: dict[str, list[LabelledText]] = {}
     for entity, record in zip(entities, records, strict=True):
         grouped.setdefault(entity, []).append(record)
     return list(grouped.values())
+
+
+def _entity_of(row: dict, column: str, number: int) -> str:
+    """A row's entity, spaces trimmed (" Bob" and "Bob" are one person); a row without one is refused."""
+    entity = (row.get(column) or "").strip()
+    if not entity:
+        raise DataError(f"row {number}: no value in the entity column {column!r}; every row needs its entity")
+    return entity
 
 
 def split_validation(records: Sequence[LabelledText], fraction: float, seed: int):

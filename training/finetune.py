@@ -205,7 +205,10 @@ def training_metrics(log_history: list[dict], **extra) -> dict:
     for entry in log_history:
         entry = {k: _finite(v) for k, v in entry.items()}
         if "loss" in entry:
-            train.append({k: entry.get(k) for k in ("step", "epoch", "loss", "learning_rate", "grad_norm")})
+            keys = ("step", "epoch", "loss", "learning_rate", "grad_norm") + (
+                ("epsilon",) if "epsilon" in entry else ()
+            )
+            train.append({k: entry.get(k) for k in keys})
         elif "eval_loss" in entry:
             evaluations.append(entry)
         elif "train_runtime" in entry:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 ACCOUNTANT = "prv"  # Opacus' privacy random variable accountant: tight epsilon for many steps
 EXAMPLES_PER_INTENT = 12  # prompt examples sampled from the DP model per intent (repeats dropped)
 SAMPLE_BATCH = 96  # sequences per generate call
+SAMPLE_ATTEMPTS = 3  # rounds of sampling for intents that got no usable line
 SAMPLE_TEMPERATURE = 0.8
 
 
@@ -193,6 +195,29 @@ def validation_loss(model, sequences: list[list[int]], pad_id: int, batch_size: 
     return total / len(sequences)
 
 
+def _sample_lines(model, tokenizer, intents: list[str], config: TrainingConfig, newline: int, pad_id: int) -> list[str]:
+    """One sampled line after `intent,` for each entry of `intents` ("" where none ended)."""
+    import torch
+
+    from condgen.codec import training_line
+
+    prefixes = [training_line(intent, "", config.separator).rstrip("\n") for intent in intents]
+    encoded = tokenizer(prefixes, return_tensors="pt", add_special_tokens=False, padding=True)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=encoded["input_ids"].to(model.device),
+            attention_mask=encoded["attention_mask"].to(model.device),
+            do_sample=True,
+            temperature=SAMPLE_TEMPERATURE,
+            top_p=0.95,
+            max_new_tokens=config.max_tokens,
+            eos_token_id=newline,
+            pad_token_id=pad_id,
+        )
+    texts = tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [fold_text(text.split("\n", 1)[0]) if "\n" in text else "" for text in texts]
+
+
 def sample_examples(model, tokenizer, intents: list[str], config: TrainingConfig) -> dict[str, list[str]]:
     """Prompt examples for the bundle, written by the DP model itself: for each intent, lines
     sampled after `intent,` (several intents per batch), kept when they end in a line break,
@@ -200,35 +225,23 @@ def sample_examples(model, tokenizer, intents: list[str], config: TrainingConfig
     import torch
     from tqdm.auto import tqdm
 
-    from condgen.codec import training_line
-
     tokenizer.padding_side = "left"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     newline = tokenizer("\n", add_special_tokens=False)["input_ids"][-1]
     model.eval()
     torch.manual_seed(config.seed)
-    examples: dict[str, list[str]] = {intent: [] for intent in intents}
     per_call = max(1, SAMPLE_BATCH // EXAMPLES_PER_INTENT)
-    for start in tqdm(range(0, len(intents), per_call), desc="sampling prompt examples", unit="batch"):
-        batch = [i for i in intents[start : start + per_call] for _ in range(EXAMPLES_PER_INTENT)]
-        prefixes = [training_line(intent, "", config.separator).rstrip("\n") for intent in batch]
-        encoded = tokenizer(prefixes, return_tensors="pt", add_special_tokens=False, padding=True)
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=encoded["input_ids"].to(model.device),
-                attention_mask=encoded["attention_mask"].to(model.device),
-                do_sample=True,
-                temperature=SAMPLE_TEMPERATURE,
-                top_p=0.95,
-                max_new_tokens=config.max_tokens,
-                eos_token_id=newline,
-                pad_token_id=pad_id,
-            )
-        texts = tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
-        for intent, text in zip(batch, texts, strict=True):
-            line = fold_text(text.split("\n", 1)[0]) if "\n" in text else ""
-            if line and line not in examples[intent]:
-                examples[intent].append(line)
+    examples: dict[str, list[str]] = {intent: [] for intent in intents}
+    for attempt in range(SAMPLE_ATTEMPTS):  # intents still without a line get another try
+        wanted = [intent for intent in intents if not examples[intent]] if attempt else intents
+        if not wanted:
+            break
+        for start in tqdm(range(0, len(wanted), per_call), desc="sampling prompt examples", unit="batch"):
+            batch = [i for i in wanted[start : start + per_call] for _ in range(EXAMPLES_PER_INTENT)]
+            lines = _sample_lines(model, tokenizer, batch, config, newline, pad_id)
+            for intent, line in zip(batch, lines, strict=True):
+                if line and line not in examples[intent]:
+                    examples[intent].append(line)
     tokenizer.padding_side = "right"
     missing = [intent for intent, texts in examples.items() if not texts]
     if missing:
@@ -258,8 +271,20 @@ class PrivateRun:
     lora: dict | None
 
 
-def train_private(config: TrainingConfig, train_units: list, val_units: list, plan: PrivacyPlan, metrics_dir=None):
+def train_private(
+    config: TrainingConfig,
+    train_units: list,
+    val_units: list,
+    plan: PrivacyPlan,
+    metrics_dir=None,
+    randomness_seed: int | None = None,
+) -> PrivateRun:
     """Run DP-SGD over the units as `plan` says; `metrics_dir` gets metrics.json as it goes.
+
+    `config.seed` fixes the initialisation (the adapters) only. The noise and the Poisson
+    sampling draw from a seed nobody knows (the OS's randomness), or `randomness_seed` where an
+    experiment must repeat them (the canary bench); a run whose noise could be replayed would
+    guarantee nothing.
 
     A plan with noise multiplier 0 and a clipping norm no gradient reaches is the same loop without privacy (the
     canary bench's comparison run)."""
@@ -269,8 +294,9 @@ def train_private(config: TrainingConfig, train_units: list, val_units: list, pl
     from opacus.optimizers import DPOptimizer
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
     from tqdm.auto import tqdm
-    from transformers import get_scheduler
+    from transformers import get_scheduler, set_seed
 
+    set_seed(config.seed)
     model, tokenizer = load_base_model(config.pretrained_model)
     lora = None
     if config.lora_r:
@@ -287,8 +313,9 @@ def train_private(config: TrainingConfig, train_units: list, val_units: list, pl
     module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     trainable = [p for p in module.parameters() if p.requires_grad]
     base_optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
-    noise_generator = torch.Generator(device=compute.device).manual_seed(config.seed)
-    sampling_generator = torch.Generator().manual_seed(config.seed + 1)
+    seed = secrets.randbits(62) if randomness_seed is None else randomness_seed
+    noise_generator = torch.Generator(device=compute.device).manual_seed(seed)
+    sampling_generator = torch.Generator().manual_seed(seed + 1)
     optimizer = DPOptimizer(
         base_optimizer,
         noise_multiplier=plan.noise_multiplier,
@@ -373,6 +400,8 @@ def finetune_private(config: TrainingConfig, output_dir: str | Path, resume: boo
     )
     run = train_private(config, train_units, val_units, plan, metrics_dir=output_dir)
     log.info("DP training spent epsilon %.3f of %.2f at delta %.3g", run.epsilon, plan.target_epsilon, plan.delta)
+    if run.units_cut:
+        log.warning("%d unit(s) longer than max_tokens=%d were cut", run.units_cut, config.max_tokens)
     examples = sample_examples(run.model, run.tokenizer, sorted({r.intent for unit in units for r in unit}), config)
     if not examples:
         raise RuntimeError("the DP model wrote no usable line for any intent: train longer or raise epsilon")
@@ -388,16 +417,13 @@ def finetune_private(config: TrainingConfig, output_dir: str | Path, resume: boo
         "expected_batch": plan.batch,
         "steps": plan.steps,
         "accountant": ACCOUNTANT,
-        "units_cut_at_max_tokens": run.units_cut,
         "examples": "sampled from the DP model",
     }
+    # The stats travel into the bundle's manifest: only what the DP model wrote, the plan (the
+    # unit count sets the sampling rate and is treated as public) and facts of the run. The
+    # losses are plain statistics of private rows: they stay in the checkpoint's metrics.json.
     stats = {
-        "records": sum(len(u) for u in units),
-        "train_records": sum(len(u) for u in train_units),
-        "validation_records": sum(len(u) for u in val_units),
         "optimizer_steps": plan.steps,
-        "train_loss": run.history[-1]["loss"] if run.history else None,
-        "validation_loss": run.validation_loss,
         "seconds": round(time.time() - started, 1),
         "resumed_from": None,
         "world_size": 1,
@@ -407,8 +433,22 @@ def finetune_private(config: TrainingConfig, output_dir: str | Path, resume: boo
     }
     if run.lora is not None:
         stats["lora"] = run.lora
+    private_figures = {
+        "note": "statistics of the private rows, without noise: keep them with the checkpoint, do not publish them",
+        "records": sum(len(u) for u in units),
+        "train_records": sum(len(u) for u in train_units),
+        "validation_records": sum(len(u) for u in val_units),
+        "units_cut_at_max_tokens": run.units_cut,
+        "train_loss": run.history[-1]["loss"] if run.history else None,
+        "validation_loss": run.validation_loss,
+    }
     metrics = training_metrics(
-        run.history, global_step=plan.steps, max_steps=plan.steps, complete=True, privacy=privacy
+        run.history,
+        global_step=plan.steps,
+        max_steps=plan.steps,
+        complete=True,
+        privacy=privacy,
+        not_private=private_figures,
     )
     output_dir.mkdir(parents=True, exist_ok=True)
     run.model.save_pretrained(str(output_dir))
