@@ -64,6 +64,17 @@ def read_csv_records(
     path: str | Path, text_column: str | None = None, label_column: str | None = None, separator: str = ","
 ) -> list[LabelledText]:
     """Read a CSV with a header row; columns are guessed when not given."""
+    return _read_csv(path, text_column, label_column, separator)[0]
+
+
+def _read_csv(
+    path: str | Path,
+    text_column: str | None,
+    label_column: str | None,
+    separator: str,
+    entity_column: str | None = None,
+) -> tuple[list[LabelledText], list[str]]:
+    """The CSV's records and, with `entity_column`, each record's entity (else an empty list)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
@@ -72,7 +83,13 @@ def read_csv_records(
         columns = reader.fieldnames or []
         text_col = _pick_column(columns, text_column, TEXT_COLUMN_GUESSES, "text")
         label_col = _pick_column(columns, label_column, LABEL_COLUMN_GUESSES, "label")
-        return _to_records(reader, text_col, label_col, separator)
+        if entity_column is None:
+            return _to_records(reader, text_col, label_col, separator), []
+        if entity_column not in columns:
+            raise DataError(f"entity column {entity_column!r} not found; the data has columns {list(columns)}")
+        rows = ({**row, "_entity": _entity_of(row, entity_column, number)} for number, row in enumerate(reader, 2))
+        entities: list[str] = []
+        return _to_records(rows, text_col, label_col, separator, entities), entities
 
 
 def read_hf_records(
@@ -122,19 +139,7 @@ def read_csv_units(
 ) -> list[list[LabelledText]]:
     """The records of a CSV grouped by the value of `entity_column`: one list per entity (the
     unit of privacy of DP training), entities and their rows in data order."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist")
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        columns = reader.fieldnames or []
-        if entity_column not in columns:
-            raise DataError(f"entity column {entity_column!r} not found; the data has columns {list(columns)}")
-        text_col = _pick_column(columns, text_column, TEXT_COLUMN_GUESSES, "text")
-        label_col = _pick_column(columns, label_column, LABEL_COLUMN_GUESSES, "label")
-        rows = ({**row, "_entity": _entity_of(row, entity_column, number)} for number, row in enumerate(reader, 2))
-        entities: list[str] = []
-        records = _to_records(rows, text_col, label_col, separator, entities)
+    records, entities = _read_csv(path, text_column, label_column, separator, entity_column)
     grouped: dict[str, list[LabelledText]] = {}
     for entity, record in zip(entities, records, strict=True):
         grouped.setdefault(entity, []).append(record)
