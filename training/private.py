@@ -30,6 +30,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from condgen.codec import fold_text
 from condgen.training.base_models import load_base_model
@@ -262,8 +263,8 @@ def refuse_unsupported(config: TrainingConfig, resume: bool) -> None:
 class PrivateRun:
     """What `train_private` returns: the fine-tuned model (adapters merged) and its record."""
 
-    model: object
-    tokenizer: object
+    model: Any
+    tokenizer: Any
     history: list[dict]  # logged steps: step, epoch, loss, learning_rate, epsilon
     validation_loss: float | None
     epsilon: float | None  # spent; None when the plan adds no noise (a non-private comparison run)
@@ -399,6 +400,8 @@ def finetune_private(config: TrainingConfig, output_dir: str | Path, resume: boo
         plan.delta,
     )
     run = train_private(config, train_units, val_units, plan, metrics_dir=output_dir)
+    if run.epsilon is None:  # a DP plan always adds noise; the accountant counted every step
+        raise RuntimeError("the DP run has no accounted epsilon")
     log.info("DP training spent epsilon %.3f of %.2f at delta %.3g", run.epsilon, plan.target_epsilon, plan.delta)
     if run.units_cut:
         log.warning("%d unit(s) longer than max_tokens=%d were cut", run.units_cut, config.max_tokens)
