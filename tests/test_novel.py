@@ -120,6 +120,22 @@ def test_evaluate_novel_quick_runs_end_to_end(tmp_path, generator):
     assert 0.0 < report["label_precision_real_rows"] <= 1.0  # the judge knows most real test rows
     assert report["baseline_name"] in ("real", "oversampled", "balanced")
     assert set(report["novel_acc_by_recipe"]) == {"real", "oversampled", "balanced", "augmented", "topline"}
+    # Every recipe is scored with both classifiers; the default (embeddings) heads the report.
+    assert report["classifier"] == "embedding" and set(report["by_classifier"]) == {"embedding", "tfidf"}
+    for block in report["by_classifier"].values():
+        for key in (
+            "novel_acc_baseline",
+            "novel_acc_augmented",
+            "novel_gain_points",
+            "novel_gain_ci95",
+            "novel_acc_topline",
+            "base_acc_delta_points",
+            "overall_gain_points",
+        ):
+            assert key in block, key
+    assert report["novel_acc_augmented"] == report["by_classifier"]["embedding"]["novel_acc_augmented"]
+    assert report["by_classifier"]["tfidf"] != report["by_classifier"]["embedding"]
+    assert set(report["per_fold"][0]["scores"]) == {"embedding", "tfidf"}
     assert (out / "report.md").is_file() and (out / "label_precision.png").is_file()
     # The evaluation fold's generator saw its novel intents' 5 shots at most, never a held-back row.
     fold = report["per_fold"][0]

@@ -42,6 +42,8 @@ from typing import Any
 
 from condgen.codec import LabelledText
 from condgen.errors import CondgenError
+from condgen.training.classifiers import CLASSIFIERS, DEFAULT_CLASSIFIER, IntentClassifier, fit_intent_classifier
+from condgen.training.encoder import DEFAULT_ENCODER, EmbeddingCache
 from condgen.training.evaluate import GeneratorRecipe
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,9 @@ class NovelConfig(GeneratorRecipe):
     # The tuning fold never picks a margin and row count that lower its base-intent accuracy by
     # more than this (points, against the strongest real-data baseline).
     max_base_drop_points: float = 0.5
+    # The downstream classifier that tunes and heads the report; every one in CLASSIFIERS is scored.
+    classifier: str = DEFAULT_CLASSIFIER
+    encoder: str = DEFAULT_ENCODER  # the embedding classifier's sentence encoder
     reuse: bool = False
 
     def __post_init__(self) -> None:
@@ -90,6 +95,8 @@ class NovelConfig(GeneratorRecipe):
             raise ValueError("shots, per_intent, novel_per_fold and folds must be at least 1")
         if self.max_base_drop_points < 0:
             raise ValueError("max_base_drop_points must be 0 or more")
+        if self.classifier not in CLASSIFIERS:
+            raise ValueError(f"classifier {self.classifier!r} is not one of {', '.join(CLASSIFIERS)}")
 
 
 @dataclass
@@ -112,10 +119,32 @@ class Choices:
 
 
 @dataclass
+class Downstream:
+    """The classifiers a run trains on each recipe's rows: the default (tuning, headline) first.
+    They share one embedding cache, so each text is embedded once per run."""
+
+    names: tuple[str, ...]
+    embed: EmbeddingCache | None = None
+
+    @classmethod
+    def for_config(cls, config: NovelConfig) -> Downstream:
+        names = (config.classifier,) + tuple(n for n in CLASSIFIERS if n != config.classifier)
+        return cls(names, EmbeddingCache.load(config.encoder) if "embedding" in names else None)
+
+    @property
+    def default(self) -> str:
+        return self.names[0]
+
+    def fit(self, rows: list[LabelledText], balanced: bool = False, name: str | None = None) -> IntentClassifier:
+        texts, labels = [r.text for r in rows], [r.intent for r in rows]
+        return fit_intent_classifier(name or self.default, texts, labels, balanced, self.embed)
+
+
+@dataclass
 class FoldResult:
     number: int
     novel: list[str]
-    scores: dict[str, dict]  # recipe -> metrics
+    scores: dict[str, dict[str, dict]]  # classifier -> recipe -> metrics
     label_precision: float
     train_copy_rate: float
     records_per_second: float
@@ -155,15 +184,6 @@ def fold_data(number: int, records: list[LabelledText], novel: list[str], shots:
         train += rows[:shots]
         held_back[intent] = rows[shots:]
     return FoldData(number, novel, train, held_back)
-
-
-def fit(rows: list[LabelledText], balanced: bool = False):
-    from condgen.training.fidelity import make_pipeline
-
-    pipeline = make_pipeline()
-    if balanced:
-        pipeline.set_params(logisticregression__class_weight="balanced")
-    return pipeline.fit([r.text for r in rows], [r.intent for r in rows])
 
 
 def oversample(rows: list[LabelledText], novel: list[str], count: int, seed: int) -> list[LabelledText]:
@@ -231,14 +251,24 @@ def recipes(
 
 
 def score_recipes(
-    fold: FoldData, synthetic: list[LabelledText], test, seed: int, only=None, baseline: str = "real"
-) -> dict[str, dict]:
-    scores = {}
+    downstream: Downstream,
+    fold: FoldData,
+    synthetic: list[LabelledText],
+    test,
+    seed: int,
+    only=None,
+    baseline: str = "real",
+    classifiers: tuple[str, ...] | None = None,
+) -> dict[str, dict[str, dict]]:
+    """classifier -> recipe -> metrics, for every classifier in `classifiers` (default: all)."""
+    scores: dict[str, dict[str, dict]] = defaultdict(dict)
     for name, (rows, balanced) in recipes(fold, synthetic, seed, baseline).items():
         if only is None or name in only:
-            log.info("fold %d: fitting %s (%d rows)", fold.number, name, len(rows))
-            scores[name] = metrics(fit(rows, balanced), test, fold.novel)
-    return scores
+            for classifier in classifiers or downstream.names:
+                log.info("fold %d: fitting %s on %s (%d rows)", fold.number, classifier, name, len(rows))
+                model = downstream.fit(rows, balanced, classifier)
+                scores[classifier][name] = metrics(model, test, fold.novel)
+    return dict(scores)
 
 
 def generator_rows(config: NovelConfig, fold: FoldData) -> list[LabelledText]:
@@ -345,14 +375,16 @@ def pick_margin_and_count(candidates: list[tuple[float, float, float, int]], max
     return best[2], best[3]
 
 
-def tune(config: NovelConfig, fold: FoldData, test, judge) -> tuple[Choices, dict]:
+def tune(config: NovelConfig, downstream: Downstream, fold: FoldData, test, judge) -> tuple[Choices, dict]:
     """On the tuning fold: generate once with every margin kept, then pick the strongest real
     baseline, and the margin and row count by novel-intent accuracy among those within the
     base-intent limit."""
     folder = config.output / f"fold-{fold.number}"
     bundle = build_generator(config, fold, folder)
     records, _, _ = generate(config, fold, bundle, SCORED_MARGIN, config.per_intent)
-    scores = score_recipes(fold, [], test, config.seed, only=BASELINES)
+    tuning_classifier = (downstream.default,)
+    scores = score_recipes(downstream, fold, [], test, config.seed, only=BASELINES, classifiers=tuning_classifier)
+    scores = scores[downstream.default]
     baseline = max(BASELINES, key=lambda name: scores[name]["novel_acc"])
     right = judged_right(judge, [LabelledText(r.intent, r.text) for r in records])
     sweep: list[dict] = []
@@ -367,7 +399,7 @@ def tune(config: NovelConfig, fold: FoldData, test, judge) -> tuple[Choices, dic
         }
         for count in counts:
             rows = with_baseline(fold, fold.train + kept(records, margin, count), baseline, config.seed)
-            scored = metrics(fit(*rows), test, fold.novel)
+            scored = metrics(downstream.fit(*rows), test, fold.novel)
             delta = (scored["base_acc"] - scores[baseline]["base_acc"]) * 100
             entry[f"novel_acc_{count}"], entry[f"base_acc_delta_points_{count}"] = scored["novel_acc"], delta
             candidates.append((scored["novel_acc"], delta, margin, count))
@@ -384,7 +416,7 @@ def tune(config: NovelConfig, fold: FoldData, test, judge) -> tuple[Choices, dic
     }
 
 
-def run_fold(config: NovelConfig, fold: FoldData, test, judge, choices: Choices) -> FoldResult:
+def run_fold(config: NovelConfig, downstream: Downstream, fold: FoldData, test, judge, choices: Choices) -> FoldResult:
     started = time.time()
     folder = config.output / f"fold-{fold.number}"
     bundle = build_generator(config, fold, folder)
@@ -393,8 +425,9 @@ def run_fold(config: NovelConfig, fold: FoldData, test, judge, choices: Choices)
     from condgen.training.evaluate import write_csv
 
     write_csv(folder / "synthetic.csv", rows)
-    scores = score_recipes(fold, rows, test, config.seed, baseline=choices.baseline)
-    base, aug = scores[choices.baseline]["novel_recall"], scores["augmented"]["novel_recall"]
+    scores = score_recipes(downstream, fold, rows, test, config.seed, baseline=choices.baseline)
+    default = scores[downstream.default]
+    base, aug = default[choices.baseline]["novel_recall"], default["augmented"]["novel_recall"]
     right = judged_right(judge, rows)
     real = judged_right(judge, [r for r in test if r.intent in fold.novel])
     return FoldResult(
@@ -411,54 +444,103 @@ def run_fold(config: NovelConfig, fold: FoldData, test, judge, choices: Choices)
     )
 
 
-def summarise(config: NovelConfig, choices: Choices, results: list[FoldResult], tuning: dict, seconds: float) -> dict:
-    """report.json: the means over evaluation folds, the paired CI, and every fold's figures."""
+def classifier_summary(name: str, baseline: str, results: list[FoldResult]) -> dict:
+    """One classifier's means over the evaluation folds, its paired CIs and per-intent gains."""
     from condgen.training.evaluate import paired_ci95
 
     def mean(recipe: str, key: str) -> float:
-        return statistics.mean(r.scores[recipe][key] for r in results)
+        return statistics.mean(r.scores[name][recipe][key] for r in results)
 
-    gains = [(r.scores["augmented"]["novel_acc"] - r.scores[choices.baseline]["novel_acc"]) * 100 for r in results]
-    per_intent = {i: g for r in results for i, g in r.per_intent_gain_points.items()}
+    gains = [(r.scores[name]["augmented"]["novel_acc"] - r.scores[name][baseline]["novel_acc"]) * 100 for r in results]
+    per_intent = {
+        i: (r.scores[name]["augmented"]["novel_recall"][i] - r.scores[name][baseline]["novel_recall"][i]) * 100
+        for r in results
+        for i in r.novel
+    }
+    return {
+        "novel_acc_baseline": mean(baseline, "novel_acc"),
+        "novel_acc_augmented": mean("augmented", "novel_acc"),
+        "novel_gain_points": statistics.mean(gains),
+        "novel_gain_ci95": paired_ci95(gains),
+        # Paired over the novel intents (33 pairs for 3 folds of 11, against 3 fold pairs): their
+        # mean gain is the gain itself where every intent has as many test rows (banking77: 40).
+        "novel_gain_ci95_by_intent": paired_ci95(list(per_intent.values())),
+        "novel_gain_points_by_fold": gains,
+        "novel_acc_topline": mean("topline", "novel_acc"),
+        "novel_acc_by_recipe": {recipe: mean(recipe, "novel_acc") for recipe in results[0].scores[name]},
+        "novel_macro_f1_baseline": mean(baseline, "novel_macro_f1"),
+        "novel_macro_f1_augmented": mean("augmented", "novel_macro_f1"),
+        "base_acc_baseline": mean(baseline, "base_acc"),
+        "base_acc_delta_points": (mean("augmented", "base_acc") - mean(baseline, "base_acc")) * 100,
+        "overall_gain_points": (mean("augmented", "overall_acc") - mean(baseline, "overall_acc")) * 100,
+        "per_intent_gain_points": per_intent,
+    }
+
+
+def summarise(
+    config: NovelConfig,
+    downstream: Downstream,
+    choices: Choices,
+    results: list[FoldResult],
+    tuning: dict,
+    seconds: float,
+) -> dict:
+    """report.json: the default classifier's means over evaluation folds, its paired CIs and
+    every fold's figures at the top level; every classifier's in `by_classifier`."""
+    by_classifier = {name: classifier_summary(name, choices.baseline, results) for name in downstream.names}
+    headline = {k: v for k, v in by_classifier[downstream.default].items() if k != "novel_gain_points_by_fold"}
     return {
         "setting": "novel",
         "generator": config.generator,
+        "classifier": downstream.default,
+        "encoder": config.encoder,
         "shots": config.shots,
         "novel_per_fold": config.novel_per_fold,
         "folds": len(results),
         "per_intent": choices.rows_per_intent,
         "label_margin": choices.margin,
         "baseline_name": choices.baseline,
-        "novel_acc_baseline": mean(choices.baseline, "novel_acc"),
-        "novel_acc_augmented": mean("augmented", "novel_acc"),
-        "novel_gain_points": statistics.mean(gains),
-        "novel_gain_ci95": paired_ci95(gains),
-        # Paired over the novel intents (22 pairs for 2 folds of 11, against 2 fold pairs): their
-        # mean gain is the gain itself where every intent has as many test rows (banking77: 40).
-        "novel_gain_ci95_by_intent": paired_ci95(list(per_intent.values())),
-        "novel_acc_topline": mean("topline", "novel_acc"),
-        "novel_acc_by_recipe": {name: mean(name, "novel_acc") for name in results[0].scores},
-        "novel_macro_f1_baseline": mean(choices.baseline, "novel_macro_f1"),
-        "novel_macro_f1_augmented": mean("augmented", "novel_macro_f1"),
-        "base_acc_delta_points": (mean("augmented", "base_acc") - mean(choices.baseline, "base_acc")) * 100,
-        "overall_gain_points": (mean("augmented", "overall_acc") - mean(choices.baseline, "overall_acc")) * 100,
+        **headline,
         "label_precision": statistics.mean(r.label_precision for r in results),
         "label_precision_real_rows": statistics.mean(r.label_precision_real_rows for r in results),
         "train_copy_rate": statistics.mean(r.train_copy_rate for r in results),
         "records_per_second": statistics.mean(r.records_per_second for r in results),
-        "per_intent_gain_points": per_intent,
+        "by_classifier": {
+            name: {k: v for k, v in block.items() if k != "per_intent_gain_points"}
+            for name, block in by_classifier.items()
+        },
         "seconds": seconds,
         "tuning": tuning,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
         "per_fold": [
             {
                 **{k: v for k, v in asdict(r).items() if k != "scores"},
-                "novel_gain_points": g,
-                "scores": {name: {k: v for k, v in s.items() if k != "novel_recall"} for name, s in r.scores.items()},
+                "novel_gain_points": by_classifier[downstream.default]["novel_gain_points_by_fold"][n],
+                "scores": {
+                    classifier: {
+                        recipe: {k: v for k, v in s.items() if k != "novel_recall"} for recipe, s in recipes.items()
+                    }
+                    for classifier, recipes in r.scores.items()
+                },
             }
-            for r, g in zip(results, gains)
+            for n, r in enumerate(results)
         ],
     }
+
+
+def recipe_table(report: dict) -> list[str]:
+    """Novel-intent accuracy per recipe (rows) and classifier (columns), means over folds."""
+    names = list(report["by_classifier"])
+    lines = ["| recipe | " + " | ".join(f"{n} classifier" for n in names) + " |", "|---|" + "---|" * len(names)]
+    for recipe in report["by_classifier"][names[0]]["novel_acc_by_recipe"]:
+        cells = [f"{report['by_classifier'][n]['novel_acc_by_recipe'][recipe]:.1%}" for n in names]
+        lines.append(f"| {recipe} | " + " | ".join(cells) + " |")
+    gains = [
+        f"{b['novel_gain_points']:+.1f} (95% CI {b['novel_gain_ci95'][0]:+.1f} to {b['novel_gain_ci95'][1]:+.1f}), "
+        f"base {b['base_acc_delta_points']:+.2f}, overall {b['overall_gain_points']:+.2f}"
+        for b in report["by_classifier"].values()
+    ]
+    return lines + ["| gain, points | " + " | ".join(gains) + " |"]
 
 
 def write_novel_report(output: Path, report: dict) -> None:
@@ -476,13 +558,12 @@ def write_novel_report(output: Path, report: dict) -> None:
         f"baseline `{report['baseline_name']}`, label margin {report['label_margin']}, "
         f"{report['per_intent']} synthetic rows per novel intent.",
         "",
-        "| recipe | novel-intent accuracy (mean over folds) |",
-        "|---|---|",
     ]
-    lines += [f"| {name} | {acc:.1%} |" for name, acc in report["novel_acc_by_recipe"].items()]
+    lines += recipe_table(report)
     lines += [
         "",
-        f"- novel-intent gain over `{report['baseline_name']}`: {report['novel_gain_points']:+.1f} points "
+        f"- default classifier: `{report['classifier']}`; its novel-intent gain over "
+        f"`{report['baseline_name']}`: {report['novel_gain_points']:+.1f} points "
         f"(95% CI {report['novel_gain_ci95'][0]:+.1f} to {report['novel_gain_ci95'][1]:+.1f}, paired over folds; "
         f"{report['novel_gain_ci95_by_intent'][0]:+.1f} to {report['novel_gain_ci95_by_intent'][1]:+.1f}, paired "
         "over novel intents)",
@@ -504,16 +585,17 @@ def evaluate_novel(config: NovelConfig) -> dict:
     config.output.mkdir(parents=True, exist_ok=True)
     train = load_records(config.data, config.text_column, config.label_column)
     test = load_records(config.test, config.text_column, config.label_column)
-    judge = fit(train)  # the full-data judge: diagnostics only
+    downstream = Downstream.for_config(config)
+    judge = downstream.fit(train)  # the full-data judge (default classifier): diagnostics only
     intents = sorted({r.intent for r in train})
     folds = [
         fold_data(n, train, novel, config.shots, config.seed)
         for n, novel in enumerate(split_folds(intents, config.novel_per_fold, config.folds, config.seed))
     ]
-    choices, tuning = tune(config, folds[0], test, judge)
+    choices, tuning = tune(config, downstream, folds[0], test, judge)
     log.info("tuning fold chose %s", choices)
-    results = [run_fold(config, fold, test, judge, choices) for fold in folds[1:]]
-    report = summarise(config, choices, results, tuning, time.time() - started)
+    results = [run_fold(config, downstream, fold, test, judge, choices) for fold in folds[1:]]
+    report = summarise(config, downstream, choices, results, tuning, time.time() - started)
     (config.output / "report.json").write_text(json.dumps(report, indent=2))
     write_novel_report(config.output, report)
     return report
