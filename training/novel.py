@@ -154,6 +154,8 @@ class FoldResult:
     # The judge on real rows it never saw (the novel intents' test rows): what label precision
     # real rows would score, the ceiling of `label_precision`.
     label_precision_real_rows: float = 0.0
+    # Label precision under every classifier's full-data judge (the default's is `label_precision`).
+    label_precision_by_judge: dict[str, float] = field(default_factory=dict)
 
 
 def split_folds(intents: list[str], novel_per_fold: int, folds: int, seed: int) -> list[list[str]]:
@@ -333,6 +335,7 @@ def generate(config: NovelConfig, fold: FoldData, bundle: Path, margin: float, p
         examples=request_examples(config, fold),
     )
     records, summary, seconds = asyncio.run(_generate(bundle, spec, config.label_context_examples))
+    write_generated(config.output / f"fold-{fold.number}" / "generated.csv", records)
     log.info(
         "fold %d: %d rows in %.0f s (%d lines, rejected %s)",
         fold.number,
@@ -342,6 +345,16 @@ def generate(config: NovelConfig, fold: FoldData, bundle: Path, margin: float, p
         dict(summary.rejected),
     )
     return records, summary, seconds
+
+
+def write_generated(path: Path, records) -> None:
+    """Every row the generator returned, in order, with its label margin (for later study)."""
+    import csv
+
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["intent", "text", "label_margin"])
+        writer.writerows((r.intent, r.text, f"{r.label_margin:.4f}") for r in records)
 
 
 def kept(records, margin: float, per_intent: int) -> list[LabelledText]:
@@ -383,8 +396,10 @@ def tune(config: NovelConfig, downstream: Downstream, fold: FoldData, test, judg
     bundle = build_generator(config, fold, folder)
     records, _, _ = generate(config, fold, bundle, SCORED_MARGIN, config.per_intent)
     tuning_classifier = (downstream.default,)
-    scores = score_recipes(downstream, fold, [], test, config.seed, only=BASELINES, classifiers=tuning_classifier)
-    scores = scores[downstream.default]
+    by_classifier = score_recipes(
+        downstream, fold, [], test, config.seed, only=BASELINES, classifiers=tuning_classifier
+    )
+    scores = by_classifier[downstream.default]
     baseline = max(BASELINES, key=lambda name: scores[name]["novel_acc"])
     right = judged_right(judge, [LabelledText(r.intent, r.text) for r in records])
     sweep: list[dict] = []
@@ -416,7 +431,9 @@ def tune(config: NovelConfig, downstream: Downstream, fold: FoldData, test, judg
     }
 
 
-def run_fold(config: NovelConfig, downstream: Downstream, fold: FoldData, test, judge, choices: Choices) -> FoldResult:
+def run_fold(
+    config: NovelConfig, downstream: Downstream, fold: FoldData, test, judges: dict, choices: Choices
+) -> FoldResult:
     started = time.time()
     folder = config.output / f"fold-{fold.number}"
     bundle = build_generator(config, fold, folder)
@@ -428,8 +445,10 @@ def run_fold(config: NovelConfig, downstream: Downstream, fold: FoldData, test, 
     scores = score_recipes(downstream, fold, rows, test, config.seed, baseline=choices.baseline)
     default = scores[downstream.default]
     base, aug = default[choices.baseline]["novel_recall"], default["augmented"]["novel_recall"]
+    judge = judges[downstream.default]
     right = judged_right(judge, rows)
     real = judged_right(judge, [r for r in test if r.intent in fold.novel])
+    by_judge = {name: statistics.mean(judged_right(j, rows)) if rows else 0.0 for name, j in judges.items()}
     return FoldResult(
         fold.number,
         fold.novel,
@@ -441,6 +460,7 @@ def run_fold(config: NovelConfig, downstream: Downstream, fold: FoldData, test, 
         time.time() - started,
         {i: (aug[i] - base[i]) * 100 for i in fold.novel},
         sum(real) / len(real) if real else 0.0,
+        by_judge,
     )
 
 
@@ -503,6 +523,9 @@ def summarise(
         **headline,
         "label_precision": statistics.mean(r.label_precision for r in results),
         "label_precision_real_rows": statistics.mean(r.label_precision_real_rows for r in results),
+        "label_precision_by_judge": {
+            name: statistics.mean(r.label_precision_by_judge[name] for r in results) for name in downstream.names
+        },
         "train_copy_rate": statistics.mean(r.train_copy_rate for r in results),
         "records_per_second": statistics.mean(r.records_per_second for r in results),
         "by_classifier": {
@@ -586,15 +609,16 @@ def evaluate_novel(config: NovelConfig) -> dict:
     train = load_records(config.data, config.text_column, config.label_column)
     test = load_records(config.test, config.text_column, config.label_column)
     downstream = Downstream.for_config(config)
-    judge = downstream.fit(train)  # the full-data judge (default classifier): diagnostics only
+    # Full-data judges, one per classifier (the default's is reported first): diagnostics only.
+    judges = {name: downstream.fit(train, name=name) for name in downstream.names}
     intents = sorted({r.intent for r in train})
     folds = [
         fold_data(n, train, novel, config.shots, config.seed)
         for n, novel in enumerate(split_folds(intents, config.novel_per_fold, config.folds, config.seed))
     ]
-    choices, tuning = tune(config, downstream, folds[0], test, judge)
+    choices, tuning = tune(config, downstream, folds[0], test, judges[downstream.default])
     log.info("tuning fold chose %s", choices)
-    results = [run_fold(config, downstream, fold, test, judge, choices) for fold in folds[1:]]
+    results = [run_fold(config, downstream, fold, test, judges, choices) for fold in folds[1:]]
     report = summarise(config, downstream, choices, results, tuning, time.time() - started)
     (config.output / "report.json").write_text(json.dumps(report, indent=2))
     write_novel_report(config.output, report)
