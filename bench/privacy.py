@@ -44,7 +44,7 @@ from pathlib import Path
 from condgen.codec import LabelledText, training_line
 from condgen.training.config import PrivacyConfig, TrainingConfig
 from condgen.training.data import load_records
-from condgen.training.private import PrivacyPlan, plan_privacy, train_private
+from condgen.training.private import PrivacyPlan, pad_token_id, plan_privacy, train_private
 
 log = logging.getLogger(__name__)
 RESULTS = Path(__file__).parent / "results" / "privacy.json"
@@ -95,7 +95,7 @@ def line_scores(model, tokenizer, lines: list[str], batch_size: int = 256) -> li
     import torch
 
     scores: list[float] = []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     model.eval()
     for start in range(0, len(lines), batch_size):
         encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in lines[start : start + batch_size]]
@@ -139,7 +139,7 @@ def generations(model, tokenizer, prompts: list[str], count: int, greedy: bool, 
     import torch
 
     tokenizer.padding_side = "left"
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     newline = tokenizer("\n", add_special_tokens=False)["input_ids"][-1]
     encoded = tokenizer([p for p in prompts for _ in range(count)], return_tensors="pt", padding=True)
     with torch.no_grad():

@@ -196,6 +196,11 @@ def validation_loss(model, sequences: list[list[int]], pad_id: int, batch_size: 
     return total / len(sequences)
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id that pads a batch: the tokenizer's pad token, or its end-of-text token without one."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def _sample_lines(model, tokenizer, intents: list[str], config: TrainingConfig, newline: int, pad_id: int) -> list[str]:
     """One sampled line after `intent,` for each entry of `intents` ("" where none ended)."""
     import torch
@@ -227,7 +232,7 @@ def sample_examples(model, tokenizer, intents: list[str], config: TrainingConfig
     from tqdm.auto import tqdm
 
     tokenizer.padding_side = "left"
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     newline = tokenizer("\n", add_special_tokens=False)["input_ids"][-1]
     model.eval()
     torch.manual_seed(config.seed)
@@ -302,7 +307,7 @@ def train_private(
     lora = None
     if config.lora_r:
         model, lora = with_lora(model, config)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     sequences, cut = unit_sequences(tokenizer, train_units, config)
     val_sequences, _ = unit_sequences(tokenizer, val_units, config)
     lengths = [len(s) for s in sequences]
