@@ -429,7 +429,7 @@ def _add_evaluate(sub) -> None:
         "scored on the novel intents' test rows. "
         "Fold 0 only tunes (baseline, margin, row count). Defaults on banking77: 1 "
         "tuning + 3 evaluation folds of 11 intents, 5 shots, 200 steps packed by intent, "
-        "temperature 0.5, 80 rows (or 40, as fold 0 picks).\n\n"
+        "temperature 0.8, 80 rows (or 40, as fold 0 picks).\n\n"
         "--setting few-shot: per seed, SHOTS real examples of every intent, a generator "
         "fine-tuned on them alone, PER_INTENT records per intent, real vs real + "
         "synthetic on the whole test split.\n\n"

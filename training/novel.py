@@ -73,9 +73,11 @@ class NovelConfig(GeneratorRecipe):
     folds: int = 3
     seed: int = 0
     generator: str = "fold"
-    # The demo's recipe: 200 steps packed by intent, sampled at temperature 0.5.
+    # The demo's recipe: 200 steps packed by intent. Sampled at temperature 0.8: on the tuning
+    # fold, 0.8 wrote 880 rows with 148 duplicate lines in 263 s where 0.5 had 3,404 in 463 s, and
+    # lifted the embedding classifier from 74.1% to 75.5% at a smaller base-intent cost.
     steps: int = 200
-    temperature: float = 0.5
+    temperature: float = 0.8
     group_by_intent: bool = True
     # The label check scores every candidate after 3 of its examples: a fold generator has seen a
     # novel intent's name only in its few rows, so a bare `intent,` prefix would favour its rivals.
