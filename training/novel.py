@@ -11,7 +11,8 @@ novel intents; fold 0 is for tuning only and never reported. Per fold:
    with the request as examples;
 3. `per_intent` rows per novel intent through the server's own scheduler, with the label check
    at the fold's margin (the tuning fold generates with every margin kept and picks one);
-4. one TF-IDF + logistic-regression recipe trained on: real rows; real rows with the novel rows
+4. two classifiers (`Downstream`: sentence embeddings + logistic regression, the default, and
+   TF-IDF + logistic regression), each trained on: real rows; real rows with the novel rows
    oversampled; real rows with balanced class weights; real + synthetic rows; and, as a topline,
    real rows plus as many held-back real rows of the novel intents as synthetic ones. The last
    two are trained as the strongest of the first three is (balanced weights, say), so a gain is
@@ -19,12 +20,11 @@ novel intents; fold 0 is for tuning only and never reported. Per fold:
 5. scored on the test split: accuracy on the novel intents' test rows (primary), their macro-F1,
    base-intent accuracy, overall accuracy, per-intent recall gains.
 
-The tuning fold picks the strongest real-data baseline, then the label margin and the number of
-synthetic rows per intent with the best novel-intent accuracy among those that cost its base
-intents at most `max_base_drop_points` (the least costly if none does); the evaluation folds
-report with those choices. A judge trained on
-the full training split measures the share of kept rows labelled as requested (a diagnostic,
-never a filter).
+The tuning fold picks, against the default classifier, the strongest real-data baseline, then
+the label margin and the number of synthetic rows per intent with the best novel-intent accuracy
+among those that cost its base intents at most `max_base_drop_points` (the least costly if none
+does); the evaluation folds report with those choices. Each classifier trained on the full
+training split judges the share of kept rows labelled as requested (a diagnostic, never a filter).
 """
 
 from __future__ import annotations
