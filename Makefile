@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # CPU build of torch that lies on this disk; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install node-deps test test-fast lint demo bench bench-peers soak lint-docker clean
+.PHONY: install node-deps browser test test-fast lint demo bench bench-peers soak lint-docker clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,15 @@ node-deps:
 	     [ $(NODE_EXAMPLE)/package.json -nt $(NODE_EXAMPLE)/node_modules/.package-lock.json ]; then \
 		npm ci --prefix $(NODE_EXAMPLE) --no-audit --no-fund --ignore-scripts --loglevel=error; \
 	fi
+
+# Debian's Chromium, for the quality report's page test (tests/test_quality.py skips without it,
+# unless CONDGEN_REQUIRE_BROWSER is set, as .ci/run does). Needs apt and root; a note otherwise.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get install -y -q chromium >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; \
+	else echo "note: no chromium and no root apt-get; the report page test will be skipped"; fi
 
 test: install node-deps
 	$(PY) -m pytest -q

@@ -379,6 +379,57 @@ def _add_generate(sub) -> None:
     )
     p.add_argument("--timeout", type=float, help="seconds before the call is abandoned")
     p.add_argument("--request-id", help="sent as x-request-id: the server's log line and errors carry it")
+    p.add_argument(
+        "--report",
+        type=Path,
+        metavar="DIR",
+        help="also write the quality report of the rows (report.html, report.json) to DIR; needs --real",
+    )
+    p.add_argument("--real", type=Path, help="with --report: the real training rows (CSV) to judge the rows against")
+    p.add_argument("--holdout", type=Path, help="with --report: real rows the generator never saw (a test split)")
+
+
+def _add_report(sub) -> None:
+    from condgen.training.quality import QualityConfig
+
+    defaults = QualityConfig()
+    p = sub.add_parser(
+        "report",
+        help="judge a generated set against the real rows: one HTML page and report.json",
+        description="Score synthetic rows on four parts, per intent and overall (0-100, higher is better): "
+        "label (a sentence-embedding classifier trained on the real rows agrees with the requested intent), "
+        "diversity (near duplicates, spread against the real rows'), fidelity (similarity to the real rows "
+        "of the intent, against unseen real rows'; length and word shape), privacy (copies of training rows). "
+        "Writes OUTPUT/report.html (self-contained, figures inline) and OUTPUT/report.json.",
+    )
+    p.add_argument("--real", required=True, type=Path, help="the real (training) rows: CSV, .parquet or .jsonl")
+    p.add_argument("--synthetic", required=True, type=Path, help="the generated rows: CSV, .parquet or .jsonl")
+    p.add_argument(
+        "--holdout",
+        type=Path,
+        help="real rows the generator never saw (a test split): the reference for fidelity and privacy "
+        "(without it, each real row against the others)",
+    )
+    p.add_argument("--output", required=True, type=Path, help="folder for report.html and report.json")
+    _add_quality_settings(p, defaults)
+    p.add_argument("--text-column", help="text column of the real and holdout files (guessed when not given)")
+    p.add_argument("--label-column", help="label column of the real and holdout files (guessed when not given)")
+
+
+def _add_quality_settings(p, defaults) -> None:
+    p.add_argument("--encoder", default=defaults.encoder, help="sentence-transformers model id or folder")
+    p.add_argument(
+        "--near-duplicate-cosine",
+        type=float,
+        default=defaults.near_duplicate_cosine,
+        help="a row this close to an earlier row of its intent is a near duplicate",
+    )
+    p.add_argument(
+        "--copy-cosine",
+        type=float,
+        default=defaults.copy_cosine,
+        help="a row this close to a training row is a near copy",
+    )
 
 
 def _add_connection(p) -> None:
@@ -576,7 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="text for people, json for log collectors (one object per line)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_train, _add_export, _add_serve, _add_generate, _add_inspect, _add_evaluate):
+    for add in (_add_train, _add_export, _add_serve, _add_generate, _add_report, _add_inspect, _add_evaluate):
         add(sub)
     sub.add_parser(
         "bench",
@@ -715,6 +766,8 @@ def cmd_generate(args) -> None:
     from condgen.client.frames import check_output_path, read_examples_csv, records_to_frame, write_frame
 
     check_output_path(args.output)
+    if args.report and not args.real:
+        raise CliError("--report needs --real: the real training rows to judge the generated rows against")
     examples = read_examples_csv(args.examples) if args.examples else None
     records: list = []
     incomplete = None
@@ -758,8 +811,52 @@ def cmd_generate(args) -> None:
             f"accepted {summary.records_accepted} of {summary.lines_parsed} lines ({rate:.0%}); "
             f"rejected {rejected or 'none'}; {summary.tokens_generated} tokens in {summary.elapsed_seconds:.1f} s"
         )
+    if args.report and records:
+        from condgen.training.data import read_table_records
+        from condgen.training.quality import QualityConfig
+
+        rows = read_table_records(args.output)
+        write_quality_report(args.real, rows, args.report, args.holdout, QualityConfig())
     if incomplete is not None:
         raise CliError(f"{incomplete}; the rows received are in {args.output}")
+
+
+def quality_config(args):
+    from condgen.training.quality import QualityConfig
+
+    try:
+        return QualityConfig(
+            encoder=args.encoder, near_duplicate_cosine=args.near_duplicate_cosine, copy_cosine=args.copy_cosine
+        )
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+def write_quality_report(real: Path, synthetic, output: Path, holdout: Path | None, config, columns=(None, None)):
+    """Judge `synthetic` (records) against the CSVs and print the headline; returns the report."""
+    from condgen.training.data import read_table_records
+    from condgen.training.quality import quality_report
+
+    real_rows = read_table_records(real, *columns)
+    holdout_rows = read_table_records(holdout, *columns) if holdout else None
+    try:
+        report = quality_report(real_rows, synthetic, output, holdout_rows, config)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    print(
+        f"quality score {report['score']:.1f} (label {report['label_score']:.1f}, diversity "
+        f"{report['diversity_score']:.1f}, fidelity {report['fidelity_score']:.1f}, privacy "
+        f"{report['privacy_score']:.1f}) over {report['rows']} rows; report in {output / 'report.html'}"
+    )
+    return report
+
+
+def cmd_report(args) -> None:
+    from condgen.training.data import read_table_records
+
+    config = quality_config(args)
+    synthetic = read_table_records(args.synthetic)
+    write_quality_report(args.real, synthetic, args.output, args.holdout, config, (args.text_column, args.label_column))
 
 
 def served_num_records(client) -> int:
@@ -898,6 +995,7 @@ COMMANDS = {
     "info": cmd_info,
     "health": cmd_health,
     "evaluate": cmd_evaluate,
+    "report": cmd_report,
 }
 
 

@@ -1,4 +1,5 @@
-"""Labelled data in: CSV files (any label/text column names) or `hf:NAME` datasets.
+"""Labelled data in: CSV files (any label/text column names), `hf:NAME` datasets, and the
+.parquet / .jsonl files `condgen generate` writes.
 
 Rows become `condgen.codec.LabelledText` records; `pack_blocks` turns their encoded lines
 into fixed-size token blocks for causal-LM training (no padding wasted on short lines).
@@ -90,6 +91,27 @@ def _read_csv(
         rows = ({**row, "_entity": _entity_of(row, entity_column, number)} for number, row in enumerate(reader, 2))
         entities: list[str] = []
         return _to_records(rows, text_col, label_col, separator, entities), entities
+
+
+def read_table_records(
+    path: str | Path, text_column: str | None = None, label_column: str | None = None
+) -> list[LabelledText]:
+    """Records from what `condgen generate` writes: .csv, .parquet or .jsonl (columns guessed)."""
+    path = Path(path)
+    if path.suffix.lower() not in (".parquet", ".jsonl"):
+        return read_csv_records(path, text_column, label_column)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    import pandas
+
+    try:
+        frame = pandas.read_parquet(path) if path.suffix.lower() == ".parquet" else pandas.read_json(path, lines=True)
+    except (ValueError, OSError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from exc
+    columns = [str(c) for c in frame.columns]
+    text_col = _pick_column(columns, text_column, TEXT_COLUMN_GUESSES, "text")
+    label_col = _pick_column(columns, label_column, LABEL_COLUMN_GUESSES, "label")
+    return _to_records(frame[[text_col, label_col]].astype(str).to_dict("records"), text_col, label_col, ",")
 
 
 def read_hf_records(
