@@ -1,16 +1,18 @@
-"""`make demo`: fine-tune, export, serve, generate 20 records for each of 5 intents, stop.
+"""`make demo`: fine-tune, export, serve, generate 20 records for each of 5 intents, stop, report.
 
 Runs the real commands (`condgen train`, `condgen export`, `condgen serve`) as a user
 would, then uses the Python client to fetch a DataFrame and writes demo_out/synthetic.csv.
 The server's label check is on (its default); the bundle classifier's filter is off, so the
 share of rows it assigns to their requested intent judges the generator and its label check.
 A second request brings five texts of an intent the model was never trained on
-(`NEW_INTENT`) and gets new rows of it.
+(`NEW_INTENT`) and gets new rows of it. Last, `condgen report` judges the rows of the five
+intents against the real ones (demo_out/report/report.html).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import signal
@@ -100,6 +102,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("demo_out"))
     parser.add_argument("--config", default="configs/banking77-demo.yaml")
     parser.add_argument("--data", default="../shared/data/banking77/train.csv")
+    parser.add_argument(
+        "--holdout", default="../shared/data/banking77/test.csv", help="unseen real rows for the quality report"
+    )
     parser.add_argument("--num-records", type=int, default=20)
     parser.add_argument("--new-intent-records", type=int, default=10)
     parser.add_argument("--skip-training", action="store_true", help="reuse an existing demo_out/bundle")
@@ -110,23 +115,23 @@ def main() -> None:
     times = {}
     if not (args.skip_training and (bundle / "condgen.json").is_file()):
         times["train_s"] = run_step(
-            "1/4 fine-tune",
+            "1/5 fine-tune",
             [*condgen, "train", "--config", args.config, "--data", args.data, "--output", str(args.out / "checkpoint")],
             args.out / "train.log",
         )
         times["export_s"] = run_step(
-            "2/4 export",
+            "2/5 export",
             [*condgen, "export", "--checkpoint", str(args.out / "checkpoint"), "--output", str(bundle)],
             args.out / "export.log",
         )
     process, target = start_server(bundle, args.out / "server.log")
-    print(f"3/4 serve: condgen serve --bundle {bundle}  (listening on {target}; log: {args.out / 'server.log'})")
+    print(f"3/5 serve: condgen serve --bundle {bundle}  (listening on {target}; log: {args.out / 'server.log'})")
     try:
         from tqdm import tqdm
 
         from condgen.client import Client
 
-        print(f"4/4 generate: {args.num_records} records for each of {', '.join(INTENTS)}", flush=True)
+        print(f"4/5 generate: {args.num_records} records for each of {', '.join(INTENTS)}", flush=True)
         gen_started = time.time()
         with Client(target, timeout=1800) as client:
             with tqdm(total=len(INTENTS) * args.num_records, unit="rec", leave=False, disable=None) as bar:
@@ -183,6 +188,25 @@ def main() -> None:
     print(
         f"on-label: the bundle classifier assigns {on_label:.0%} of the rows to their requested intent "
         f"(its filter off; the served model's label check on)"
+    )
+    report = [
+        *condgen,
+        "report",
+        "--real",
+        args.data,
+        "--synthetic",
+        str(out_csv),
+        "--output",
+        str(args.out / "report"),
+    ]
+    if Path(args.holdout).is_file():
+        report += ["--holdout", args.holdout]
+    times["report_s"] = run_step("5/5 quality report", report, args.out / "report.log")
+    quality = json.loads((args.out / "report" / "report.json").read_text())
+    print(
+        f"quality score {quality['score']:.1f} (label {quality['label_score']:.1f}, diversity "
+        f"{quality['diversity_score']:.1f}, fidelity {quality['fidelity_score']:.1f}, privacy "
+        f"{quality['privacy_score']:.1f}): {args.out / 'report' / 'report.html'}"
     )
     times["total_s"] = time.time() - started
     print("timings: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))

@@ -59,6 +59,9 @@ def test_quick_evaluate_writes_a_complete_report(tmp_path, capsys):
     assert 0.0 <= report["fidelity_mean"] <= 1.0 and len(report["gain_ci95"]) == 2
     for name in ("report.md", "accuracy.png", "per_intent_gain.png", "lengths.png"):
         assert (out / name).stat().st_size > 100
+    for seed in (0, 1):  # each seed's quality report (condgen report), and their mean
+        assert json.loads((out / f"seed-{seed}" / "quality" / "report.json").read_text())["rows"] == 9
+    assert 0 <= report["quality"]["score"] <= 100 and 0 <= report["quality"]["privacy_score"] <= 100
     assert "points" in capsys.readouterr().out
     # re-scoring an earlier run's bundles and rows gives the same figures, without generating
     again = tmp_path / "again.json"

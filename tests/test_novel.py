@@ -137,6 +137,10 @@ def test_evaluate_novel_quick_runs_end_to_end(tmp_path, generator):
     assert report["by_classifier"]["tfidf"] != report["by_classifier"]["embedding"]
     assert set(report["per_fold"][0]["scores"]) == {"embedding", "tfidf"}
     assert (out / "report.md").is_file() and (out / "label_precision.png").is_file()
+    # The kept rows' quality report, per fold, and its mean in report.json.
+    assert (out / "fold-1" / "quality" / "report.html").is_file()
+    assert set(report["quality"]) == {"score", "label_score", "diversity_score", "fidelity_score", "privacy_score"}
+    assert report["quality"] == report["per_fold"][0]["quality"] and 0 <= report["quality"]["score"] <= 100
     # The evaluation fold's generator saw its novel intents' 5 shots at most, never a held-back row.
     fold = report["per_fold"][0]
     bundle_examples = json.loads((out / "fold-1" / "bundle" / "examples.json").read_text())

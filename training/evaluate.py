@@ -8,7 +8,8 @@ few-shot classifier assigns to their intent: agreement filtering); train the sam
 TF-IDF + logistic-regression classifier on the few-shot set (baseline) and on the few-shot
 set plus the synthetic rows (augmented), and score both on the test split. A classifier
 trained on the full training split judges the synthetic rows' label fidelity; it is never
-used as a filter. Writes report.json and report.md with PNG plots.
+used as a filter. Writes report.json and report.md with PNG plots, and each seed's quality
+report (`condgen report`) to seed-N/quality/.
 """
 
 from __future__ import annotations
@@ -303,6 +304,28 @@ def build_report(config: EvaluateConfig, train, results: list[SeedResult], secon
     }
 
 
+def seed_quality(config: EvaluateConfig, train, test, results: list[SeedResult]) -> dict[str, float]:
+    """Each seed's quality report (seed-N/quality/report.html: its rows against its few-shot set,
+    the test split as the unseen reference); returns the mean headline and parts over seeds."""
+    from condgen.training.encoder import EmbeddingCache
+    from condgen.training.quality import PARTS, quality_report
+
+    keys = ("score", *(f"{part}_score" for part in PARTS))
+    embed = EmbeddingCache.load()
+    reports = [
+        quality_report(
+            sample_few_shot(train, config.shots, r.seed),
+            r.synthetic,
+            config.output / f"seed-{r.seed}" / "quality",
+            test,
+            embed=embed,
+        )
+        for r in results
+        if r.synthetic
+    ]
+    return {key: statistics.mean(r[key] for r in reports) for key in keys} if reports else {}
+
+
 def evaluate(config: EvaluateConfig) -> dict:
     """Run the experiment and write report.json, report.md and the plots to config.output."""
     from condgen.training.data import load_records
@@ -313,7 +336,9 @@ def evaluate(config: EvaluateConfig) -> dict:
     train = load_records(config.data, config.text_column, config.label_column)
     test = load_records(config.test, config.text_column, config.label_column)
     results = [run_seed(config, train, test, seed) for seed in config.seeds]
+    quality = seed_quality(config, train, test, results)
     report = build_report(config, train, results, time.time() - started)
+    report["quality"] = quality
     (config.output / "report.json").write_text(json.dumps(report, indent=2))
     plots = write_plots(config.output, report, train, [s for r in results for s in r.synthetic])
     write_markdown(config.output / "report.md", report, plots)

@@ -158,6 +158,8 @@ class FoldResult:
     label_precision_real_rows: float = 0.0
     # Label precision under every classifier's full-data judge (the default's is `label_precision`).
     label_precision_by_judge: dict[str, float] = field(default_factory=dict)
+    # The headline and parts of the kept rows' quality report (fold-N/quality/).
+    quality: dict[str, float] = field(default_factory=dict)
 
 
 def split_folds(intents: list[str], novel_per_fold: int, folds: int, seed: int) -> list[list[str]]:
@@ -463,7 +465,20 @@ def run_fold(
         {i: (aug[i] - base[i]) * 100 for i in fold.novel},
         sum(real) / len(real) if real else 0.0,
         by_judge,
+        fold_quality(config, downstream, fold, rows, test, folder),
     )
+
+
+def fold_quality(config: NovelConfig, downstream: Downstream, fold: FoldData, rows, test, folder: Path) -> dict:
+    """The quality report of the fold's kept rows (fold-N/quality/report.html): judged against
+    the fold's real rows, with the test split as the unseen reference; returns its headline parts."""
+    from condgen.training.quality import PARTS, QualityConfig, quality_report
+
+    if not rows:
+        return {}
+    quality = QualityConfig(encoder=config.encoder)
+    report = quality_report(fold.train, rows, folder / "quality", test, quality, downstream.embed)
+    return {key: report[key] for key in ("score", *(f"{part}_score" for part in PARTS))}
 
 
 def classifier_summary(name: str, baseline: str, results: list[FoldResult]) -> dict:
@@ -529,6 +544,10 @@ def summarise(
             name: statistics.mean(r.label_precision_by_judge[name] for r in results) for name in downstream.names
         },
         "train_copy_rate": statistics.mean(r.train_copy_rate for r in results),
+        "quality": {
+            key: statistics.mean(r.quality[key] for r in results)
+            for key in (results[0].quality if all(r.quality for r in results) else {})
+        },
         "records_per_second": statistics.mean(r.records_per_second for r in results),
         "by_classifier": {
             name: {k: v for k, v in block.items() if k != "per_intent_gain_points"}
@@ -568,6 +587,13 @@ def recipe_table(report: dict) -> list[str]:
     return lines + ["| gain, points | " + " | ".join(gains) + " |"]
 
 
+def quality_line(quality: dict) -> str:
+    if not quality:
+        return "- no quality report (a fold kept no rows)"
+    parts = ", ".join(f"{key.removesuffix('_score')} {value:.1f}" for key, value in quality.items() if key != "score")
+    return f"- quality of the kept rows (fold-N/quality/report.html), mean over folds: {quality['score']:.1f} ({parts})"
+
+
 def write_novel_report(output: Path, report: dict) -> None:
     from condgen.training.plots import plot_margin_precision, plot_per_intent
 
@@ -597,6 +623,7 @@ def write_novel_report(output: Path, report: dict) -> None:
         f"- kept rows labelled as requested by the full-data judge: {report['label_precision']:.1%} "
         f"(the novel intents' real test rows: {report['label_precision_real_rows']:.1%}); "
         f"training copies: {report['train_copy_rate']:.1%}; {report['records_per_second']:.2f} records/s",
+        quality_line(report.get("quality", {})),
         "",
     ] + [f"![{p.stem}]({p.name})" for p in plots]
     (output / "report.md").write_text("\n".join(lines) + "\n")
