@@ -111,7 +111,7 @@ def test_help_explains_every_command(capsys):
         main(["--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    for command in ("train", "export", "serve", "generate", "intents", "info", "health"):
+    for command in ("train", "export", "serve", "generate", "intents", "info", "health", "report"):
         assert command in out
 
 
