@@ -34,8 +34,8 @@ node-deps:
 browser:
 	@if command -v chromium >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		apt-get install -y -q chromium >/dev/null 2>&1 || \
-		{ apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }; \
 	else echo "note: no chromium and no root apt-get; the report page test will be skipped"; fi
 
 test: install node-deps
