@@ -843,10 +843,12 @@ def write_quality_report(real: Path, synthetic, output: Path, holdout: Path | No
         report = quality_report(real_rows, synthetic, output, holdout_rows, config)
     except ValueError as exc:
         raise CliError(str(exc)) from None
+    parts = ", ".join(
+        f"{part} {'n/a' if report[f'{part}_score'] is None else format(report[f'{part}_score'], '.1f')}"
+        for part in ("label", "diversity", "fidelity", "privacy")
+    )
     print(
-        f"quality score {report['score']:.1f} (label {report['label_score']:.1f}, diversity "
-        f"{report['diversity_score']:.1f}, fidelity {report['fidelity_score']:.1f}, privacy "
-        f"{report['privacy_score']:.1f}) over {report['rows']} rows; report in {output / 'report.html'}"
+        f"quality score {report['score']:.1f} ({parts}) over {report['rows']} rows; report in {output / 'report.html'}"
     )
     return report
 

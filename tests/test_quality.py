@@ -197,6 +197,18 @@ def test_condgen_report_writes_the_page_and_the_json(sets, tmp_path, capsys):
     assert (tmp_path / "out" / "report.html").read_text().startswith("<!DOCTYPE html>")
 
 
+def test_condgen_report_of_intents_the_real_rows_lack_says_what_it_cannot_judge(sets, tmp_path, capsys):
+    from condgen.cli import main
+
+    real = _write(tmp_path / "real.csv", sets[0][:200])
+    rows = _write(
+        tmp_path / "rows.csv",
+        [LabelledText("crypto_purchase", "can I buy bitcoin"), LabelledText("crypto_purchase", "buy ethereum")],
+    )
+    assert main(["report", "--real", str(real), "--synthetic", str(rows), "--output", str(tmp_path / "out")]) == 0
+    assert "label n/a" in capsys.readouterr().out
+
+
 def test_condgen_report_bad_input_is_a_one_line_error(tmp_path, capsys):
     from condgen.cli import main
 
