@@ -812,10 +812,10 @@ def cmd_generate(args) -> None:
             f"rejected {rejected or 'none'}; {summary.tokens_generated} tokens in {summary.elapsed_seconds:.1f} s"
         )
     if args.report and records:
-        from condgen.training.data import read_table_records
+        from condgen.codec import LabelledText
         from condgen.training.quality import QualityConfig
 
-        rows = read_table_records(args.output)
+        rows = [LabelledText(r.intent, r.text) for r in records]
         write_quality_report(args.real, rows, args.report, args.holdout, QualityConfig())
     if incomplete is not None:
         raise CliError(f"{incomplete}; the rows received are in {args.output}")

@@ -238,10 +238,9 @@ def paired_ci95(differences: list[float]) -> list[float]:
 
 def distinct_2(texts: list[str]) -> float:
     """Distinct word bigrams over all word bigrams of the texts."""
-    bigrams = [
-        tuple(words[i : i + 2]) for text in texts for words in [text.lower().split()] for i in range(len(words) - 1)
-    ]
-    return len(set(bigrams)) / len(bigrams) if bigrams else 0.0
+    from condgen.training.quality import distinct_n
+
+    return distinct_n(texts, 2)
 
 
 def judge_fidelity(train: list[LabelledText], synthetic: list[LabelledText]) -> float:

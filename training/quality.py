@@ -403,7 +403,6 @@ def quality_report(
     data = measure(real, synthetic, holdout or None, embed, config)
     report = summarise(data, config)
     output.mkdir(parents=True, exist_ok=True)
-    report["seconds"] = round(time.time() - started, 1)
     write_page(output / "report.html", report, data, config)
     report["seconds"] = round(time.time() - started, 1)
     (output / "report.json").write_text(json.dumps(report, indent=2))
