@@ -582,6 +582,13 @@ def _add_evaluate(sub) -> None:
         f"(default {novel.max_base_drop_points:g})",
     )
     p.add_argument(
+        "--min-label-precision",
+        type=float,
+        default=novel.min_label_precision,
+        help="novel: ... and whose kept rows the full-data judge finds labelled as requested at least "
+        f"this share of the time, when any margin does (default {novel.min_label_precision:g})",
+    )
+    p.add_argument(
         "--group-by-intent",
         action="store_true",
         help="fine-tune on blocks of one intent's lines in a row, as the prompts show them "
@@ -920,6 +927,7 @@ def cmd_evaluate_novel(args) -> None:
             novel_per_fold=args.novel_per_fold,
             folds=args.folds,
             max_base_drop_points=args.max_base_drop,
+            min_label_precision=args.min_label_precision,
             classifier=args.classifier,
             encoder=args.encoder,
             seed=args.seeds[0],

@@ -175,14 +175,22 @@ def test_too_few_intents_for_the_folds_is_a_one_line_error(tmp_path, capsys):
     assert "lower --folds or --novel-per-fold" in err and "Traceback" not in err
 
 
-def test_tuning_keeps_the_base_intents_within_the_limit():
-    from condgen.training.novel import pick_margin_and_count
+def test_tuning_keeps_the_base_intents_within_the_limit_and_the_rows_precise():
+    from condgen.training.novel import Candidate, pick_margin_and_count
 
-    # (novel acc, base-intent delta in points, margin, rows): fold 0's sweep of this session
-    candidates = [(0.589, -0.95, -0.1, 80), (0.509, -0.61, -0.1, 40), (0.536, -0.38, 0.1, 80), (0.50, -0.34, 0.0, 40)]
-    assert pick_margin_and_count(candidates, 0.5) == (0.1, 80)
-    assert pick_margin_and_count(candidates, 1.0) == (-0.1, 80)
-    assert pick_margin_and_count(candidates, 0.1) == (0.0, 40)  # none within: the least costly
+    # (novel acc, base-intent delta in points, judge's label precision, margin, rows)
+    candidates = [
+        Candidate(0.589, -0.95, 0.57, -0.1, 80),
+        Candidate(0.509, -0.61, 0.57, -0.1, 40),
+        Candidate(0.536, -0.38, 0.73, 0.1, 80),
+        Candidate(0.50, -0.34, 0.64, 0.0, 40),
+        Candidate(0.52, -0.30, 0.82, 0.25, 80),
+    ]
+    assert pick_margin_and_count(candidates, 0.5, 0.8) == (0.25, 80)
+    assert pick_margin_and_count(candidates, 0.5, 0.0) == (0.1, 80)
+    assert pick_margin_and_count(candidates, 1.0, 0.0) == (-0.1, 80)
+    assert pick_margin_and_count(candidates, 0.5, 0.9) == (0.1, 80)  # none precise enough: the limit alone
+    assert pick_margin_and_count(candidates, 0.1, 0.8) == (0.25, 80)  # none within: the least costly
 
 
 @pytest.mark.parametrize("baseline", ["real", "oversampled", "balanced"])

@@ -22,8 +22,10 @@ novel intents; fold 0 is for tuning only and never reported. Per fold:
 
 The tuning fold picks, against the default classifier, the strongest real-data baseline, then
 the label margin and the number of synthetic rows per intent with the best novel-intent accuracy
-among those that cost its base intents at most `max_base_drop_points` (the least costly if none
-does); the evaluation folds report with those choices. Each classifier trained on the full
+among those that cost its base intents at most `max_base_drop_points` and whose kept rows the
+full-data judge finds on-label at least `min_label_precision` of the time (the precision bound is
+dropped first, then the least costly is taken, when none qualifies); the evaluation folds report
+with those choices. Each classifier trained on the full
 training split judges the share of kept rows labelled as requested (a diagnostic, never a filter).
 """
 
@@ -38,7 +40,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from condgen.codec import LabelledText
 from condgen.errors import CondgenError
@@ -85,6 +87,8 @@ class NovelConfig(GeneratorRecipe):
     # The tuning fold never picks a margin and row count that lower its base-intent accuracy by
     # more than this (points, against the strongest real-data baseline).
     max_base_drop_points: float = 0.5
+    # ... and never a margin whose kept rows the full-data judge finds on-label less often than this.
+    min_label_precision: float = 0.8
     # The downstream classifier that tunes and heads the report; every one in CLASSIFIERS is scored.
     classifier: str = DEFAULT_CLASSIFIER
     encoder: str = DEFAULT_ENCODER  # the embedding classifier's sentence encoder
@@ -97,6 +101,8 @@ class NovelConfig(GeneratorRecipe):
             raise ValueError("shots, per_intent, novel_per_fold and folds must be at least 1")
         if self.max_base_drop_points < 0:
             raise ValueError("max_base_drop_points must be 0 or more")
+        if not 0.0 <= self.min_label_precision <= 1.0:
+            raise ValueError("min_label_precision must be between 0 and 1")
         if self.classifier not in CLASSIFIERS:
             raise ValueError(f"classifier {self.classifier!r} is not one of {', '.join(CLASSIFIERS)}")
 
@@ -383,19 +389,34 @@ def copy_share(fold: FoldData, rows: list[LabelledText]) -> float:
     return sum(index.is_copy(r.text) for r in rows) / len(rows) if rows else 0.0
 
 
-def pick_margin_and_count(candidates: list[tuple[float, float, float, int]], max_base_drop: float) -> tuple[float, int]:
-    """From (novel acc, base-intent delta in points, margin, count): the margin and count with the
-    best novel-intent accuracy among those within the base-intent limit, or the least costly to
-    the base intents when none is."""
-    within = [c for c in candidates if c[1] >= -max_base_drop]
-    best = max(within, key=lambda c: (c[0], c[1])) if within else max(candidates, key=lambda c: c[1])
-    return best[2], best[3]
+class Candidate(NamedTuple):
+    """One margin and row count of the tuning sweep, as scored on the tuning fold."""
+
+    novel_acc: float
+    base_delta_points: float
+    label_precision: float
+    margin: float
+    count: int
+
+
+def pick_margin_and_count(candidates: list[Candidate], max_base_drop: float, min_precision: float) -> tuple[float, int]:
+    """The margin and count with the best novel-intent accuracy among those within the base-intent
+    limit whose kept rows reach the precision bound; without one, among those within the limit;
+    without one either, the least costly to the base intents."""
+    within = [c for c in candidates if c.base_delta_points >= -max_base_drop]
+    precise = [c for c in within if c.label_precision >= min_precision]
+    pool = precise or within
+    if pool:
+        best = max(pool, key=lambda c: (c.novel_acc, c.base_delta_points))
+    else:
+        best = max(candidates, key=lambda c: c.base_delta_points)
+    return best.margin, best.count
 
 
 def tune(config: NovelConfig, downstream: Downstream, fold: FoldData, test, judge) -> tuple[Choices, dict]:
     """On the tuning fold: generate once with every margin kept, then pick the strongest real
     baseline, and the margin and row count by novel-intent accuracy among those within the
-    base-intent limit."""
+    base-intent limit and the label-precision bound."""
     folder = config.output / f"fold-{fold.number}"
     bundle = build_generator(config, fold, folder)
     records, _, _ = generate(config, fold, bundle, SCORED_MARGIN, config.per_intent)
@@ -407,7 +428,7 @@ def tune(config: NovelConfig, downstream: Downstream, fold: FoldData, test, judg
     baseline = max(BASELINES, key=lambda name: scores[name]["novel_acc"])
     right = judged_right(judge, [LabelledText(r.intent, r.text) for r in records])
     sweep: list[dict] = []
-    candidates: list[tuple[float, float, float, int]] = []  # (novel acc, base delta, margin, count)
+    candidates: list[Candidate] = []
     counts = sorted({max(1, config.per_intent // 2), config.per_intent})
     for margin in TUNE_MARGINS:
         share = [ok for r, ok in zip(records, right) if r.label_margin >= margin]
@@ -421,10 +442,10 @@ def tune(config: NovelConfig, downstream: Downstream, fold: FoldData, test, judg
             scored = metrics(downstream.fit(*rows), test, fold.novel)
             delta = (scored["base_acc"] - scores[baseline]["base_acc"]) * 100
             entry[f"novel_acc_{count}"], entry[f"base_acc_delta_points_{count}"] = scored["novel_acc"], delta
-            candidates.append((scored["novel_acc"], delta, margin, count))
+            candidates.append(Candidate(scored["novel_acc"], delta, entry["label_precision"], margin, count))
         sweep.append(entry)
         log.info("tuning: %s", entry)
-    choices = Choices(baseline, *pick_margin_and_count(candidates, config.max_base_drop_points))
+    choices = Choices(baseline, *pick_margin_and_count(candidates, config.max_base_drop_points, config.min_label_precision))
     baselines = {k: v["novel_acc"] for k, v in scores.items()}
     return choices, {
         "fold": fold.number,
