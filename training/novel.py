@@ -445,7 +445,8 @@ def tune(config: NovelConfig, downstream: Downstream, fold: FoldData, test, judg
             candidates.append(Candidate(scored["novel_acc"], delta, entry["label_precision"], margin, count))
         sweep.append(entry)
         log.info("tuning: %s", entry)
-    choices = Choices(baseline, *pick_margin_and_count(candidates, config.max_base_drop_points, config.min_label_precision))
+    margin, count = pick_margin_and_count(candidates, config.max_base_drop_points, config.min_label_precision)
+    choices = Choices(baseline, margin, count)
     baselines = {k: v["novel_acc"] for k, v in scores.items()}
     return choices, {
         "fold": fold.number,
