@@ -396,7 +396,7 @@ class Candidate(NamedTuple):
     base_delta_points: float
     label_precision: float
     margin: float
-    count: int
+    rows_per_intent: int
 
 
 def pick_margin_and_count(candidates: list[Candidate], max_base_drop: float, min_precision: float) -> tuple[float, int]:
@@ -410,7 +410,7 @@ def pick_margin_and_count(candidates: list[Candidate], max_base_drop: float, min
         best = max(pool, key=lambda c: (c.novel_acc, c.base_delta_points))
     else:
         best = max(candidates, key=lambda c: c.base_delta_points)
-    return best.margin, best.count
+    return best.margin, best.rows_per_intent
 
 
 def tune(config: NovelConfig, downstream: Downstream, fold: FoldData, test, judge) -> tuple[Choices, dict]:
