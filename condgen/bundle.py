@@ -60,7 +60,7 @@ class OnnxInfo:
     rewrites: list[str] = field(default_factory=list)  # graph rewrites applied at export (training/graph.py)
 
 
-OPTIONAL_KEYS = ("lora", "generate_defaults", "privacy")  # left out of condgen.json when None
+OPTIONAL_KEYS = ("lora", "generate_defaults", "privacy", "openvino")  # left out of condgen.json when None
 
 
 @dataclass
@@ -83,6 +83,9 @@ class Manifest:
     # differential privacy of the fine-tuning ({"epsilon": spent, "delta", "noise_multiplier",
     # "max_grad_norm", "unit": "row" or the entity column, ...}); absent without DP
     privacy: dict | None = None
+    # the OpenVINO graph (`condgen export --runtime openvino`): {"file", "precision", parity
+    # figures, ...}; absent from ONNX-only bundles
+    openvino: dict | None = None
 
     def privacy_line(self) -> str | None:
         """One line saying the bundle's DP guarantee, for logs; None without DP."""

@@ -73,7 +73,7 @@ def lora_targets(text: str | None) -> str | list[str] | None:
 
 
 def _add_export(sub) -> None:
-    from condgen.training.export import CACHE_LAYOUTS, DEFAULT_MIN_TOP1, DEFAULT_TOLERANCE, VARIANTS
+    from condgen.training.export import CACHE_LAYOUTS, DEFAULT_MIN_TOP1, DEFAULT_TOLERANCE, EXPORT_RUNTIMES, VARIANTS
 
     p = sub.add_parser(
         "export",
@@ -114,12 +114,21 @@ def _add_export(sub) -> None:
         "attends over each row's own tokens, not the longest row's; auto: whole for fp16, else ragged "
         "(append where the model's attention is not Llama-style)",
     )
+    p.add_argument(
+        "--runtime",
+        choices=EXPORT_RUNTIMES,
+        default=EXPORT_RUNTIMES[0],
+        help="openvino: add an OpenVINO graph beside the ONNX one (optimum-intel, from the environment "
+        "`make .venv-openvino/.installed` builds or $CONDGEN_OPENVINO_PYTHON), checked against PyTorch "
+        "in f32 and at the CPU's default precision; `condgen serve` runs it on CPUs with AMX or AVX-512 BF16 "
+        "(default onnxruntime: the ONNX graph only)",
+    )
 
 
 def _add_serve(sub) -> None:
     from condgen.server.admission import AdmissionConfig
     from condgen.server.app import ServeConfig
-    from condgen.server.engine import DEVICES, EngineConfig
+    from condgen.server.engine import DEVICES, OPENVINO_PRECISIONS, RUNTIMES, EngineConfig
     from condgen.server.heap import HeapConfig
     from condgen.server.scheduler import SchedulerConfig
 
@@ -143,8 +152,21 @@ def _add_serve(sub) -> None:
         help="auto uses CUDA when onnxruntime-gpu sees a GPU",
     )
     p.add_argument(
-        "--threads", type=int, default=EngineConfig.threads, help="ONNX Runtime intra-op threads (0: one per core)"
+        "--runtime",
+        choices=RUNTIMES,
+        default=EngineConfig.runtime,
+        help="auto: OpenVINO where the bundle has an OpenVINO graph (`condgen export --runtime openvino`), "
+        "the openvino package is installed, no GPU is used and the CPU computes bf16 (AMX or AVX-512 BF16); "
+        "ONNX Runtime otherwise (default auto)",
     )
+    p.add_argument(
+        "--openvino-precision",
+        choices=OPENVINO_PRECISIONS,
+        default=EngineConfig.openvino_precision,
+        help="OpenVINO's compute and KV cache: auto (the CPU plugin's default, bf16 where the CPU computes it) "
+        "or f32 (default auto)",
+    )
+    p.add_argument("--threads", type=int, default=EngineConfig.threads, help="intra-op threads (0: one per core)")
     p.add_argument(
         "--max-batch-size",
         type=int,
@@ -680,6 +702,7 @@ def cmd_export(args) -> None:
         variant=args.variant,
         min_top1=args.min_top1_agreement,
         cache=args.cache,
+        runtime=args.runtime,
     )
     print(f"bundle written to {result.bundle_dir} ({len(result.manifest.intents)} intents)")
 
@@ -698,6 +721,8 @@ def cmd_serve(args) -> None:
         port=args.port,
         engine=EngineConfig(
             device=args.device,
+            runtime=args.runtime,
+            openvino_precision=args.openvino_precision,
             threads=args.threads,
             io_binding=args.io_binding,
             sampling_head=args.sampling_head,

@@ -168,11 +168,12 @@ async def start_server(config: ServeConfig, engine: Engine | None = None) -> Run
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
-        "serving %s (%d intents) on %s:%d with %s%s%s",
+        "serving %s (%d intents) on %s:%d with %s on %s%s%s",
         config.bundle,
         len(manifest.intents),
         config.host,
         port,
+        engine.runtime,
         engine.provider,
         ", TLS" if credentials else "",
         ", token auth" if config.security.auth_token else "",

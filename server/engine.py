@@ -46,6 +46,8 @@ from condgen.server.sampling import WINDOW, TokenWindows, log_normalizer
 
 log = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "cuda")
+RUNTIMES = ("auto", "onnxruntime", "openvino")  # server/runtime.py chooses
+OPENVINO_PRECISIONS = ("auto", "f32")
 SHARED_CONTEXT_MIN = 8  # context tokens from which scoring computes a context's cache once and shares it
 # The same under ragged attention, whose rows after a kept context each take a pass of their own
 # (several new tokens after a cache go to one row at a time): worth it only for longer contexts.
@@ -67,10 +69,21 @@ class EngineConfig:
     # Scoring: the cache of contexts of at least SHARED_CONTEXT_MIN tokens is computed once and
     # kept (LRU, at most this many tokens); lines scored after them feed only their own tokens.
     context_cache_tokens: int = 8192
+    # auto: OpenVINO where the bundle has its graph and the CPU computes bf16 (server/runtime.py)
+    runtime: str = "auto"
+    # the OpenVINO engine's compute and cache: auto (the CPU plugin's default, bf16 where the CPU
+    # computes it) or f32
+    openvino_precision: str = "auto"
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise EngineError(f"device {self.device!r} is not one of {', '.join(DEVICES)}")
+        if self.runtime not in RUNTIMES:
+            raise EngineError(f"runtime {self.runtime!r} is not one of {', '.join(RUNTIMES)}")
+        if self.openvino_precision not in OPENVINO_PRECISIONS:
+            raise EngineError(
+                f"openvino precision {self.openvino_precision!r} is not one of {', '.join(OPENVINO_PRECISIONS)}"
+            )
         if self.io_binding not in ("auto", "on", "off"):
             raise EngineError(f"io_binding {self.io_binding!r} is not one of auto, on, off")
         if self.context_cache_tokens < 0:
@@ -123,6 +136,8 @@ def session_options(threads: int) -> ort.SessionOptions:
 
 class Engine:
     """Runs forward passes of the bundle's model over batches."""
+
+    runtime = "onnxruntime"
 
     def __init__(self, bundle_dir: str | Path, manifest: Manifest, config: EngineConfig = EngineConfig()):
         bundle_dir = Path(bundle_dir)

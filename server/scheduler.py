@@ -75,6 +75,7 @@ from condgen.server.prompts import build_prompt
 from condgen.server.ragged_batch import RaggedBatch
 from condgen.server.records import CopyIndex, LengthBounds, RecordJudge
 from condgen.server.requests import GeneratedRecord, GenerationSpec, GenerationSummary, Job, RequestHandle, RequestState
+from condgen.server.runtime import open_engine
 from condgen.server.sampling import TokenWindows, head_temperature, sequence_rng
 
 log = logging.getLogger(__name__)
@@ -192,7 +193,7 @@ class Scheduler:
         already running over this bundle (benchmarks reuse one across schedulers)."""
         bundle = Path(bundle)
         manifest = manifest or (engine.manifest if engine is not None else read_manifest(bundle))
-        engine = engine or Engine(bundle, manifest, engine_config)
+        engine = engine or open_engine(bundle, manifest, engine_config)
         examples = read_examples(bundle)
         judge = RecordJudge.for_bundle(bundle, manifest, examples)
         checker = None

@@ -110,4 +110,6 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
             limits_json=json.dumps(limits),
             scheduler_json=json.dumps(self.scheduler.stats()),
             privacy_json=json.dumps(m.privacy) if m.privacy else "",
+            runtime=self.scheduler.engine.runtime,
+            openvino_json=json.dumps(m.openvino) if m.openvino else "",
         )

@@ -51,6 +51,7 @@ VARIANTS = ("fp32", "fp16", "int8", "w8", "w4")
 WEIGHT_ONLY_BITS = {"w8": 8, "w4": 4}
 WEIGHT_ONLY_BLOCK = 32  # weights per scale: divides the hidden sizes of every model served here
 GREEDY_TOKENS = 32
+EXPORT_RUNTIMES = ("onnxruntime", "openvino")  # openvino: the ONNX graph and an OpenVINO one
 CACHE_LAYOUTS = ("auto", "append", "whole", "ragged")  # the first is the default
 
 
@@ -158,24 +159,31 @@ def greedy_match(references: list[list[int]], tokens: list[list[int]]) -> float:
     return float(np.mean(shares)) if shares else 0.0
 
 
+def torch_greedy(model, tokenizer, prompts: list[str], new_tokens: int = GREEDY_TOKENS) -> list[list[int]]:
+    """PyTorch fp32's greedy continuation of each prompt: the reference of the greedy checks."""
+    import torch
+
+    references = []
+    for prompt in prompts:
+        ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], dtype=torch.int64)
+        with torch.no_grad():
+            generated = model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False
+            )
+        references.append(generated[0, ids.shape[1] :].tolist())
+    return references
+
+
 def greedy_agreement(
     model, session, info: OnnxInfo, tokenizer, prompts: list[str], new_tokens: int = GREEDY_TOKENS
 ) -> float:
     """Mean share of a `new_tokens` greedy continuation that ONNX matches PyTorch (fp32) on
     before their first difference, over `prompts`."""
-    import torch
-
     append_only = APPEND_ONLY_CACHE in info.rewrites
     dtype = np.float16 if info.dtype == "float16" else np.float32
-    references, produced = [], []
-    for prompt in prompts:
+    references, produced = torch_greedy(model, tokenizer, prompts, new_tokens), []
+    for prompt, reference in zip(prompts, references):
         ids = np.array([tokenizer(prompt, add_special_tokens=False)["input_ids"]], dtype=np.int64)
-        with torch.no_grad():
-            tensor = torch.from_numpy(ids)
-            generated = model.generate(
-                tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=new_tokens, do_sample=False
-            )
-            reference = generated[0, ids.shape[1] :].tolist()
         past = {n: np.zeros((1, info.num_kv_heads, 0, info.head_dim), dtype=dtype) for n in info.past_key_names}
         step, length, ours = ids, 0, []
         for _ in range(len(reference)):
@@ -188,7 +196,6 @@ def greedy_agreement(
             }
             ours.append(int(outputs[0][0, -1].argmax()))
             step = np.array([[ours[-1]]], dtype=np.int64)
-        references.append(reference)
         produced.append(ours)
     return greedy_match(references, produced)
 
@@ -325,12 +332,20 @@ def export_bundle(
     variant: str = "fp32",
     min_top1: float = DEFAULT_MIN_TOP1,
     cache: str = "auto",
+    runtime: str = "onnxruntime",
 ) -> ExportResult:
-    """Export `checkpoint` (the output of `condgen train`) to the bundle folder `output`."""
+    """Export `checkpoint` (the output of `condgen train`) to the bundle folder `output`;
+    `runtime="openvino"` adds the OpenVINO graph (training/export_openvino.py)."""
     if variant not in VARIANTS:
         raise ExportError(f"variant {variant!r} is not one of {', '.join(VARIANTS)}")
     if cache not in CACHE_LAYOUTS:
         raise ExportError(f"cache {cache!r} is not one of {', '.join(CACHE_LAYOUTS)}")
+    if runtime not in EXPORT_RUNTIMES:
+        raise ExportError(f"runtime {runtime!r} is not one of {', '.join(EXPORT_RUNTIMES)}")
+    if runtime == "openvino":
+        from condgen.training.export_openvino import converter_python
+
+        converter_python()  # before the long part: say now if the exporter is missing
     import onnxruntime as ort
     from optimum.exporters.onnx import main_export
     from transformers import AutoTokenizer
@@ -403,5 +418,9 @@ def export_bundle(
         privacy=info_json["stats"].get("privacy"),
         generate_defaults=bundle_generate_defaults(info_json["config"]),
     )
+    if runtime == "openvino":
+        from condgen.training.export_openvino import add_openvino_graph
+
+        add_openvino_graph(checkpoint, output, manifest, reference, tokenizer, prompts, tolerance, min_top1)
     write_manifest(output, manifest)
     return ExportResult(output, manifest)
