@@ -52,6 +52,10 @@ TARGETS = [  # (name, numerator, denominator, at least)
     ("OpenVINO paged spike / OpenVINO defaults, b1", "openvino_paged_tok_s_b1", "openvino_tok_s_b1", 0.9),
     ("OpenVINO paged spike / OpenVINO defaults, b16", "openvino_paged_tok_s_b16", "openvino_tok_s_b16", 0.9),
     ("OpenVINO paged spike / engine fp32, b16", "openvino_paged_tok_s_b16", "engine_tok_s_b16", 1.0),
+    # condgen's OpenVINO engine (server/openvino_engine.py) against GenAI's defaults on the same graph.
+    ("engine OpenVINO / OpenVINO defaults, b1", "engine_ov_tok_s_b1", "openvino_tok_s_b1", 0.9),
+    ("engine OpenVINO / OpenVINO defaults, b16", "engine_ov_tok_s_b16", "openvino_tok_s_b16", 0.9),
+    ("engine OpenVINO / engine fp32, b16", "engine_ov_tok_s_b16", "engine_tok_s_b16", 1.0),
 ]
 # The CPU peers (`make bench-peers`): virtual environment, and configuration -> report prefix.
 PEERS = {
@@ -219,8 +223,70 @@ def greedy_figures(args, prompts: list[str], ids: list[list[int]], checkpoint: P
         figures["peak_rss_mb_q"] = server.peak_rss_mb()
     finally:
         server.stop()
+    if args.device != "cuda":
+        figures.update(openvino_figures(args, prompts, ids, checkpoint, reference))
     if not args.no_peers:
         figures.update(peer_figures(args, ids[:16], checkpoint, reference))
+    return figures
+
+
+def openvino_bundle(args, checkpoint: Path) -> Path | None:
+    """The bundle with an OpenVINO graph beside the fp32 one, exported when missing; None where
+    optimum-intel's environment is not installed."""
+    from condgen.training.export import ExportError, export_bundle
+    from condgen.training.export_openvino import converter_python
+
+    path = args.bundle.with_name(f"{args.bundle.name}-openvino")
+    if (path / "condgen.json").is_file() and read_manifest(path).openvino is not None:
+        return path
+    try:
+        converter_python()
+    except ExportError as error:
+        progress(f"OpenVINO engine skipped: {error}")
+        return None
+    progress(f"exporting the bundle with its OpenVINO graph to {path}")
+    export_bundle(checkpoint, path, runtime="openvino")
+    return path
+
+
+def openvino_figures(args, prompts: list[str], ids: list[list[int]], checkpoint: Path, reference) -> dict:
+    """condgen's OpenVINO engine (CPU defaults): speed, prefill / decode, greedy agreement with
+    transformers fp32, and the server at 64 streams (peak RSS)."""
+    from condgen.server.runtime import openvino_available
+
+    if not openvino_available():
+        progress("OpenVINO engine skipped: the openvino package is not installed")
+        return {}
+    bundle = openvino_bundle(args, checkpoint)
+    if bundle is None:
+        return {}
+    figures: dict = {}
+    for batch in (1, 16):
+        progress(f"engine OpenVINO, batch {batch}")
+        figures[f"engine_ov_tok_s_b{batch}"], figures["engine_ov_device"] = our_engine(
+            bundle, prompts[:batch], args.new_tokens, "cpu", runtime="openvino"
+        )
+    progress("engine OpenVINO: prefill and decode apart, greedy agreement")
+    details = engine_details(bundle, ids[:16], args.new_tokens, "cpu", runtime="openvino")
+    figures["engine_ov_greedy_match"] = greedy_match(reference, details.pop("greedy"))
+    figures.update({f"engine_ov_{k}": v for k, v in details.items()})
+    progress("server, OpenVINO engine: 64 concurrent streams")
+    intents = sorted(read_examples(bundle))
+    server = ServerProcess(
+        bundle,
+        "--runtime",
+        "openvino",
+        "--max-batch-size",
+        str(args.max_batch_size),
+        "--max-batch-tokens",
+        str(args.max_batch_tokens),
+    )
+    try:
+        load = StreamLoad(num_records=2 if args.quick else 8, prompt_examples=args.prompt_examples)
+        figures["server_ov_tok_s_c64"], _ = run_streams(server.target, intents, 64, load)
+        figures["peak_rss_mb_ov"] = server.peak_rss_mb()
+    finally:
+        server.stop()
     return figures
 
 
@@ -271,7 +337,7 @@ def print_table(report: dict) -> None:
             continue
         ratio = report[top] / report[bottom]
         print(f"  {name:<38} {ratio:>8.2f}  >= {target:<4}  {'yes' if ratio >= target else 'NO'}")
-    for key, limit in (("peak_rss_mb", 1500), ("peak_rss_mb_q", 800)):
+    for key, limit in (("peak_rss_mb", 1500), ("peak_rss_mb_q", 800), ("peak_rss_mb_ov", 800)):
         if key in report:
             rss, met = report[key], "yes" if report[key] <= limit else "NO"
             print(f"  {'server peak RSS, 64 streams, ' + key + ' (MB)':<38} {rss:>8.0f}  <= {limit:<4}  {met}")

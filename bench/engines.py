@@ -19,6 +19,7 @@ import numpy as np
 from condgen.bundle import read_examples, read_manifest
 from condgen.server.engine import Engine, EngineConfig
 from condgen.server.prompts import build_prompt
+from condgen.server.runtime import open_engine
 from condgen.server.sampling import log_normalizer
 
 
@@ -41,12 +42,12 @@ def engine_greedy(
     tokens generated per prompt. `head`: decode through `Engine.step` (the sampling head picks
     the top token on the device) instead of the full logits on the host; `timings` then adds up
     where each step's time goes (`Engine.step`'s parts and the whole `step`)."""
-    batches = []
+    batches, produced = [], []
     for batch, logits in engine.prefill(list(range(len(prompts))), prompts):
-        batch.set_next([int(np.argmax(logits))])
+        produced.append([int(np.argmax(logits))])
+        batch.set_next(produced[-1])
         batches.append(batch)
     batch = type(batches[0]).concatenate(batches)
-    produced = [[int(t)] for t in batch.next_ids[:, 0]]
     ones = np.ones(len(prompts), dtype=np.float32)
     for _ in range(new_tokens - 1):
         started = time.perf_counter()
@@ -67,16 +68,25 @@ def timed(fn, tokens: int) -> float:
     return tokens / (time.perf_counter() - started)
 
 
-def our_engine(bundle: Path, prompts: list[str], new_tokens: int, device: str) -> tuple[float, str]:
-    engine = Engine(bundle, read_manifest(bundle, verify=False), EngineConfig(device=device))
+def bench_engine(bundle: Path, device: str, runtime: str = "onnxruntime"):
+    """The bundle's engine in `runtime` (onnxruntime or openvino)."""
+    return open_engine(bundle, read_manifest(bundle, verify=False), EngineConfig(device=device, runtime=runtime))
+
+
+def our_engine(
+    bundle: Path, prompts: list[str], new_tokens: int, device: str, runtime: str = "onnxruntime"
+) -> tuple[float, str]:
+    engine = bench_engine(bundle, device, runtime)
     ids = [engine.encode(p) for p in prompts]
     return timed(lambda: engine_greedy(engine, ids, new_tokens), len(ids) * new_tokens), engine.provider
 
 
-def engine_details(bundle: Path, prompts: list[list[int]], new_tokens: int, device: str) -> dict:
+def engine_details(
+    bundle: Path, prompts: list[list[int]], new_tokens: int, device: str, runtime: str = "onnxruntime"
+) -> dict:
     """Prefill tokens/s and decode ms per step at batch 1 and len(prompts), and the greedy
     tokens of the first 3 prompts (as `bench/peers/run_peer.py` reports them for the peers)."""
-    engine = Engine(bundle, read_manifest(bundle, verify=False), EngineConfig(device=device))
+    engine = bench_engine(bundle, device, runtime)
     out: dict = {}
     for batch in (1, len(prompts)):
         chosen, label = prompts[:batch], "b1" if batch == 1 else "b16"

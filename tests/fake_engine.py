@@ -104,6 +104,7 @@ class FakeEngine:
     """A toy word-level language model behind the engine's interface."""
 
     provider = "FakeExecutionProvider"
+    runtime = "fake"
     device_type = "cpu"
     cache_bytes_per_token = 8  # one float key and one float value per token
 
