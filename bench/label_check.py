@@ -28,6 +28,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from condgen.server.engine import RUNTIMES, EngineConfig
 from condgen.server.limits import Defaults, LabelCheckConfig
 from condgen.server.requests import GenerationSpec
 from condgen.server.sampling import SamplingSettings
@@ -92,7 +93,9 @@ async def measure(args) -> dict:
     )
     config = LabelCheckConfig(rivals=args.rivals, context_examples=args.context_examples)
     runs = {}
-    async with Scheduler.for_bundle(args.bundle, label_check=config) as scheduler:
+    engine = EngineConfig(runtime=args.runtime)
+    async with Scheduler.for_bundle(args.bundle, label_check=config, engine_config=engine) as scheduler:
+        device = f"{scheduler.engine.runtime} on {scheduler.engine.provider}"
         await scheduler.collect(dataclasses.replace(base, num_records=2))  # warm-up
         for name, check, margin in (("off", False, 0.0), ("scored", True, NO_FILTER_MARGIN), ("on", True, args.margin)):
             print(f"run: label check {name}", flush=True)
@@ -109,6 +112,9 @@ async def measure(args) -> dict:
         "margin": args.margin,
         "rivals": args.rivals,
         "context_examples": args.context_examples,
+        "engine": device,
+        "temperature": args.temperature,
+        "seed": args.seed,
         "git_sha": _git_sha(),
     }
     for name, run in runs.items():
@@ -136,6 +142,7 @@ def _git_sha() -> str:
 
 
 def print_report(report: dict) -> None:
+    print(f"engine: {report['engine']}")
     for name in ("off", "scored", "on"):
         run = report[name]
         print(
@@ -162,6 +169,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rivals", type=int, default=LabelCheckConfig.rivals)
     parser.add_argument("--context-examples", type=int, default=LabelCheckConfig.context_examples)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--runtime", choices=RUNTIMES, default="auto", help="as `condgen serve --runtime`")
     parser.add_argument("--temperature", type=float, default=0.9)
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--max-new-tokens", type=int, default=128)
