@@ -48,10 +48,6 @@ TARGETS = [  # (name, numerator, denominator, at least)
     ("engine CPU variant / OpenVINO defaults, b1", "engine_q_tok_s_b1", "openvino_tok_s_b1", 1.0),
     ("engine CPU variant / OpenVINO defaults, b16", "engine_q_tok_s_b16", "openvino_tok_s_b16", 1.0),
     ("engine CPU variant / engine fp32, batch 1", "engine_q_tok_s_b1", "engine_tok_s_b1", 2.0),
-    # The OpenVINO engine spike (bench/peers/openvino_paged.py) against GenAI on the same graph.
-    ("OpenVINO paged spike / OpenVINO defaults, b1", "openvino_paged_tok_s_b1", "openvino_tok_s_b1", 0.9),
-    ("OpenVINO paged spike / OpenVINO defaults, b16", "openvino_paged_tok_s_b16", "openvino_tok_s_b16", 0.9),
-    ("OpenVINO paged spike / engine fp32, b16", "openvino_paged_tok_s_b16", "engine_tok_s_b16", 1.0),
     # condgen's OpenVINO engine (server/openvino_engine.py) against GenAI's defaults on the same graph.
     ("engine OpenVINO / OpenVINO defaults, b1", "engine_ov_tok_s_b1", "openvino_tok_s_b1", 0.9),
     ("engine OpenVINO / OpenVINO defaults, b16", "engine_ov_tok_s_b16", "openvino_tok_s_b16", 0.9),
@@ -59,7 +55,7 @@ TARGETS = [  # (name, numerator, denominator, at least)
 ]
 # The CPU peers (`make bench-peers`): virtual environment, and configuration -> report prefix.
 PEERS = {
-    "openvino": (".venv-openvino", {"f32": "openvino_f32", "default": "openvino", "paged": "openvino_paged"}),
+    "openvino": (".venv-openvino", {"f32": "openvino_f32", "default": "openvino"}),
     "ortgenai": (".venv-ortgenai", {"int4": "ortgenai_int4", "fp32": "ortgenai_fp32"}),
 }
 PEER_SCRIPT = Path(__file__).resolve().parent / "peers" / "run_peer.py"

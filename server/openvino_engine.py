@@ -40,7 +40,6 @@ from condgen.server.sampling import WINDOW, TokenWindows
 
 log = logging.getLogger(__name__)
 INITIAL_BLOCKS = 128  # 4,096 tokens; the pool doubles when it runs out
-PAGED_INPUTS = ("past_lens", "subsequence_begins", "block_indices", "block_indices_begins", "max_context_len")
 
 
 def add_logits_indices(model) -> None:

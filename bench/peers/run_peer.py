@@ -6,8 +6,7 @@
 It exports the checkpoint with the peer's own tool (cached in DIR), then for every configuration
 of the peer generates greedily from exactly the token ids in REQ.json (`prompts`: lists of ids,
 `new_tokens`): batch 1 (the first prompt) and batch 16 (all), each timed on its second run, plus
-a one-token run for the prefill rate. For OpenVINO it also runs the engine spike of
-`openvino_paged.py` on the same model (configuration `paged`). It prints one JSON object: per configuration the tokens/s
+a one-token run for the prefill rate. It prints one JSON object: per configuration the tokens/s
 at both batch sizes, prefill tokens/s, decode ms per step and the greedy tokens of the first 3
 prompts (the caller compares them with transformers fp32). condgen is not installed in these
 environments: this file imports nothing of it.
@@ -99,19 +98,7 @@ def openvino(checkpoint: Path, work: Path, prompts: list[list[int]], new_tokens:
 
         results[name] = figures(generate, prompts, new_tokens)
         del pipe
-    results["paged"] = openvino_paged(folder, prompts, new_tokens)
     return results
-
-
-def openvino_paged(folder: Path, prompts: list[list[int]], new_tokens: int) -> dict:
-    """The engine spike: condgen-style decoding on the paged-attention graph, CPU defaults."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from openvino_paged import PagedModel, scheduler_moves
-
-    model = PagedModel(folder, {})
-    result = figures(model.greedy, prompts, new_tokens)
-    result.update(scheduler_moves(model, prompts))
-    return result
 
 
 # ---- ONNX Runtime GenAI --------------------------------------------------------------------
