@@ -248,3 +248,14 @@ def test_a_live_server_runs_on_openvino_with_the_label_check(ov_bundle):
         assert frame["text"].str.len().min() > 0
     finally:
         thread.stop()
+
+
+@pytest.mark.fast
+def test_export_without_optimum_intel_says_how_to_get_it_before_exporting(tmp_path, monkeypatch, capsys):
+    from condgen.cli import main
+
+    monkeypatch.setenv("CONDGEN_OPENVINO_PYTHON", str(tmp_path / "no-such-python"))
+    code = main(["export", "--checkpoint", str(tmp_path), "--output", str(tmp_path / "b"), "--runtime", "openvino"])
+    err = capsys.readouterr().err
+    assert code == 2 and "make .venv-openvino/.installed" in err and "Traceback" not in err
+    assert not (tmp_path / "b").exists()  # nothing exported
