@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from condgen.bench.engines import (
+    bench_engine,
     bench_prompts,
     engine_details,
     optimum_generate,
@@ -52,6 +53,7 @@ TARGETS = [  # (name, numerator, denominator, at least)
     ("engine OpenVINO / OpenVINO defaults, b1", "engine_ov_tok_s_b1", "openvino_tok_s_b1", 0.9),
     ("engine OpenVINO / OpenVINO defaults, b16", "engine_ov_tok_s_b16", "openvino_tok_s_b16", 0.9),
     ("engine OpenVINO / engine fp32, b16", "engine_ov_tok_s_b16", "engine_tok_s_b16", 1.0),
+    ("continuous / static, mixed, OpenVINO", "continuous_ov_tok_s_mixed", "static_ov_tok_s_mixed", 1.5),
 ]
 # The CPU peers (`make bench-peers`): virtual environment, and configuration -> report prefix.
 PEERS = {
@@ -266,8 +268,19 @@ def openvino_figures(args, prompts: list[str], ids: list[list[int]], checkpoint:
     details = engine_details(bundle, ids[:16], args.new_tokens, "cpu", runtime="openvino")
     figures["engine_ov_greedy_match"] = greedy_match(reference, details.pop("greedy"))
     figures.update({f"engine_ov_{k}": v for k, v in details.items()})
-    progress("server, OpenVINO engine: 64 concurrent streams")
     intents = sorted(read_examples(bundle))
+    load = StreamLoad(num_records=2 if args.quick else 8, prompt_examples=args.prompt_examples)
+    mixed = mixed_specs(
+        intents, load, small=2 if args.quick else 5, large=10 if args.quick else 100, count=5 if args.quick else 10
+    )
+    engine = bench_engine(bundle, "cpu", "openvino")
+    for policy in ("continuous", "static"):
+        progress(f"mixed workload, {policy} batching, OpenVINO engine")
+        figures[f"{policy}_ov_tok_s_mixed"] = in_process(
+            bundle, "cpu", mixed, SchedulerConfig(max_batch_size=16, policy=policy), engine=engine
+        )
+    del engine
+    progress("server, OpenVINO engine: 64 concurrent streams")
     server = ServerProcess(
         bundle,
         "--runtime",
@@ -278,7 +291,6 @@ def openvino_figures(args, prompts: list[str], ids: list[list[int]], checkpoint:
         str(args.max_batch_tokens),
     )
     try:
-        load = StreamLoad(num_records=2 if args.quick else 8, prompt_examples=args.prompt_examples)
         figures["server_ov_tok_s_c64"], _ = run_streams(server.target, intents, 64, load)
         figures["peak_rss_mb_ov"] = server.peak_rss_mb()
     finally:

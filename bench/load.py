@@ -183,9 +183,7 @@ async def _run_in_process(engine: Engine, bundle: Path, specs: list[GenerationSp
     return sum(tokens) / wall
 
 
-def in_process(
-    bundle: Path, device: str, specs: list[GenerationSpec], config: SchedulerConfig, engine: Engine | None = None
-) -> float:
+def in_process(bundle: Path, device: str, specs: list[GenerationSpec], config: SchedulerConfig, engine=None) -> float:
     """Tokens/s of `specs` submitted together straight to a scheduler (no gRPC)."""
     manifest = read_manifest(bundle, verify=False)
     engine = engine or Engine(bundle, manifest, EngineConfig(device=device))
