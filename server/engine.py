@@ -22,6 +22,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -134,7 +135,58 @@ def session_options(threads: int) -> ort.SessionOptions:
     return options
 
 
-class Engine:
+class EngineBase:
+    """What every runtime's engine shares: the bundle's tokenizer, and the scoring contexts kept
+    in the prefix cache. Subclasses set `tokenizer`, `vocab_size` and `contexts`, and implement
+    `prompts_batch` and `prefill`."""
+
+    tokenizer: Tokenizer
+    vocab_size: int
+    contexts: PrefixCache
+
+    def prompts_batch(self, seq_ids: list[int], prompts: list[list[int]]) -> Any:
+        raise NotImplementedError
+
+    def prefill(
+        self, seq_ids: list[int], prompts: list[list[int]], max_tokens: int = 1024
+    ) -> list[tuple[Any, np.ndarray]]:
+        raise NotImplementedError
+
+    def _tokens_containing(self, text: str) -> np.ndarray:
+        """Boolean mask over the vocabulary: tokens whose decoded text contains `text`."""
+        size = self.tokenizer.get_vocab_size()
+        decoded = self.tokenizer.decode_batch([[i] for i in range(size)], skip_special_tokens=False)
+        mask = np.zeros(max(size, self.vocab_size), dtype=bool)
+        mask[:size] = [text in piece for piece in decoded]
+        return mask
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def new_batch(self, seq_id: int, token_ids: list[int]) -> Any:
+        """A one-row batch that will prefill `token_ids`."""
+        return self.prompts_batch([seq_id], [token_ids])
+
+    def _context_batches(self, prefixes: list[tuple[int, ...]], max_tokens: int) -> dict[tuple[int, ...], Any]:
+        """A one-row batch holding each context's cache: kept from before, or prefilled now."""
+        found: dict[tuple[int, ...], Any] = {}
+        for prefix in prefixes:
+            hit = self.contexts.lookup(list(prefix), 0)
+            if hit is not None:
+                found[prefix] = hit[0]
+        missing = [p for p in prefixes if p not in found]
+        if missing:
+            results = self.prefill(list(range(len(missing))), [list(p) for p in missing], max_tokens)
+            for prefix, (batch, logits) in zip(missing, results):
+                self.contexts.store(list(prefix), batch, logits)
+                found[prefix] = batch
+        return found
+
+
+class Engine(EngineBase):
     """Runs forward passes of the bundle's model over batches."""
 
     runtime = "onnxruntime"
@@ -230,24 +282,6 @@ class Engine:
         """Free memory of the CUDA device now (None on the CPU, or where it cannot be read)."""
         return cuda_free_bytes() if self.device_type == "cuda" else None
 
-    def _tokens_containing(self, text: str) -> np.ndarray:
-        """Boolean mask over the vocabulary: tokens whose decoded text contains `text`."""
-        size = self.tokenizer.get_vocab_size()
-        decoded = self.tokenizer.decode_batch([[i] for i in range(size)], skip_special_tokens=False)
-        mask = np.zeros(max(size, self.vocab_size), dtype=bool)
-        mask[:size] = [text in piece for piece in decoded]
-        return mask
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
-
-    def decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
-
-    def new_batch(self, seq_id: int, token_ids: list[int]) -> Batch:
-        """A one-row batch that will prefill `token_ids`."""
-        return self.prompts_batch([seq_id], [token_ids])
-
     def prompts_batch(self, seq_ids: list[int], prompts: list[list[int]]) -> Batch | RaggedBatch:
         """A batch that prefills several prompts in one pass (left-padded; right-padded for a
         ragged graph)."""
@@ -332,22 +366,6 @@ class Engine:
             batch.set_next_rows([suffixes[i] for i in members])
             keep = max(len(continuations[i]) for i in members) + 1
             _take_means(self._window_logits(batch, keep), keep, members, continuations, means)
-
-    def _context_batches(self, prefixes: list[tuple[int, ...]], max_tokens: int) -> dict[tuple[int, ...], Batch]:
-        """A one-row batch holding each context's cache: kept from before, or prefilled now."""
-        found: dict[tuple[int, ...], Batch] = {}
-        for prefix in prefixes:
-            hit = self.contexts.lookup(list(prefix), 0)
-            if hit is not None:
-                found[prefix] = hit[0]
-        missing = [p for p in prefixes if p not in found]
-        if missing:
-            for prefix, (batch, logits) in zip(
-                missing, self.prefill(list(range(len(missing))), [list(p) for p in missing], max_tokens)
-            ):
-                self.contexts.store(list(prefix), batch, logits)
-                found[prefix] = batch
-        return found
 
     def _require_all_positions(self) -> None:
         if not self.can_score:

@@ -28,6 +28,7 @@ from condgen.bundle import TOKENIZER_NAME, Manifest
 from condgen.server import graphs
 from condgen.server.engine import (
     SHARED_CONTEXT_MIN,
+    EngineBase,
     EngineConfig,
     EngineError,
     _add_timings,
@@ -84,7 +85,7 @@ class _Pass:
     rows_taken: list[int]  # logits rows per batch row (its last min(keep, new) positions)
 
 
-class OpenVINOEngine:
+class OpenVINOEngine(EngineBase):
     """Runs passes of the bundle's OpenVINO graph over `PagedBatch`es."""
 
     runtime = "openvino"
@@ -164,27 +165,10 @@ class OpenVINOEngine:
             data = _raw(tensor)
             data[target] = data[source]
 
-    # ---- tokens ------------------------------------------------------------------------------
-    def _tokens_containing(self, text: str) -> np.ndarray:
-        size = self.tokenizer.get_vocab_size()
-        decoded = self.tokenizer.decode_batch([[i] for i in range(size)], skip_special_tokens=False)
-        mask = np.zeros(max(size, self.vocab_size), dtype=bool)
-        mask[:size] = [text in piece for piece in decoded]
-        return mask
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
-
-    def decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
-
     def free_device_bytes(self) -> int | None:
         return None
 
     # ---- batches -----------------------------------------------------------------------------
-    def new_batch(self, seq_id: int, token_ids: list[int]) -> PagedBatch:
-        return self.prompts_batch([seq_id], [token_ids])
-
     def prompts_batch(self, seq_ids: list[int], prompts: list[list[int]]) -> PagedBatch:
         return PagedBatch.for_prompts(self.pool, seq_ids, prompts)
 
@@ -304,21 +288,6 @@ class OpenVINOEngine:
             for i in group:
                 rows[i] = None  # its blocks go back with the pass's batch
         return means
-
-    def _context_batches(self, prefixes: list[tuple[int, ...]], max_tokens: int) -> dict:
-        """A one-row batch holding each context's cache: kept from before, or prefilled now."""
-        found: dict = {}
-        for prefix in prefixes:
-            hit = self.contexts.lookup(list(prefix), 0)
-            if hit is not None:
-                found[prefix] = hit[0]
-        missing = [p for p in prefixes if p not in found]
-        if missing:
-            results = self.prefill(list(range(len(missing))), [list(p) for p in missing], max_tokens)
-            for prefix, (batch, logits) in zip(missing, results):
-                self.contexts.store(list(prefix), batch, logits)
-                found[prefix] = batch
-        return found
 
 
 def _raw(tensor) -> np.ndarray:
