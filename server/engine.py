@@ -147,10 +147,25 @@ class EngineBase:
     def prompts_batch(self, seq_ids: list[int], prompts: list[list[int]]) -> Any:
         raise NotImplementedError
 
+    def forward(self, batch) -> np.ndarray:
+        raise NotImplementedError
+
+    def prefill_groups(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+        """Indices of `prompts` that share a prefill pass."""
+        raise NotImplementedError
+
     def prefill(
         self, seq_ids: list[int], prompts: list[list[int]], max_tokens: int = 1024
     ) -> list[tuple[Any, np.ndarray]]:
-        raise NotImplementedError
+        """Prefill prompts, several per pass (`prefill_groups`, at most `max_tokens` a pass); one
+        (one-row batch, last logits) per prompt, in the order given."""
+        results: list = [None] * len(prompts)
+        for group in self.prefill_groups(prompts, max_tokens):
+            batch = self.prompts_batch([seq_ids[i] for i in group], [prompts[i] for i in group])
+            logits = self.forward(batch)
+            for row, index in enumerate(group):
+                results[index] = (batch.filter([seq_ids[index]]), logits[row])
+        return results
 
     def _tokens_containing(self, text: str) -> np.ndarray:
         """Boolean mask over the vocabulary: tokens whose decoded text contains `text`."""
@@ -300,19 +315,10 @@ class Engine(EngineBase):
             self.moves,
         )
 
-    def prefill(
-        self, seq_ids: list[int], prompts: list[list[int]], max_tokens: int = 1024
-    ) -> list[tuple[Batch, np.ndarray]]:
-        """Prefill prompts, several per pass; one (one-row batch, last logits) per prompt, in the
-        order given. Prompts of similar lengths share a pass (longest first), so little of a pass
-        is left padding; at most `max_tokens` padded tokens a pass bound its activations."""
-        results: list = [None] * len(prompts)
-        for group in _length_groups(prompts, max_tokens):
-            batch = self.prompts_batch([seq_ids[i] for i in group], [prompts[i] for i in group])
-            logits = self.forward(batch)
-            for row, index in enumerate(group):
-                results[index] = (batch.filter([seq_ids[index]]), logits[row])
-        return results
+    def prefill_groups(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+        """Prompts of similar lengths share a pass (longest first), so little of a pass is left
+        padding; at most `max_tokens` padded tokens a pass bound its activations."""
+        return _length_groups(prompts, max_tokens)
 
     def score(self, contexts: list[list[int]], continuations: list[list[int]], max_tokens: int = 1024) -> np.ndarray:
         """Mean log-probability per token of each continuation after its context, (rows,).

@@ -172,16 +172,9 @@ class OpenVINOEngine(EngineBase):
     def prompts_batch(self, seq_ids: list[int], prompts: list[list[int]]) -> PagedBatch:
         return PagedBatch.for_prompts(self.pool, seq_ids, prompts)
 
-    def prefill(self, seq_ids: list[int], prompts: list[list[int]], max_tokens: int = 1024) -> list[tuple]:
-        """Prefill prompts, several per pass (back to back, no padding; at most `max_tokens` a
-        pass, a longer prompt alone); one (one-row batch, last logits) per prompt, in order."""
-        results: list = [None] * len(prompts)
-        for group in _token_groups(prompts, max_tokens):
-            batch = self.prompts_batch([seq_ids[i] for i in group], [prompts[i] for i in group])
-            logits = self.forward(batch)
-            for row, index in enumerate(group):
-                results[index] = (batch.filter([seq_ids[index]]), logits[row])
-        return results
+    def prefill_groups(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+        """Prompts go back to back, without padding: at most `max_tokens` a pass, in order."""
+        return _token_groups(prompts, max_tokens)
 
     # ---- passes ------------------------------------------------------------------------------
     def _inputs(self, batch: PagedBatch, keep: int) -> _Pass:
