@@ -63,12 +63,15 @@ bench: install
 # environment: they need a newer transformers than optimum-onnx allows. `make bench` skips a
 # peer that is not installed and says so. .venv-openvino also holds optimum-intel, which
 # `condgen export --runtime openvino` runs. One pip call with torch pinned keeps its CPU build
-# (about 1.6 GB, 80 s here); installed apart, optimum-intel would pull a CUDA torch.
+# (about 1.6 GB, 80 s here); installed apart, optimum-intel would pull a CUDA torch (6 GB).
 bench-peers: .venv-openvino/.installed .venv-ortgenai/.installed
 
 .venv-openvino/.installed: bench/peers/requirements-openvino.txt
 	$(PYTHON) -m venv .venv-openvino
 	.venv-openvino/bin/pip install -q "$(TORCH_SPEC)" -r $<
+	# optimum-intel lists torchvision, whose wheel here is built for the CUDA torch: with the CPU
+	# torch, importing it breaks transformers' model classes. Text models never use it.
+	.venv-openvino/bin/pip uninstall -q -y torchvision
 	touch $@
 
 .venv-ortgenai/.installed: bench/peers/requirements-ortgenai.txt

@@ -243,7 +243,11 @@ def openvino_bundle(args, checkpoint: Path) -> Path | None:
         progress(f"OpenVINO engine skipped: {error}")
         return None
     progress(f"exporting the bundle with its OpenVINO graph to {path}")
-    export_bundle(checkpoint, path, runtime="openvino")
+    try:
+        export_bundle(checkpoint, path, runtime="openvino")
+    except ExportError as error:
+        progress(f"OpenVINO engine skipped: {error}")
+        return None
     return path
 
 

@@ -1,6 +1,7 @@
 """`condgen bench --quick` on the tiny bundle: every figure the JSON promises is there."""
 
 import json
+import os
 
 import pytest
 
@@ -72,6 +73,10 @@ def test_quick_bench_writes_every_key(bundle, checkpoint, tmp_path, capsys):
     assert report["device"] == "CPUExecutionProvider" and report["peak_rss_mb"] > 10
     assert report["engine_q_variant"] == "w8" and 0 <= report["engine_q_greedy_match"] <= 1
     assert report["engine_greedy_match"] == 1.0  # fp32 engine: transformers' greedy tokens
+    if os.environ.get("CONDGEN_REQUIRE_OPENVINO"):  # CI has optimum-intel's environment
+        ov_keys = ("engine_ov_tok_s_b1", "engine_ov_tok_s_b16", "engine_ov_prefill_tok_s_b16", "peak_rss_mb_ov")
+        assert all(report[k] > 0 for k in ov_keys) and 0 <= report["engine_ov_greedy_match"] <= 1
+        assert report["engine_ov_device"].startswith("OpenVINO CPU")
     assert 0.5 < report["engine_q_top1_agreement"] <= 1 and 0 < report["engine_q_mean_kl"] < 0.5
     printed = capsys.readouterr().out
     assert "continuous / static, mixed" in printed
