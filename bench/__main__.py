@@ -263,21 +263,20 @@ def openvino_figures(args, prompts: list[str], ids: list[list[int]], checkpoint:
     if bundle is None:
         return {}
     figures: dict = {}
+    engine = bench_engine(bundle, "cpu", "openvino")  # loaded once for every in-process figure
     for batch in (1, 16):
         progress(f"engine OpenVINO, batch {batch}")
         figures[f"engine_ov_tok_s_b{batch}"], figures["engine_ov_device"] = our_engine(
-            bundle, prompts[:batch], args.new_tokens, "cpu", runtime="openvino"
+            bundle, prompts[:batch], args.new_tokens, "cpu", engine=engine
         )
     progress("engine OpenVINO: prefill and decode apart, greedy agreement")
-    details = engine_details(bundle, ids[:16], args.new_tokens, "cpu", runtime="openvino")
+    details = engine_details(bundle, ids[:16], args.new_tokens, "cpu", engine=engine)
     figures["engine_ov_greedy_match"] = greedy_match(reference, details.pop("greedy"))
     figures.update({f"engine_ov_{k}": v for k, v in details.items()})
     intents = sorted(read_examples(bundle))
     load = StreamLoad(num_records=2 if args.quick else 8, prompt_examples=args.prompt_examples)
-    mixed = mixed_specs(
-        intents, load, small=2 if args.quick else 5, large=10 if args.quick else 100, count=5 if args.quick else 10
-    )
-    engine = bench_engine(bundle, "cpu", "openvino")
+    small, large, count = (2, 10, 5) if args.quick else (5, 100, 10)
+    mixed = mixed_specs(intents, load, small=small, large=large, count=count)
     for policy in ("continuous", "static"):
         progress(f"mixed workload, {policy} batching, OpenVINO engine")
         figures[f"{policy}_ov_tok_s_mixed"] = in_process(

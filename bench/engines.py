@@ -74,19 +74,20 @@ def bench_engine(bundle: Path, device: str, runtime: str = "onnxruntime"):
 
 
 def our_engine(
-    bundle: Path, prompts: list[str], new_tokens: int, device: str, runtime: str = "onnxruntime"
+    bundle: Path, prompts: list[str], new_tokens: int, device: str, runtime: str = "onnxruntime", engine=None
 ) -> tuple[float, str]:
-    engine = bench_engine(bundle, device, runtime)
+    """Tokens/s of our engine (`engine`, or the bundle's in `runtime`) and where it runs."""
+    engine = engine or bench_engine(bundle, device, runtime)
     ids = [engine.encode(p) for p in prompts]
     return timed(lambda: engine_greedy(engine, ids, new_tokens), len(ids) * new_tokens), engine.provider
 
 
 def engine_details(
-    bundle: Path, prompts: list[list[int]], new_tokens: int, device: str, runtime: str = "onnxruntime"
+    bundle: Path, prompts: list[list[int]], new_tokens: int, device: str, runtime: str = "onnxruntime", engine=None
 ) -> dict:
     """Prefill tokens/s and decode ms per step at batch 1 and len(prompts), and the greedy
     tokens of the first 3 prompts (as `bench/peers/run_peer.py` reports them for the peers)."""
-    engine = bench_engine(bundle, device, runtime)
+    engine = engine or bench_engine(bundle, device, runtime)
     out: dict = {}
     for batch in (1, len(prompts)):
         chosen, label = prompts[:batch], "b1" if batch == 1 else "b16"

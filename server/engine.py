@@ -136,13 +136,30 @@ def session_options(threads: int) -> ort.SessionOptions:
 
 
 class EngineBase:
-    """What every runtime's engine shares: the bundle's tokenizer, and the scoring contexts kept
-    in the prefix cache. Subclasses set `tokenizer`, `vocab_size` and `contexts`, and implement
-    `prompts_batch` and `prefill`."""
+    """What every runtime's engine shares: the bundle's tokenizer, the scoring contexts kept in
+    the prefix cache, the prefill loop and the sampling head over host logits. Subclasses set
+    `tokenizer`, `vocab_size`, `contexts` and `head`, and implement `prompts_batch`, `forward`
+    and `prefill_groups`."""
 
     tokenizer: Tokenizer
     vocab_size: int
     contexts: PrefixCache
+    head: ort.InferenceSession | None = None
+
+    def _head_windows(self, logits: np.ndarray, temperatures: np.ndarray) -> TokenWindows:
+        """What sampling needs of each row from host logits (rows, positions, vocab), through the
+        sampling head: the top tokens and a normaliser per row; the full logits stay here."""
+        assert self.head is not None
+        temperatures = np.ascontiguousarray(temperatures, dtype=np.float32)
+        top_logits, top_ids, log_norm = self.head.run(None, {"logits": logits, "temperature": temperatures})
+        return TokenWindows(
+            top_ids,
+            top_logits,
+            log_norm.astype(np.float64),
+            temperatures.astype(np.float64),
+            self.vocab_size,
+            lambda: _last_position(logits),  # fetched once per step, only if a draw needs it
+        )
 
     def prompts_batch(self, seq_ids: list[int], prompts: list[list[int]]) -> Any:
         raise NotImplementedError
@@ -414,18 +431,24 @@ class Engine(EngineBase):
             return windows
         logits = self._run(batch, logits_on_device=self.io_binding)
         ran = time.perf_counter()
-        temperatures = np.ascontiguousarray(temperatures, dtype=np.float32)
         if isinstance(logits, np.ndarray):
-            top_logits, top_ids, log_norm = self.head.run(None, {"logits": logits, "temperature": temperatures})
-        else:  # an OrtValue on the device: the head reads it there
-            binding = self.head.io_binding()
-            binding.bind_ortvalue_input("logits", logits)
-            binding.bind_cpu_input("temperature", temperatures)
-            for name in ("top_logits", "top_ids", "log_norm"):
-                binding.bind_output(name, "cpu")
-            self.head.run_with_iobinding(binding)
-            top_logits, top_ids, log_norm = (value.numpy() for value in binding.get_outputs())
+            windows = self._head_windows(logits, temperatures)
+        else:
+            windows = self._device_head_windows(logits, temperatures)
         _add_timings(timings, started, ran)
+        return windows
+
+    def _device_head_windows(self, logits, temperatures: np.ndarray) -> TokenWindows:
+        """`_head_windows` for logits left on the device (an OrtValue): the head reads them there."""
+        assert self.head is not None
+        temperatures = np.ascontiguousarray(temperatures, dtype=np.float32)
+        binding = self.head.io_binding()
+        binding.bind_ortvalue_input("logits", logits)
+        binding.bind_cpu_input("temperature", temperatures)
+        for name in ("top_logits", "top_ids", "log_norm"):
+            binding.bind_output(name, "cpu")
+        self.head.run_with_iobinding(binding)
+        top_logits, top_ids, log_norm = (value.numpy() for value in binding.get_outputs())
         return TokenWindows(
             top_ids,
             top_logits,

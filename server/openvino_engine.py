@@ -17,6 +17,7 @@ or transformers here; `openvino` is an optional dependency (`pip install condgen
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -230,27 +231,16 @@ class OpenVINOEngine(EngineBase):
         return self._run(batch)[:, -1, :]
 
     def step(self, batch: PagedBatch, temperatures: np.ndarray, timings: dict | None = None) -> TokenWindows:
-        """As `Engine.step`: what sampling needs of each row, through the sampling head."""
-        import time
-
+        """As `Engine.step`: what sampling needs of each row (through the sampling head on the host)."""
         started = time.perf_counter()
-        logits = self.forward(batch)
+        logits = self._run(batch)  # (rows, 1, vocab)
         ran = time.perf_counter()
         if self.head is None:
-            windows = TokenWindows.from_logits(logits, temperatures)
-            _add_timings(timings, started, ran)
-            return windows
-        temperatures = np.ascontiguousarray(temperatures, dtype=np.float32)
-        top_logits, top_ids, log_norm = self.head.run(None, {"logits": logits[:, None, :], "temperature": temperatures})
+            windows = TokenWindows.from_logits(logits[:, -1, :], temperatures)
+        else:
+            windows = self._head_windows(logits, temperatures)
         _add_timings(timings, started, ran)
-        return TokenWindows(
-            top_ids,
-            top_logits,
-            log_norm.astype(np.float64),
-            temperatures.astype(np.float64),
-            self.vocab_size,
-            lambda: logits,
-        )
+        return windows
 
     def position_logits(self, token_ids: list[int]) -> np.ndarray:
         """The logits after every prefix of `token_ids`, (len, vocab): one pass, nothing kept."""
